@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Build the sandbox image (default name: sandbox-websocket-image).
+#
+# Usage: sandbox-image/build.sh [--force]
+#   --force   rebuild even when an image with the current content hash exists, without
+#             Docker's layer cache (picks up new Debian packages); the base image is kept
+# Env:
+#   SANDBOX_IMAGE   image name/tag to build (default: sandbox-websocket-image)
+#
+# The image carries the label org.twistedgw.image-hash = sha256 of the files that go into it
+# (Dockerfile, agent.py); when the existing image has the same hash, nothing is rebuilt.
+#
+# Base image: debian:bookworm-slim if it is present locally or can be pulled; otherwise a local
+# twistedgw-base:bookworm; otherwise one is bootstrapped offline from Debian's package mirror
+# with debootstrap (needs root) and imported with `docker import`.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SANDBOX_IMAGE=${SANDBOX_IMAGE:-sandbox-websocket-image}
+OFFICIAL_BASE=debian:bookworm-slim
+LOCAL_BASE=twistedgw-base:bookworm
+DEBIAN_MIRROR=http://deb.debian.org/debian
+DEBIAN_SECURITY=http://deb.debian.org/debian-security
+HASH_LABEL=org.twistedgw.image-hash
+START=$SECONDS
+
+log() { printf '[build-image] [%3ds] %s\n' "$((SECONDS - START))" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+usage() { sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+
+FORCE=0
+for arg in "$@"; do
+    case "$arg" in
+        --force) FORCE=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown argument: $arg" ;;
+    esac
+done
+
+command -v docker >/dev/null 2>&1 || die "the docker CLI is not installed"
+docker info >/dev/null 2>&1 || die "no Docker engine answers 'docker info' (start one, e.g. scripts/ensure-docker.sh)"
+
+# --- content hash -------------------------------------------------------------------------
+hash_inputs() {
+    local f
+    for f in Dockerfile agent.py; do
+        [ -f "$SCRIPT_DIR/$f" ] || die "missing $SCRIPT_DIR/$f"
+        printf '%s\0' "$f"
+        sha256sum <"$SCRIPT_DIR/$f" | cut -d' ' -f1
+    done
+}
+IMAGE_HASH=$(hash_inputs | sha256sum | cut -d' ' -f1)
+log "content hash $IMAGE_HASH"
+
+if [ "$FORCE" = 0 ]; then
+    current=$(docker image inspect -f "{{ index .Config.Labels \"$HASH_LABEL\" }}" "$SANDBOX_IMAGE" 2>/dev/null || true)
+    if [ "$current" = "$IMAGE_HASH" ]; then
+        log "image up to date: $SANDBOX_IMAGE"
+        exit 0
+    fi
+    if [ -n "$current" ]; then
+        log "image $SANDBOX_IMAGE is stale (hash ${current:0:12}), rebuilding"
+    else
+        log "image $SANDBOX_IMAGE not found, building"
+    fi
+else
+    log "--force: rebuilding $SANDBOX_IMAGE"
+fi
+
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# --- offline base bootstrap ---------------------------------------------------------------
+ROOTFS=""
+cleanup_rootfs() {
+    [ -n "$ROOTFS" ] && [ -d "$ROOTFS" ] || return 0
+    # debootstrap mounts proc/sys inside the target; never rm -rf through a live mount.
+    local m
+    for m in $(awk -v d="$ROOTFS" 'index($2, d "/") == 1 {print $2}' /proc/mounts | sort -r); do
+        umount -l "$m" 2>/dev/null || true
+    done
+    if awk -v d="$ROOTFS" 'index($2, d "/") == 1 {found=1} END {exit !found}' /proc/mounts; then
+        log "WARNING: $ROOTFS still has mounts; leaving it in place"
+    else
+        rm -rf --one-file-system "$ROOTFS"
+    fi
+    ROOTFS=""
+}
+trap cleanup_rootfs EXIT
+
+url_reachable() {
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS -o /dev/null --max-time 15 "$1" 2>/dev/null
+    elif command -v wget >/dev/null 2>&1; then
+        wget -q -O /dev/null --timeout=15 "$1" 2>/dev/null
+    else
+        return 1
+    fi
+}
+
+bootstrap_base() {
+    local t0=$SECONDS
+    [ "$(id -u)" = 0 ] || die "no base image available and bootstrapping one with debootstrap needs root; run this script as root (or load $OFFICIAL_BASE / $LOCAL_BASE into Docker)"
+    if ! command -v debootstrap >/dev/null 2>&1; then
+        command -v apt-get >/dev/null 2>&1 || die "debootstrap is missing and apt-get is not available to install it"
+        log "installing debootstrap with apt-get"
+        DEBIAN_FRONTEND=noninteractive timeout 600 apt-get update -qq || die "apt-get update failed"
+        DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends debootstrap >/dev/null \
+            || die "apt-get install debootstrap failed"
+    fi
+    ROOTFS=$(mktemp -d "${TMPDIR:-/tmp}/twistedgw-rootfs.XXXXXX")
+    log "bootstrapping bookworm (minbase) into $ROOTFS from $DEBIAN_MIRROR (takes a minute or two)"
+    local dblog="$ROOTFS.log"
+    # python3-ply is named because debootstrap does not resolve virtual packages and
+    # python3-autobahn (installed later by apt in the Dockerfile) needs it.
+    if ! timeout 1200 debootstrap --variant=minbase --include=python3,python3-ply \
+            bookworm "$ROOTFS" "$DEBIAN_MIRROR" >"$dblog" 2>&1; then
+        tail -n 30 "$dblog" >&2 || true
+        die "debootstrap failed (full log: $dblog)"
+    fi
+    rm -f "$dblog"
+    log "debootstrap done in $((SECONDS - t0))s"
+
+    # A sane apt configuration for `apt-get install` in the Dockerfile: bookworm main, plus
+    # updates and security when the mirror serves them.
+    {
+        echo "deb $DEBIAN_MIRROR bookworm main"
+        if url_reachable "$DEBIAN_MIRROR/dists/bookworm-updates/Release"; then
+            echo "deb $DEBIAN_MIRROR bookworm-updates main"
+        fi
+        if url_reachable "$DEBIAN_SECURITY/dists/bookworm-security/Release"; then
+            echo "deb $DEBIAN_SECURITY bookworm-security main"
+        fi
+    } >"$ROOTFS/etc/apt/sources.list"
+    log "apt sources: $(paste -sd';' "$ROOTFS/etc/apt/sources.list")"
+    # Leftovers that do not belong in an image.
+    rm -rf "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/cache/apt/archives/*.deb \
+        "$ROOTFS"/var/cache/apt/*.bin "$ROOTFS"/var/log/* "$ROOTFS"/tmp/* 2>/dev/null || true
+    mkdir -p "$ROOTFS/var/lib/apt/lists/partial"
+    echo "sandbox" >"$ROOTFS/etc/hostname"
+
+    local t1=$SECONDS
+    log "importing rootfs as $LOCAL_BASE"
+    tar --numeric-owner -C "$ROOTFS" -c . | docker import \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV LANG=C.UTF-8' \
+        --change 'CMD ["/bin/bash"]' \
+        --message "twistedgw: debootstrap --variant=minbase bookworm" \
+        - "$LOCAL_BASE" >/dev/null || die "docker import of $LOCAL_BASE failed"
+    cleanup_rootfs
+    log "imported $LOCAL_BASE in $((SECONDS - t1))s (bootstrap total $((SECONDS - t0))s)"
+}
+
+# --- choose the base ----------------------------------------------------------------------
+BASE=""
+if image_exists "$OFFICIAL_BASE"; then
+    BASE=$OFFICIAL_BASE
+    log "base: $OFFICIAL_BASE (present locally)"
+else
+    log "trying to pull $OFFICIAL_BASE (60s limit)"
+    if timeout 60 docker pull -q "$OFFICIAL_BASE" >/dev/null 2>&1; then
+        BASE=$OFFICIAL_BASE
+        log "base: $OFFICIAL_BASE (pulled)"
+    elif image_exists "$LOCAL_BASE"; then
+        BASE=$LOCAL_BASE
+        log "pull failed; base: $LOCAL_BASE (present locally)"
+    else
+        log "pull failed and $LOCAL_BASE is missing; bootstrapping it offline"
+        bootstrap_base
+        BASE=$LOCAL_BASE
+    fi
+fi
+
+# --- build --------------------------------------------------------------------------------
+old_id=$(docker image inspect -f '{{ .Id }}' "$SANDBOX_IMAGE" 2>/dev/null || true)
+t_build=$SECONDS
+build_opts=()
+[ "$FORCE" = 1 ] && build_opts+=(--no-cache)
+log "docker build ${build_opts[*]:+${build_opts[*]} }-t $SANDBOX_IMAGE (base $BASE)"
+if ! docker build "${build_opts[@]}" \
+        --build-arg "BASE=$BASE" \
+        --build-arg "IMAGE_HASH=$IMAGE_HASH" \
+        -t "$SANDBOX_IMAGE" "$SCRIPT_DIR" >&2; then
+    die "docker build of $SANDBOX_IMAGE failed (see the output above)"
+fi
+new_id=$(docker image inspect -f '{{ .Id }}' "$SANDBOX_IMAGE" 2>/dev/null || true)
+# Drop the image this build replaced, if nothing else uses it (no tag left, no container).
+if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ] \
+        && [ "$(docker image inspect -f '{{ len .RepoTags }}' "$old_id" 2>/dev/null)" = 0 ]; then
+    docker image rm "$old_id" >/dev/null 2>&1 && log "removed the previous image ${old_id:7:12}" || true
+fi
+size=$(docker image inspect -f '{{ .Size }}' "$SANDBOX_IMAGE" 2>/dev/null || echo 0)
+log "built $SANDBOX_IMAGE in $((SECONDS - t_build))s ($((size / 1024 / 1024)) MiB, hash ${IMAGE_HASH:0:12})"
+log "done"

@@ -1,0 +1,47 @@
+"""Shared fixtures for the fast, in-memory tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from twisted.internet.task import Clock
+
+from tests.fakes import FakeRuntime
+from twistedgw.manager import SandboxManager
+from twistedgw.runtime import ContainerInfo
+from twistedgw.sandbox import SandboxRegistry
+
+# Timing-based deadlines make property tests flaky on a loaded 2-core CI machine.
+settings.register_profile("gateway", deadline=None)
+settings.load_profile("gateway")
+
+
+async def _ready_at_once(info: ContainerInfo) -> None:
+    return None
+
+
+@pytest.fixture
+def clock() -> Clock:
+    clock = Clock()
+    clock.advance(1_700_000_000)  # a plausible epoch, so created_at looks real
+    return clock
+
+
+@pytest.fixture
+def runtime() -> FakeRuntime:
+    return FakeRuntime()
+
+
+@pytest.fixture
+def manager(runtime: FakeRuntime, clock: Clock) -> SandboxManager:
+    """A manager over the fake runtime whose agents are 'ready' at once."""
+    return SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready_at_once)
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    # Integration tests live in tests/integration and carry the marker automatically.
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)

@@ -1,0 +1,177 @@
+"""Fakes for fast tests: ``FakeRuntime`` (same interface as ``DockerRuntime``) and ``FakeAgent``.
+
+``FakeAgent`` speaks the agent's wire protocol (bearer-secret handshake on ``/agent``, JSON
+command in, seed result out) without running anything: ``echo X`` answers ``X\\n``, ``fail``
+answers returncode 1 with stderr ``boom``, ``sleep N`` answers after N seconds.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from datetime import datetime
+from typing import Any
+
+import attrs
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import deferLater
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from twistedgw.runtime import (
+    ContainerInfo,
+    ContainerSpec,
+    IContainerRuntime,
+    RuntimeUnavailable,
+)
+
+
+@implementer(IContainerRuntime)
+class FakeRuntime:
+    """An in-memory ``IContainerRuntime``; every container's agent is ``agent_port``."""
+
+    def __init__(
+        self, agent: FakeAgent | None = None, agent_port: int = 1, agent_host: str = "127.0.0.1"
+    ) -> None:
+        self.agent = agent
+        self.agent_port = agent_port
+        self.agent_host = agent_host
+        self.containers: dict[str, ContainerInfo] = {}
+        self.available = True
+        self.removed: list[str] = []
+        self.fail_removes = 0
+        self._next = 0
+
+    def _unavailable(self) -> Deferred[Any]:
+        return fail(RuntimeUnavailable("fake Docker engine is down"))
+
+    def create(self, spec: ContainerSpec) -> Deferred[ContainerInfo]:
+        if not self.available:
+            return self._unavailable()
+        self._next += 1
+        info = ContainerInfo(
+            sandbox_id=spec.sandbox_id,
+            container_id=f"container{self._next:04d}",
+            created_at=spec.created_at,
+            ip_address=f"172.17.0.{self._next + 1}",
+            agent_host=self.agent_host,
+            agent_port=self.agent_port,
+            agent_secret=spec.agent_secret,
+            running=True,
+        )
+        self.containers[info.container_id] = info
+        if self.agent is not None:
+            self.agent.secrets.add(spec.agent_secret)
+        return succeed(info)
+
+    def remove(self, container_id: str) -> Deferred[None]:
+        if not self.available:
+            return self._unavailable()
+        if self.fail_removes:
+            self.fail_removes -= 1
+            return fail(RuntimeUnavailable("fake remove failure"))
+        self.containers.pop(container_id, None)
+        self.removed.append(container_id)
+        return succeed(None)
+
+    def list_containers(self) -> Deferred[list[ContainerInfo]]:
+        if not self.available:
+            return self._unavailable()
+        return succeed(list(self.containers.values()))
+
+    def kill(self, container_id: str) -> None:
+        """Simulate a container that stopped behind the gateway's back."""
+        self.containers[container_id] = attrs.evolve(self.containers[container_id], running=False)
+
+
+class _FakeAgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
+    factory: _FakeAgentFactory
+
+    def onConnect(self, request: Any) -> None:
+        header = request.headers.get("authorization", "")
+        if not any(
+            hmac.compare_digest(header.encode(), f"Bearer {secret}".encode())
+            for secret in self.factory.secrets
+        ):
+            raise ConnectionDeny(401, "bad agent secret")
+
+    def onOpen(self) -> None:
+        self.factory.connections.add(self)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        self.factory.connections.discard(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        message = json.loads(payload)
+        self.factory.received.append(message)
+        command: str = message["command"]
+        result = {
+            "request_id": message["request_id"],
+            "command": command,
+            "success": True,
+            "output": "",
+            "error": "",
+            "returncode": 0,
+            "timestamp": datetime.now().isoformat(),
+        }
+        if command.startswith("echo "):
+            result["output"] = command[5:] + "\n"
+        elif command == "fail":
+            result.update(success=False, error="boom\n", returncode=1)
+        if command.startswith("sleep "):
+            delay = float(command.split()[1])
+            d = deferLater(self.factory.reactor, delay, lambda: None)
+            d.addCallback(lambda _: self._send(result))
+        else:
+            self._send(result)
+
+    def _send(self, result: dict[str, Any]) -> None:
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendMessage(json.dumps(result).encode(), isBinary=False)
+
+
+class _FakeAgentFactory(WebSocketServerFactory):  # type: ignore[misc]
+    protocol = _FakeAgentProtocol
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(reactor=reactor)
+        self.reactor = reactor
+        self.secrets: set[str] = set()
+        self.received: list[dict[str, Any]] = []
+        self.connections: set[_FakeAgentProtocol] = set()
+
+
+class FakeAgent:
+    """A fake agent listening on 127.0.0.1; accepts any secret in ``secrets``."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.factory = _FakeAgentFactory(reactor)
+        self.secrets = self.factory.secrets
+        root = Resource()
+        root.putChild(b"agent", WebSocketResource(self.factory))
+        self.site = Site(root)
+        self.port: Any = None
+
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        return self.factory.received
+
+    def listen(self, reactor: Any) -> int:
+        self.factory.doStart()
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        return int(self.port.getHost().port)
+
+    def drop_all(self) -> None:
+        """Drop every agent connection abruptly (as if the container died)."""
+        for proto in list(self.factory.connections):
+            proto.transport.abortConnection()
+
+    async def stop(self) -> None:
+        self.drop_all()
+        if self.port is not None:
+            await self.port.stopListening()
+        self.factory.doStop()

@@ -1,0 +1,128 @@
+"""The REST API over an in-memory runtime, through treq's StubTreq (no sockets)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+
+from tests.fakes import FakeRuntime
+from twistedgw.api import GatewayAPI
+from twistedgw.manager import SandboxManager
+
+BASE = "http://gateway.test"
+
+
+@pytest.fixture
+def treq(manager: SandboxManager) -> StubTreq:
+    return StubTreq(GatewayAPI(manager).resource())
+
+
+async def call(treq: StubTreq, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    response = await treq.request(method, BASE + path, **kwargs)
+    body = await response.content()
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/json"], body
+    return response.code, json.loads(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_get_list_delete(treq: StubTreq, runtime: FakeRuntime) -> None:
+    """The seed flow over REST, with exactly the seed's fields and words."""
+    code, created = await call(treq, "POST", "/sandboxes")
+    assert code == 200
+    assert set(created) == {"sandbox_id", "status", "message"}
+    assert created["status"] == "created"
+    assert created["message"] == "Sandbox container created successfully"
+    sandbox_id = created["sandbox_id"]
+    assert len(sandbox_id) == 32
+
+    code, info = await call(treq, "GET", f"/sandboxes/{sandbox_id}")
+    assert code == 200
+    assert set(info) == {"sandbox_id", "status", "created_at", "ip_address"}
+    assert info["ip_address"].startswith("172.17.")
+    assert isinstance(info["created_at"], float)
+
+    code, listing = await call(treq, "GET", "/sandboxes")
+    assert code == 200
+    assert listing == [info]
+
+    code, deleted = await call(treq, "DELETE", f"/sandboxes/{sandbox_id}")
+    assert code == 200
+    assert deleted == {"message": f"Sandbox {sandbox_id} successfully deleted"}
+    assert runtime.containers == {}
+
+    code, error = await call(treq, "GET", f"/sandboxes/{sandbox_id}")
+    assert code == 404
+    assert sandbox_id in error["error"]
+
+
+@pytest.mark.parametrize(
+    "sandbox_id", ["nope", "..", "%2e%2e", "a" * 5000, "%C3%A9", "0" * 32, "abcd1234"]
+)
+@pytest_twisted.ensureDeferred
+async def test_unknown_and_odd_ids_are_404(treq: StubTreq, sandbox_id: str) -> None:
+    """Unknown, malformed or path-like ids give a JSON 404 for GET and DELETE."""
+    for method in ("GET", "DELETE"):
+        code, error = await call(treq, method, f"/sandboxes/{sandbox_id}")
+        assert code == 404
+        assert "error" in error
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_bodies_are_400(treq: StubTreq, runtime: FakeRuntime) -> None:
+    """A create with a body that is not a JSON object is refused, creating nothing."""
+    for body in (b"{not json", b"[1]", b"\xff"):
+        code, error = await call(treq, "POST", "/sandboxes", data=body)
+        assert code == 400, body
+        assert "error" in error
+    assert runtime.containers == {}
+    code, _ = await call(treq, "POST", "/sandboxes", data=b"{}")
+    assert code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_body_is_413(treq: StubTreq) -> None:
+    """A huge create body is refused with 413 before parsing."""
+    code, error = await call(treq, "POST", "/sandboxes", data=b" " * (65 * 1024))
+    assert code == 413
+    assert "larger" in error["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_docker_down_is_503_json(treq: StubTreq, runtime: FakeRuntime) -> None:
+    """When the engine is unreachable, create and delete answer 503 JSON and lose nothing."""
+    _, created = await call(treq, "POST", "/sandboxes")
+    runtime.available = False
+    code, error = await call(treq, "POST", "/sandboxes")
+    assert code == 503
+    assert "Docker" in error["error"]
+    code, error = await call(treq, "DELETE", f"/sandboxes/{created['sandbox_id']}")
+    assert code == 503
+    # The sandbox is still known: a failed delete loses nothing.
+    code, _ = await call(treq, "GET", f"/sandboxes/{created['sandbox_id']}")
+    assert code == 200
+    runtime.available = True
+    code, _ = await call(treq, "DELETE", f"/sandboxes/{created['sandbox_id']}")
+    assert code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_route_and_method_are_json(treq: StubTreq) -> None:
+    """Routing errors are JSON too."""
+    code, error = await call(treq, "GET", "/nope")
+    assert code == 404
+    assert "error" in error
+    code, error = await call(treq, "PUT", "/sandboxes")
+    assert code == 405
+    assert "error" in error
+
+
+@pytest_twisted.ensureDeferred
+async def test_ws_route_refuses_unknown_sandbox(treq: StubTreq) -> None:
+    """/ws/{id} for an unknown id is a JSON 404 before any upgrade."""
+    code, error = await call(treq, "GET", "/ws/" + "f" * 32)
+    assert code == 404
+    assert "not found" in error["error"]

@@ -1,0 +1,180 @@
+"""The WebSocket proxy over loopback, against a fake agent speaking the agent protocol."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from attrs import define
+from twisted.internet import reactor
+
+from tests.fakes import FakeAgent, FakeRuntime
+from tests.wsclient import TestClient, connect
+from twistedgw.api import GatewayAPI, make_site
+from twistedgw.manager import SandboxManager
+from twistedgw.proxy import ProxyFactory, make_ws_resource
+from twistedgw.sandbox import SandboxRegistry
+
+
+@define
+class Gateway:
+    manager: SandboxManager
+    runtime: FakeRuntime
+    agent: FakeAgent
+    factory: ProxyFactory
+    port: int
+    clients: list[TestClient]
+
+    async def client(self, sandbox_id: str) -> TestClient:
+        client = await connect(reactor, self.port, f"/ws/{sandbox_id}")
+        self.clients.append(client)
+        return client
+
+
+@pytest_twisted.async_yield_fixture
+async def gateway() -> AsyncIterator[Gateway]:
+    agent = FakeAgent(reactor)
+    agent_port = agent.listen(reactor)
+    runtime = FakeRuntime(agent=agent, agent_port=agent_port)
+    manager = SandboxManager(SandboxRegistry(), runtime, reactor, agent_ready_timeout=5)
+    factory = ProxyFactory(manager, reactor, maxMessagePayloadSize=64 * 1024)
+    factory.doStart()
+    site = make_site(GatewayAPI(manager, make_ws_resource(factory)))
+    listening = reactor.listenTCP(0, site, interface="127.0.0.1")
+    gw = Gateway(manager, runtime, agent, factory, listening.getHost().port, [])
+    try:
+        yield gw
+    finally:
+        for client in gw.clients:
+            if client.transport is not None:
+                client.transport.abortConnection()
+        await listening.stopListening()
+        await agent.stop()
+        factory.doStop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_round_trip_and_request_id(gateway: Gateway) -> None:
+    """A command reaches the agent with a request_id; the result comes back unchanged."""
+    sandbox = await gateway.manager.create()
+    client = await gateway.client(sandbox.sandbox_id)
+    result = await client.command("echo hi", request_id="r1")
+    assert result["request_id"] == "r1"
+    assert result["output"] == "hi\n"
+    assert result["success"] is True
+    result = await client.command("echo again")
+    assert len(result["request_id"]) == 32
+    assert gateway.agent.received[-1]["request_id"] == result["request_id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_commands_pair_by_request_id(gateway: Gateway) -> None:
+    """Several commands in flight on one connection each get their own result."""
+    sandbox = await gateway.manager.create()
+    client = await gateway.client(sandbox.sandbox_id)
+    client.send_json({"command": "sleep 0.2", "request_id": "slow"})
+    client.send_json({"command": "echo fast", "request_id": "fast"})
+    first = await client.messages.get()
+    second = await client.messages.get()
+    assert (first["request_id"], second["request_id"]) == ("fast", "slow")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_messages_get_errors_and_connection_stays(gateway: Gateway) -> None:
+    """Malformed JSON, a missing command and binary frames get error results; then it works."""
+    sandbox = await gateway.manager.create()
+    client = await gateway.client(sandbox.sandbox_id)
+    client.sendMessage(b"{nope", isBinary=False)
+    error = await client.messages.get()
+    assert error["success"] is False and error["error_code"] == "invalid_json"
+    assert set(error) >= {"request_id", "command", "output", "error", "returncode", "timestamp"}
+    client.send_json({"request_id": "x"})
+    error = await client.messages.get()
+    assert (error["error_code"], error["request_id"]) == ("missing_command", "x")
+    client.sendMessage(b'{"command": "echo hi"}', isBinary=True)
+    error = await client.messages.get()
+    assert error["error_code"] == "binary_message"
+    result = await client.command("echo still here")
+    assert result["output"] == "still here\n"
+    assert gateway.agent.received == [
+        {"command": "echo still here", "request_id": result["request_id"]}
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_connected_then_idle(gateway: Gateway) -> None:
+    """Status is connected while any client is attached and idle after the last leaves."""
+    sandbox = await gateway.manager.create()
+    assert sandbox.status == "created"
+    a = await gateway.client(sandbox.sandbox_id)
+    b = await gateway.client(sandbox.sandbox_id)
+    assert sandbox.status == "connected"
+    a.sendClose(1000)
+    await a.closed
+    assert sandbox.status == "connected"
+    b.sendClose(1000)
+    await b.closed
+    await _settle()
+    assert sandbox.status == "idle"
+    assert sandbox.sandbox_id in gateway.manager.registry
+    assert gateway.runtime.removed == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_sandbox_handshake_refused(gateway: Gateway) -> None:
+    """A WebSocket to an unknown sandbox never opens."""
+    with pytest.raises(ConnectionError):
+        await gateway.client("0" * 32)
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_death_closes_client_with_reason(gateway: Gateway) -> None:
+    """If the agent connection drops (container died), the client gets 1011 and a reason."""
+    sandbox = await gateway.manager.create()
+    client = await gateway.client(sandbox.sandbox_id)
+    gateway.agent.drop_all()
+    code, reason = await client.closed
+    assert code == 1011
+    assert reason is not None and "agent" in reason
+    await _settle()
+    assert sandbox.status == "idle"
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_closes_attached_clients(gateway: Gateway) -> None:
+    """Deleting a connected sandbox closes its clients with code 4000 and says why."""
+    sandbox = await gateway.manager.create()
+    client = await gateway.client(sandbox.sandbox_id)
+    await gateway.manager.delete(sandbox.sandbox_id)
+    code, reason = await client.closed
+    assert code == 4000
+    assert reason == "sandbox deleted"
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_closes_with_going_away(gateway: Gateway) -> None:
+    """close_all (used on shutdown) closes clients with 1001."""
+    sandbox = await gateway.manager.create()
+    client = await gateway.client(sandbox.sandbox_id)
+    gateway.factory.close_all(1001, "gateway shutting down")
+    code, reason = await client.closed
+    assert (code, reason) == (1001, "gateway shutting down")
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_message_closes_1009(gateway: Gateway) -> None:
+    """A message over the size limit closes the connection with 1009."""
+    sandbox = await gateway.manager.create()
+    client = await gateway.client(sandbox.sandbox_id)
+    client.send_json({"command": "echo " + "x" * 100_000})
+    code, _ = await client.closed
+    assert code == 1009
+
+
+async def _settle() -> Any:
+    """Let the reactor run pending close callbacks."""
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, 0.05, lambda: None)

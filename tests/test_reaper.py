@@ -1,0 +1,126 @@
+"""Idle reaping and reconciliation, driven by a Clock."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from tests.fakes import FakeRuntime
+from tests.test_sandbox import Client
+from twistedgw.manager import SandboxManager
+from twistedgw.reaper import Reaper, make_reaper_service
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_sandbox_is_reaped_after_timeout(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """A sandbox with no clients is removed once idle longer than the timeout, not before."""
+    sandbox = await manager.create()
+    service = make_reaper_service(Reaper(manager, idle_timeout=100), 10, clock)
+    service.startService()
+    try:
+        clock.advance(90)
+        assert sandbox.sandbox_id in manager.registry
+        clock.advance(20)
+        assert sandbox.sandbox_id not in manager.registry
+        assert runtime.containers == {}
+    finally:
+        service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connected_sandbox_is_never_reaped(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """An attached client keeps a sandbox alive however long; idle time starts when it leaves."""
+    sandbox = await manager.create()
+    client = Client()
+    manager.registry.attach(sandbox, client, manager.now())
+    reaper = Reaper(manager, idle_timeout=100)
+    clock.advance(10_000)
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    manager.registry.detach(sandbox, client, manager.now())
+    clock.advance(50)
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    clock.advance(51)
+    await reaper.sweep()
+    assert sandbox.sandbox_id not in manager.registry
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_activity_defers_reaping(manager: SandboxManager, clock: Clock) -> None:
+    """Command activity (touch) restarts the idle clock."""
+    sandbox = await manager.create()
+    reaper = Reaper(manager, idle_timeout=100)
+    clock.advance(90)
+    manager.registry.touch(sandbox, manager.now())
+    clock.advance(90)
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_sweep_does_not_stop_later_sweeps(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """A sweep whose removal fails is logged; the timer keeps running and reaps next time."""
+    sandbox = await manager.create()
+    runtime.fail_removes = 1
+    service = make_reaper_service(Reaper(manager, idle_timeout=5), 10, clock)
+    service.startService()
+    try:
+        clock.advance(10)  # first sweep: remove fails
+        assert sandbox.sandbox_id in manager.registry
+        assert service.running
+        clock.advance(10)  # second sweep succeeds
+        assert sandbox.sandbox_id not in manager.registry
+    finally:
+        service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_docker_down_means_no_mass_delete(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """With the engine unreachable, a sweep neither forgets sandboxes nor stops the timer."""
+    busy = await manager.create()
+    manager.registry.attach(busy, Client(), manager.now())
+    runtime.available = False
+    reaper = Reaper(manager, idle_timeout=1000)
+    clock.advance(5)
+    await reaper.sweep()
+    assert busy.sandbox_id in manager.registry
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconcile_forgets_vanished_and_dead_containers(
+    manager: SandboxManager, runtime: FakeRuntime
+) -> None:
+    """A container removed or stopped behind our back is forgotten; its clients are closed."""
+    gone = await manager.create()
+    dead = await manager.create()
+    alive = await manager.create()
+    watcher = Client()
+    manager.registry.attach(dead, watcher, manager.now())
+    del runtime.containers[gone.container_id]
+    runtime.kill(dead.container_id)
+    await manager.reconcile()
+    assert [s.sandbox_id for s in manager.registry] == [alive.sandbox_id]
+    assert dead.container_id in runtime.removed
+    assert watcher.closed and watcher.closed[0][0] == 1011
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconcile_adopts_running_containers(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """Containers of ours that the registry does not know (a restart) are adopted."""
+    first = await manager.create()
+    fresh = SandboxManager(type(manager.registry)(), runtime, clock)
+    await fresh.reconcile()
+    adopted = fresh.lookup(first.sandbox_id)
+    assert adopted.created_at == first.created_at
+    assert adopted.agent_secret == first.agent_secret

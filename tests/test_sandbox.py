@@ -1,0 +1,82 @@
+"""The Sandbox record and the registry."""
+
+from __future__ import annotations
+
+from twistedgw.sandbox import (
+    Sandbox,
+    SandboxRegistry,
+    is_valid_sandbox_id,
+    new_sandbox_id,
+)
+
+
+class Client:
+    def __init__(self) -> None:
+        self.closed: list[tuple[int, str]] = []
+
+    def disconnect(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+
+
+def make_sandbox(now: float = 100.0) -> Sandbox:
+    return Sandbox(
+        sandbox_id=new_sandbox_id(),
+        container_id="c1",
+        created_at=now,
+        ip_address="172.17.0.2",
+        agent_host="127.0.0.1",
+        agent_port=40000,
+        agent_secret="s",
+        last_activity=now,
+    )
+
+
+def test_ids_have_128_bits_and_validate() -> None:
+    """Sandbox ids are 32 hex digits, unique, and only that shape validates."""
+    ids = {new_sandbox_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(is_valid_sandbox_id(i) and len(i) == 32 for i in ids)
+    for bad in ["", "..", "%2e%2e", "ABCDEF" * 6, "a" * 31, "a" * 33, "é" * 32, "abcd1234"]:
+        assert not is_valid_sandbox_id(bad)
+
+
+def test_status_words_follow_clients() -> None:
+    """created before any client, connected while one is attached, idle after."""
+    registry = SandboxRegistry()
+    sandbox = make_sandbox()
+    registry.add(sandbox)
+    assert sandbox.status == "created"
+    a, b = Client(), Client()
+    registry.attach(sandbox, a, 110.0)
+    registry.attach(sandbox, b, 111.0)
+    assert sandbox.status == "connected"
+    registry.detach(sandbox, a, 112.0)
+    assert sandbox.status == "connected"
+    registry.detach(sandbox, b, 113.0)
+    assert sandbox.status == "idle"
+    assert sandbox.last_activity == 113.0
+
+
+def test_idle_for_counts_from_last_activity() -> None:
+    """Idle time is zero while connected and counts from the last activity otherwise."""
+    registry = SandboxRegistry()
+    sandbox = make_sandbox(now=100.0)
+    assert sandbox.idle_for(150.0) == 50.0
+    client = Client()
+    registry.attach(sandbox, client, 150.0)
+    assert sandbox.idle_for(1000.0) == 0.0
+    registry.detach(sandbox, client, 200.0)
+    registry.touch(sandbox, 300.0)
+    assert sandbox.idle_for(310.0) == 10.0
+
+
+def test_seed_json_fields() -> None:
+    """to_json has exactly the seed's fields."""
+    sandbox = make_sandbox(now=1648371234.567)
+    assert sandbox.to_json() == {
+        "sandbox_id": sandbox.sandbox_id,
+        "status": "created",
+        "created_at": 1648371234.567,
+        "ip_address": "172.17.0.2",
+    }
+    assert "agent_secret" not in repr(sandbox)

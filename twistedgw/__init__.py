@@ -1,0 +1,1 @@
+"""twistedgw: a sandbox gateway daemon (Twisted, Klein, Autobahn, Docker)."""

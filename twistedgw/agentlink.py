@@ -1,0 +1,141 @@
+"""The gateway's leg to an agent: an Autobahn client protocol and how to connect it.
+
+Each client WebSocket gets its own agent connection. The gateway presents the sandbox's agent
+secret as a bearer token on the handshake; the agent refuses anyone else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+
+class AgentUnavailable(Exception):
+    """The sandbox's agent could not be reached or refused the gateway."""
+
+
+class AgentListener(Protocol):
+    """Who receives what an ``AgentSide`` hears (the client side of the proxy)."""
+
+    def agent_message(self, payload: bytes, is_binary: bool) -> None: ...
+
+    def agent_closed(self, code: int | None, reason: str | None) -> None: ...
+
+
+class AgentSide(WebSocketClientProtocol):
+    """One WebSocket connection from the gateway to a sandbox's agent."""
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: Deferred[AgentSide] = Deferred()
+        self.listener: AgentListener | None = None
+        self.gone = False
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.listener is not None:
+            try:
+                self.listener.agent_message(payload, isBinary)
+            except Exception:
+                self._log.failure("forwarding an agent message failed")
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.gone = True
+        if not self.opened.called:
+            self.opened.errback(
+                AgentUnavailable(f"agent handshake failed (code={code}, reason={reason!r})")
+            )
+            return
+        if self.listener is not None:
+            listener, self.listener = self.listener, None
+            try:
+                listener.agent_closed(code, reason)
+            except Exception:
+                self._log.failure("handling an agent close failed")
+
+    def send_json(self, payload: bytes) -> None:
+        """Send one JSON text message to the agent."""
+        self.sendMessage(payload, isBinary=False)
+
+    def close(self) -> None:
+        """Close this agent connection (normal closure)."""
+        self.listener = None
+        if not self.gone:
+            self.sendClose(code=1000)
+
+
+def connect_agent(
+    reactor: Any,
+    host: str,
+    port: int,
+    secret: str,
+    timeout: float = 10.0,
+    max_message_size: int = 0,
+) -> Deferred[AgentSide]:
+    """Connect to an agent and complete the WebSocket handshake; fires with the ``AgentSide``."""
+    factory = WebSocketClientFactory(
+        url=f"ws://{host}:{port}/agent",
+        headers={"Authorization": f"Bearer {secret}"},
+        reactor=reactor,
+    )
+    factory.protocol = AgentSide
+    factory.noisy = False  # one factory per connection: its start/stop lines are noise
+    factory.setProtocolOptions(
+        maxMessagePayloadSize=max_message_size,
+        maxFramePayloadSize=max_message_size,
+        openHandshakeTimeout=timeout,
+        closeHandshakeTimeout=2,
+        # Commands and results are small, latency matters: no Nagle.
+        tcpNoDelay=True,
+    )
+    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=max(1, int(timeout)))
+
+    async def run() -> AgentSide:
+        protocol = await endpoint.connect(factory)
+        assert isinstance(protocol, AgentSide)
+        return await protocol.opened
+
+    d = Deferred.fromCoroutine(run())
+    d.addTimeout(timeout, reactor)
+
+    def translate(failure: Any) -> Any:
+        if failure.check(TimeoutError):
+            raise AgentUnavailable(f"agent did not answer within {timeout:.0f} s")
+        if not failure.check(AgentUnavailable):
+            raise AgentUnavailable(f"agent unreachable: {failure.getErrorMessage()}")
+        return failure
+
+    d.addErrback(translate)
+    return d
+
+
+async def wait_for_agent(
+    reactor: Any, host: str, port: int, secret: str, timeout: float, interval: float = 0.05
+) -> None:
+    """Retry a full agent handshake until one succeeds or ``timeout`` seconds pass.
+
+    The published port accepts TCP before the agent listens (Docker's proxy answers), so only
+    a completed, authenticated handshake proves the agent is ready.
+    """
+    deadline = reactor.seconds() + timeout
+    last: Exception | None = None
+    while reactor.seconds() < deadline:
+        remaining = max(0.1, deadline - reactor.seconds())
+        try:
+            agent = await connect_agent(reactor, host, port, secret, timeout=min(5.0, remaining))
+        except AgentUnavailable as e:
+            last = e
+            await deferLater(reactor, interval, lambda: None)
+            continue
+        agent.close()
+        return
+    raise AgentUnavailable(f"agent not ready after {timeout:.0f} s: {last}")

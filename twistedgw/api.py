@@ -1,0 +1,179 @@
+"""The REST edge (Klein): ``/sandboxes`` routes and the ``/ws/{id}`` upgrade.
+
+One error hierarchy (``APIError``) and one error table turn failures into JSON bodies
+``{"error": ...}``; anything unexpected is logged and answered with a JSON 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.server import Site
+from werkzeug.exceptions import HTTPException
+
+from twistedgw.agentlink import AgentUnavailable
+from twistedgw.manager import SandboxManager, SandboxNotFound
+from twistedgw.runtime import ContainerFailed, ImageMissing, RuntimeUnavailable
+
+#: Largest request body read for JSON routes.
+MAX_BODY_BYTES = 64 * 1024
+
+
+class APIError(Exception):
+    """An error with an HTTP status, answered as ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json(request: IRequest, status: int, body: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(body).encode("utf-8")
+
+
+def _read_json_body(request: IRequest) -> Any:
+    """The request's JSON body, or None when it is empty; ``APIError`` 400/413 otherwise."""
+    content = request.content
+    if content is None:
+        return None
+    raw = content.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+
+
+class GatewayAPI:
+    """REST routes over a ``SandboxManager``, plus the WebSocket resource at ``/ws/{id}``."""
+
+    app = Klein()
+    _log = Logger()
+
+    def __init__(self, manager: SandboxManager, ws_resource: IResource | None = None) -> None:
+        self.manager = manager
+        self._ws_resource = ws_resource
+
+    def resource(self) -> IResource:
+        """The twisted.web resource serving this API."""
+        return self.app.resource()
+
+    # -- errors ----------------------------------------------------------------------------
+
+    @app.handle_errors(APIError)
+    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, APIError)
+        return _json(request, error.status, {"error": error.message})
+
+    @app.handle_errors(SandboxNotFound)
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+        assert failure.value is not None
+        return _json(request, 404, {"error": f"Sandbox {failure.value.args[0]} not found"})
+
+    @app.handle_errors(RuntimeUnavailable)
+    def _runtime_unavailable(self, request: IRequest, failure: Failure) -> bytes:
+        self._log.warn("Docker unavailable: {error}", error=failure.getErrorMessage())
+        return _json(request, 503, {"error": f"Docker unavailable: {failure.getErrorMessage()}"})
+
+    @app.handle_errors(ImageMissing)
+    def _image_missing(self, request: IRequest, failure: Failure) -> bytes:
+        self._log.error("{error}", error=failure.getErrorMessage())
+        return _json(request, 503, {"error": failure.getErrorMessage()})
+
+    @app.handle_errors(AgentUnavailable)
+    def _agent_unavailable(self, request: IRequest, failure: Failure) -> bytes:
+        return _json(request, 503, {"error": f"sandbox agent: {failure.getErrorMessage()}"})
+
+    @app.handle_errors(ContainerFailed)
+    def _container_failed(self, request: IRequest, failure: Failure) -> bytes:
+        self._log.error("Docker refused: {error}", error=failure.getErrorMessage())
+        return _json(request, 502, {"error": failure.getErrorMessage()})
+
+    @app.handle_errors(HTTPException)
+    def _routing_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        status = error.code or 400
+        if status == 405:
+            allowed = getattr(error, "valid_methods", None) or []
+            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+        return _json(request, status, {"error": error.description or error.name})
+
+    @app.handle_errors(CancelledError)
+    def _cancelled(self, request: IRequest, failure: Failure) -> bytes:
+        # The client went away; nobody reads this.
+        return b""
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        self._log.failure(
+            "unhandled error on {method} {uri}", failure, method=request.method, uri=request.uri
+        )
+        return _json(request, 500, {"error": "internal server error"})
+
+    # -- routes ----------------------------------------------------------------------------
+
+    @app.route("/sandboxes", methods=["POST"])
+    async def create_sandbox(self, request: IRequest) -> bytes:
+        body = _read_json_body(request)
+        if body is not None and not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        sandbox = await self.manager.create()
+        return _json(
+            request,
+            200,
+            {
+                "sandbox_id": sandbox.sandbox_id,
+                "status": "created",
+                "message": "Sandbox container created successfully",
+            },
+        )
+
+    @app.route("/sandboxes", methods=["GET"])
+    def list_sandboxes(self, request: IRequest) -> bytes:
+        return _json(request, 200, [s.to_json() for s in self.manager.registry])
+
+    @app.route("/sandboxes/<string:sandbox_id>", methods=["GET"])
+    def get_sandbox(self, request: IRequest, sandbox_id: str) -> bytes:
+        return _json(request, 200, self.manager.lookup(sandbox_id).to_json())
+
+    @app.route("/sandboxes/<string:sandbox_id>", methods=["DELETE"])
+    async def delete_sandbox(self, request: IRequest, sandbox_id: str) -> bytes:
+        sandbox = await self.manager.delete(sandbox_id)
+        return _json(
+            request, 200, {"message": f"Sandbox {sandbox.sandbox_id} successfully deleted"}
+        )
+
+    @app.route("/ws/<string:sandbox_id>")
+    def websocket(self, request: IRequest, sandbox_id: str) -> IResource:
+        # Refuse unknown ids with a JSON 404 before upgrading; ClientSide checks again.
+        self.manager.lookup(sandbox_id)
+        if self._ws_resource is None:
+            raise APIError(503, "WebSocket proxy not configured")
+        return self._ws_resource
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        return _json(request, 200, {"status": "ok", "sandboxes": len(self.manager.registry)})
+
+
+def make_site(api: GatewayAPI) -> Site:
+    """A twisted.web ``Site`` serving ``api`` (no access log noise for health checks)."""
+    site = Site(api.resource())
+    site.displayTracebacks = False
+    return site

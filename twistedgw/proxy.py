@@ -1,0 +1,194 @@
+"""The client leg of the WebSocket proxy: ``/ws/{sandbox_id}``.
+
+A client's handshake completes only once the gateway's own connection to the sandbox's agent is
+up (``onConnect`` returns a Deferred), so an accepted client can send at once. Client messages
+are validated (``messages.parse_command``) and forwarded; agent results go back verbatim.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from twistedgw.agentlink import AgentSide, AgentUnavailable
+from twistedgw.manager import SandboxManager, SandboxNotFound
+from twistedgw.messages import MessageError, encode, error_result, parse_command
+from twistedgw.sandbox import Sandbox
+
+#: Close code and reason when the agent connection drops under a client.
+CLOSE_AGENT_LOST = 1011
+#: Close code and reason when the gateway shuts down.
+CLOSE_GOING_AWAY = 1001
+
+
+def close_connection(protocol: WebSocketServerProtocol, code: int, reason: str) -> None:
+    """Start a closing handshake with any valid close code (1001 and 1011 included).
+
+    Autobahn's ``sendClose`` only admits 1000 and 3000-4999, but a server may send 1001
+    (going away) and 1011 (unexpected condition) too (RFC 6455, section 7.4.1).
+    """
+    if protocol.state != WebSocketServerProtocol.STATE_OPEN:
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
+        return
+    data = reason.encode("utf-8")[:123]
+    # Do not cut a multi-byte character in half.
+    protocol.sendCloseFrame(code=code, reasonUtf8=data.decode("utf-8", "ignore").encode("utf-8"))
+
+
+class ClientSide(WebSocketServerProtocol):
+    """One client WebSocket, paired with its own agent connection."""
+
+    _log = Logger()
+    factory: ProxyFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sandbox: Sandbox | None = None
+        self.agent: AgentSide | None = None
+        self._attached = False
+        self._lost = False
+
+    # -- handshake -------------------------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> Deferred[None]:  # type: ignore[override]
+        return Deferred.fromCoroutine(self._accept(request))
+
+    async def _accept(self, request: ConnectionRequest) -> None:
+        manager = self.factory.manager
+        prefix = "/ws/"
+        path = request.path
+        sandbox_id = path[len(prefix) :] if path.startswith(prefix) else ""
+        try:
+            sandbox = manager.lookup(sandbox_id)
+        except SandboxNotFound:
+            raise ConnectionDeny(404, "sandbox not found") from None
+        try:
+            agent = await manager.open_agent(sandbox)
+        except AgentUnavailable as e:
+            self._log.warn(
+                "client for sandbox {sandbox_id} refused: {error}",
+                sandbox_id=sandbox.sandbox_id,
+                error=str(e),
+            )
+            raise ConnectionDeny(503, "sandbox agent unreachable") from None
+        if self._lost or sandbox.sandbox_id not in manager.registry:
+            # The client left, or the sandbox was deleted, while we were connecting.
+            agent.close()
+            if not self._lost:
+                raise ConnectionDeny(404, "sandbox not found")
+            return
+        self.sandbox = sandbox
+        self.agent = agent
+        agent.listener = self
+
+    def onOpen(self) -> None:
+        assert self.sandbox is not None
+        manager = self.factory.manager
+        manager.registry.attach(self.sandbox, self, manager.now())
+        self._attached = True
+        self.factory.clients.add(self)
+        self._log.info(
+            "client {peer} attached to sandbox {sandbox_id}",
+            peer=self.peer,
+            sandbox_id=self.sandbox.sandbox_id,
+        )
+
+    # -- traffic ---------------------------------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            self._client_message(payload, isBinary)
+        except Exception:
+            self._log.failure("handling a client message failed")
+
+    def _client_message(self, payload: bytes, is_binary: bool) -> None:
+        manager = self.factory.manager
+        try:
+            message = parse_command(payload, is_binary)
+        except MessageError as e:
+            self.sendMessage(encode(error_result(e, datetime.now())), isBinary=False)
+            return
+        if self.agent is None or self.agent.gone:
+            failure = MessageError(
+                "agent_unavailable",
+                "the sandbox agent connection is closed",
+                message["request_id"],
+                message["command"],
+            )
+            self.sendMessage(encode(error_result(failure, datetime.now())), isBinary=False)
+            return
+        if self.sandbox is not None:
+            manager.registry.touch(self.sandbox, manager.now())
+        self.agent.send_json(encode(message))
+
+    def agent_message(self, payload: bytes, is_binary: bool) -> None:
+        """A message from the agent: forward it unchanged."""
+        if self.sandbox is not None:
+            manager = self.factory.manager
+            manager.registry.touch(self.sandbox, manager.now())
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendMessage(payload, isBinary=is_binary)
+
+    def agent_closed(self, code: int | None, reason: str | None) -> None:
+        """The agent connection dropped: the client cannot be served any more."""
+        self.agent = None
+        self._log.warn(
+            "agent connection of sandbox {sandbox_id} closed (code={code}); closing client",
+            sandbox_id=self.sandbox.sandbox_id if self.sandbox else None,
+            code=code,
+        )
+        close_connection(self, CLOSE_AGENT_LOST, "sandbox agent connection lost")
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def disconnect(self, code: int, reason: str) -> None:
+        """Close this client (the sandbox was deleted or died, or the gateway stops)."""
+        close_connection(self, code, reason)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._lost = True
+        if self.agent is not None:
+            agent, self.agent = self.agent, None
+            agent.close()
+        self.factory.clients.discard(self)
+        if self._attached and self.sandbox is not None:
+            self._attached = False
+            manager = self.factory.manager
+            manager.registry.detach(self.sandbox, self, manager.now())
+            self._log.info(
+                "client {peer} left sandbox {sandbox_id} (code={code})",
+                peer=self.peer,
+                sandbox_id=self.sandbox.sandbox_id,
+                code=code,
+            )
+
+
+class ProxyFactory(WebSocketServerFactory):
+    """Builds ``ClientSide`` protocols for one gateway; knows its open clients."""
+
+    protocol = ClientSide  # type: ignore[assignment]
+
+    def __init__(self, manager: SandboxManager, reactor: Any, **options: Any) -> None:
+        super().__init__(reactor=reactor)
+        self.manager = manager
+        self.clients: set[ClientSide] = set()
+        # failByDrop=False: protocol violations (an oversized message, say) get a close frame
+        # with the proper code (1009, 1002, ...) instead of a bare TCP drop.
+        self.setProtocolOptions(**{"failByDrop": False, **options})
+
+    def close_all(self, code: int, reason: str) -> None:
+        """Close every client (used on shutdown)."""
+        for client in list(self.clients):
+            close_connection(client, code, reason)
+
+
+def make_ws_resource(factory: ProxyFactory) -> WebSocketResource:
+    """The twisted.web resource that upgrades requests to ``factory``'s protocol."""
+    return WebSocketResource(factory)

@@ -1,0 +1,204 @@
+"""twistd plugin wiring: ``Options`` and ``makeService`` (``twistd -n sandboxgw ...``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from twistedgw.api import GatewayAPI, make_site
+from twistedgw.manager import SandboxManager
+from twistedgw.proxy import CLOSE_GOING_AWAY, ProxyFactory, make_ws_resource
+from twistedgw.reaper import Reaper, make_reaper_service
+from twistedgw.runtime import DockerRuntime
+from twistedgw.sandbox import SandboxRegistry
+
+DEFAULT_IMAGE = "sandbox-websocket-image"
+
+
+def _positive_float(name: str) -> Any:
+    def coerce(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, not {value!r}") from None
+        if not number > 0:
+            raise ValueError(f"{name} must be greater than 0")
+        return number
+
+    coerce.coerceDoc = "A number of seconds, greater than 0."  # type: ignore[attr-defined]
+    return coerce
+
+
+def _positive_int(name: str) -> Any:
+    def coerce(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, not {value!r}") from None
+        if number <= 0:
+            raise ValueError(f"{name} must be greater than 0")
+        return number
+
+    coerce.coerceDoc = "An integer greater than 0."  # type: ignore[attr-defined]
+    return coerce
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd sandboxgw``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Sandbox gateway: creates Docker containers as sandboxes (REST on /sandboxes) and "
+        "proxies WebSocket command messages to them (/ws/{sandbox_id})."
+    )
+
+    optParameters = [
+        ["port", "p", "tcp:8003", "Listening endpoint string, or a bare port number."],
+        ["image", "i", DEFAULT_IMAGE, "Docker image for sandboxes."],
+        [
+            "idle-timeout",
+            None,
+            3600.0,
+            "Seconds without clients or commands before a sandbox is reaped.",
+            _positive_float("--idle-timeout"),
+        ],
+        [
+            "reap-interval",
+            None,
+            60.0,
+            "Seconds between idle sweeps (each also reconciles with Docker).",
+            _positive_float("--reap-interval"),
+        ],
+        [
+            "docker-threads",
+            None,
+            8,
+            "Size of the dedicated docker SDK thread pool.",
+            _positive_int("--docker-threads"),
+        ],
+        [
+            "docker-timeout",
+            None,
+            30.0,
+            "Seconds before a Docker call is given up as failed.",
+            _positive_float("--docker-timeout"),
+        ],
+        ["docker-url", None, None, "Docker engine URL (default: from DOCKER_HOST, like the CLI)."],
+        [
+            "instance",
+            None,
+            "default",
+            "Label value naming this gateway; it only manages containers carrying it.",
+        ],
+        [
+            "agent-ready-timeout",
+            None,
+            30.0,
+            "Seconds a new sandbox's agent has to become ready.",
+            _positive_float("--agent-ready-timeout"),
+        ],
+        [
+            "max-message-size",
+            None,
+            16 * 1024 * 1024,
+            "Largest WebSocket message accepted, in bytes (close code 1009 beyond it).",
+            _positive_int("--max-message-size"),
+        ],
+        [
+            "open-handshake-timeout",
+            None,
+            10.0,
+            "Seconds a client has to complete the WebSocket opening handshake.",
+            _positive_float("--open-handshake-timeout"),
+        ],
+        [
+            "ping-interval",
+            None,
+            30.0,
+            "Seconds between WebSocket pings to clients (dead peers are dropped).",
+            _positive_float("--ping-interval"),
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        port = str(self["port"]).strip()
+        if port.isdigit():
+            if not 0 <= int(port) <= 65535:
+                raise usage.UsageError(f"--port {port} is not a TCP port number")
+            port = f"tcp:{port}"
+        self["port"] = port
+        if not self["image"]:
+            raise usage.UsageError("--image must not be empty")
+        instance = self["instance"]
+        if not instance or not all(c.isalnum() or c in "-_." for c in instance):
+            raise usage.UsageError("--instance may hold only letters, digits, '-', '_' and '.'")
+
+
+def makeService(options: Options) -> IService:
+    """Wire the gateway: docker runtime, sandbox manager, reaper, WebSocket proxy, HTTP site."""
+    from twisted.internet import reactor
+
+    root = MultiService()
+
+    runtime = DockerRuntime(
+        reactor,
+        image=options["image"],
+        instance=options["instance"],
+        docker_url=options["docker-url"],
+        threads=options["docker-threads"],
+        call_timeout=options["docker-timeout"],
+    )
+    runtime.setName("docker-runtime")
+    runtime.setServiceParent(root)
+
+    manager = SandboxManager(
+        SandboxRegistry(),
+        runtime,
+        reactor,
+        agent_ready_timeout=options["agent-ready-timeout"],
+        max_message_size=options["max-message-size"],
+    )
+    manager.setName("sandbox-manager")
+    manager.setServiceParent(root)
+
+    reaper = Reaper(manager, idle_timeout=options["idle-timeout"])
+    make_reaper_service(reaper, options["reap-interval"], reactor).setServiceParent(root)
+
+    factory = ProxyFactory(
+        manager,
+        reactor,
+        maxMessagePayloadSize=options["max-message-size"],
+        maxFramePayloadSize=options["max-message-size"],
+        openHandshakeTimeout=options["open-handshake-timeout"],
+        autoPingInterval=options["ping-interval"],
+        autoPingTimeout=options["ping-interval"],
+        tcpNoDelay=True,
+    )
+    ProxyService(factory).setServiceParent(root)
+
+    api = GatewayAPI(manager, make_ws_resource(factory))
+    endpoint = serverFromString(reactor, options["port"])
+    web = StreamServerEndpointService(endpoint, make_site(api))
+    web.setName("http")
+    web.setServiceParent(root)
+    return root
+
+
+class ProxyService(Service):
+    """Starts the WebSocket factory (``Site`` does not) and closes clients on shutdown."""
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.factory = factory
+
+    def startService(self) -> None:
+        super().startService()
+        self.factory.doStart()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.factory.close_all(CLOSE_GOING_AWAY, "gateway shutting down")
+        self.factory.doStop()
