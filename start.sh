@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# ./start.sh [PORT] [twistd sandboxgw options...]
+#
+# Sets up everything the gateway needs on this machine (Python venv, a running Docker engine,
+# the sandbox image, built offline if no registry is reachable), then runs the gateway in the
+# foreground on PORT (default 8003). Extra arguments go to `twistd sandboxgw` (see --help).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here"
+log() { printf '[start] %s\n' "$*" >&2; }
+
+port=8003
+if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then
+    port=$1
+    shift
+fi
+if [ "$port" -lt 1 ] || [ "$port" -gt 65535 ]; then
+    log "ERROR: port $port is not a TCP port number"; exit 2
+fi
+
+log "step 1/3: Python virtualenv"
+scripts/setup-venv.sh
+log "step 2/3: Docker engine"
+scripts/ensure-docker.sh
+log "step 3/3: sandbox image"
+PATH="$here/.venv/bin:$PATH" sandbox-image/build.sh
+
+log "starting the gateway on port $port (Ctrl-C stops it; sandboxes are kept)"
+log "no API tokens: anyone who can reach port $port can create and drive sandboxes"
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+exec "$here/.venv/bin/twistd" --nodaemon --pidfile= sandboxgw --port "tcp:$port" "$@"

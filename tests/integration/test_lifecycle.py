@@ -1,0 +1,68 @@
+"""Reaping and restart recovery, against the real engine, with gateway processes of their own."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from typing import Any
+
+from websockets.sync.client import connect
+
+from tests.integration.conftest import GatewayProcess
+
+
+def run(ws: Any, command: str) -> dict[str, Any]:
+    ws.send(json.dumps({"command": command}))
+    return dict(json.loads(ws.recv(timeout=30)))
+
+
+def test_idle_sandboxes_are_reaped_connected_ones_are_not(
+    make_gateway: Any, docker_client: Any
+) -> None:
+    """With a 2 s idle timeout, an idle sandbox is removed; one with a client stays."""
+    gateway: GatewayProcess = make_gateway("--idle-timeout", "2", "--reap-interval", "0.5")
+    idle = gateway.create()
+    busy = gateway.create()
+    with connect(f"{gateway.ws_url}/ws/{busy}") as ws:
+        deadline = time.monotonic() + 20
+        while gateway.get(f"/sandboxes/{idle}").status_code != 404:
+            assert time.monotonic() < deadline, "idle sandbox was not reaped"
+            time.sleep(0.2)
+        assert gateway.get(f"/sandboxes/{busy}").json()["status"] == "connected"
+        assert run(ws, "echo alive")["output"] == "alive\n"
+    assert not docker_client.containers.list(
+        all=True, filters={"label": f"org.twistedgw.sandbox-id={idle}"}
+    )
+
+
+def test_restart_recovers_sandboxes(make_gateway: Any) -> None:
+    """After SIGKILL and after a clean stop, a new gateway process lists the same sandboxes with
+    their original created_at, and their files are intact."""
+    first: GatewayProcess = make_gateway()
+    sandbox_id = first.create()
+    before = first.get(f"/sandboxes/{sandbox_id}").json()
+    with connect(f"{first.ws_url}/ws/{sandbox_id}") as ws:
+        assert run(ws, "echo survived > state.txt")["success"]
+    first.stop(signal.SIGKILL)
+
+    second: GatewayProcess = make_gateway(instance=first.instance)
+    deadline = time.monotonic() + 15
+    while second.get(f"/sandboxes/{sandbox_id}").status_code != 200:
+        assert time.monotonic() < deadline, "sandbox not recovered after SIGKILL"
+        time.sleep(0.1)
+    after = second.get(f"/sandboxes/{sandbox_id}").json()
+    assert after["created_at"] == before["created_at"]
+    assert after["ip_address"] == before["ip_address"]
+    with connect(f"{second.ws_url}/ws/{sandbox_id}") as ws:
+        assert run(ws, "cat state.txt")["output"] == "survived\n"
+    # A clean stop: twistd shuts the reactor down, then re-raises SIGTERM so the exit status
+    # names the signal (Twisted >= 22.8 behaviour).
+    assert second.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    assert "Main loop terminated." in second.tail()
+
+    third: GatewayProcess = make_gateway(instance=first.instance)
+    deadline = time.monotonic() + 15
+    while third.get(f"/sandboxes/{sandbox_id}").status_code != 200:
+        assert time.monotonic() < deadline, "sandbox not recovered after a clean stop"
+        time.sleep(0.1)
