@@ -7,6 +7,7 @@ import signal
 import time
 from typing import Any
 
+import requests
 from websockets.sync.client import connect
 
 from tests.integration.conftest import GatewayProcess
@@ -66,3 +67,16 @@ def test_restart_recovers_sandboxes(make_gateway: Any) -> None:
     while third.get(f"/sandboxes/{sandbox_id}").status_code != 200:
         assert time.monotonic() < deadline, "sandbox not recovered after a clean stop"
         time.sleep(0.1)
+
+
+def test_unreachable_docker_is_503_json(make_gateway: Any) -> None:
+    """With no engine at the configured address, create answers 503 JSON promptly and the
+    gateway keeps serving."""
+    gateway: GatewayProcess = make_gateway("--docker-url", "unix:///nonexistent/docker.sock")
+    started = time.monotonic()
+    response = requests.post(gateway.url + "/sandboxes", timeout=30)
+    assert time.monotonic() - started < 5
+    assert response.status_code == 503
+    assert "Docker" in response.json()["error"]
+    assert gateway.get("/sandboxes").json() == []
+    assert gateway.get("/healthz").status_code == 200
