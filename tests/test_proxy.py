@@ -99,7 +99,7 @@ async def test_bad_messages_get_errors_and_connection_stays(gateway: Gateway) ->
     result = await client.command("echo still here")
     assert result["output"] == "still here\n"
     assert gateway.agent.received == [
-        {"command": "echo still here", "request_id": result["request_id"]}
+        {"command": "echo still here", "request_id": result["request_id"], "timeout": 900.0}
     ]
 
 

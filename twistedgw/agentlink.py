@@ -14,6 +14,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from twistedgw.flow import unpair_flow
+
 
 class AgentUnavailable(Exception):
     """The sandbox's agent could not be reached or refused the gateway."""
@@ -55,6 +57,8 @@ class AgentSide(WebSocketClientProtocol):
                 AgentUnavailable(f"agent handshake failed (code={code}, reason={reason!r})")
             )
             return
+        if self.transport is not None:
+            unpair_flow(self.transport)
         if self.listener is not None:
             listener, self.listener = self.listener, None
             try:

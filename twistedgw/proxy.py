@@ -17,8 +17,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from twistedgw.agentlink import AgentSide, AgentUnavailable
+from twistedgw.flow import pair_flow, unpair_flow
 from twistedgw.manager import SandboxManager, SandboxNotFound
-from twistedgw.messages import MessageError, encode, error_result, parse_command
+from twistedgw.messages import (
+    DEFAULT_POLICY,
+    MessageError,
+    MessagePolicy,
+    encode,
+    error_reply,
+    parse_message,
+)
 from twistedgw.sandbox import Sandbox
 
 #: Close code and reason when the agent connection drops under a client.
@@ -93,6 +101,9 @@ class ClientSide(WebSocketServerProtocol):
         manager = self.factory.manager
         manager.registry.attach(self.sandbox, self, manager.now())
         self._attached = True
+        if self.agent is not None:
+            pair_flow(self.transport, self.agent.transport)
+            pair_flow(self.agent.transport, self.transport)
         self.factory.clients.add(self)
         self._log.info(
             "client {peer} attached to sandbox {sandbox_id}",
@@ -111,18 +122,19 @@ class ClientSide(WebSocketServerProtocol):
     def _client_message(self, payload: bytes, is_binary: bool) -> None:
         manager = self.factory.manager
         try:
-            message = parse_command(payload, is_binary)
+            message = parse_message(payload, is_binary, self.factory.policy)
         except MessageError as e:
-            self.sendMessage(encode(error_result(e, datetime.now())), isBinary=False)
+            self.sendMessage(encode(error_reply(e, datetime.now())), isBinary=False)
             return
         if self.agent is None or self.agent.gone:
             failure = MessageError(
                 "agent_unavailable",
                 "the sandbox agent connection is closed",
-                message["request_id"],
-                message["command"],
+                message.get("request_id"),
+                message.get("command"),
+                control="type" in message,
             )
-            self.sendMessage(encode(error_result(failure, datetime.now())), isBinary=False)
+            self.sendMessage(encode(error_reply(failure, datetime.now())), isBinary=False)
             return
         if self.sandbox is not None:
             manager.registry.touch(self.sandbox, manager.now())
@@ -154,8 +166,12 @@ class ClientSide(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._lost = True
+        if self.transport is not None:
+            unpair_flow(self.transport)
         if self.agent is not None:
             agent, self.agent = self.agent, None
+            if agent.transport is not None:
+                unpair_flow(agent.transport)
             agent.close()
         self.factory.clients.discard(self)
         if self._attached and self.sandbox is not None:
@@ -175,9 +191,16 @@ class ProxyFactory(WebSocketServerFactory):
 
     protocol = ClientSide  # type: ignore[assignment]
 
-    def __init__(self, manager: SandboxManager, reactor: Any, **options: Any) -> None:
+    def __init__(
+        self,
+        manager: SandboxManager,
+        reactor: Any,
+        policy: MessagePolicy = DEFAULT_POLICY,
+        **options: Any,
+    ) -> None:
         super().__init__(reactor=reactor)
         self.manager = manager
+        self.policy = policy
         self.clients: set[ClientSide] = set()
         # failByDrop=False: protocol violations (an oversized message, say) get a close frame
         # with the proper code (1009, 1002, ...) instead of a bare TCP drop.

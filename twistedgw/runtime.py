@@ -143,6 +143,8 @@ class DockerRuntime(Service):
     :param docker_url: engine address (``None``: from the environment, like the docker CLI).
     :param threads: size of the dedicated docker thread pool.
     :param call_timeout: seconds before a docker call is reported as failed.
+    :param container_options: extra ``containers.run`` keyword arguments (operator overrides).
+    :param agent_env: environment for the agent (its limits), besides its secret.
     """
 
     _log = Logger()
@@ -156,6 +158,7 @@ class DockerRuntime(Service):
         threads: int = 8,
         call_timeout: float = 30.0,
         container_options: Mapping[str, Any] | None = None,
+        agent_env: Mapping[str, str] | None = None,
     ) -> None:
         self._reactor = reactor
         self.image = image
@@ -163,6 +166,7 @@ class DockerRuntime(Service):
         self._docker_url = docker_url
         self._call_timeout = call_timeout
         self._container_options = dict(container_options or {})
+        self._agent_env = dict(agent_env or {})
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="docker")
         self._client: Any = None
         self._client_lock = threading.Lock()
@@ -260,7 +264,7 @@ class DockerRuntime(Service):
             "name": name,
             "hostname": "sandbox",
             "labels": self._labels(spec),
-            "environment": {SECRET_ENV: spec.agent_secret},
+            "environment": {**self._agent_env, SECRET_ENV: spec.agent_secret},
             # Published on loopback only, on an ephemeral host port.
             "ports": {f"{AGENT_PORT}/tcp": ("127.0.0.1", None)},
             "cap_drop": ["ALL"],

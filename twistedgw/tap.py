@@ -11,6 +11,7 @@ from twisted.python import usage
 
 from twistedgw.api import GatewayAPI, make_site
 from twistedgw.manager import SandboxManager
+from twistedgw.messages import MessagePolicy
 from twistedgw.proxy import CLOSE_GOING_AWAY, ProxyFactory, make_ws_resource
 from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.runtime import DockerRuntime
@@ -109,6 +110,34 @@ class Options(usage.Options):
             _positive_int("--max-message-size"),
         ],
         [
+            "default-timeout",
+            None,
+            900.0,
+            "Seconds a command may run when the client sets no 'timeout'.",
+            _positive_float("--default-timeout"),
+        ],
+        [
+            "max-timeout",
+            None,
+            3600.0,
+            "Largest 'timeout' a client may ask for, in seconds.",
+            _positive_float("--max-timeout"),
+        ],
+        [
+            "max-output",
+            None,
+            1024 * 1024,
+            "Bytes of stdout and of stderr kept per command result (head and tail).",
+            _positive_int("--max-output"),
+        ],
+        [
+            "output-kill-limit",
+            None,
+            64 * 1024 * 1024,
+            "Bytes on one stream after which a non-streamed command is killed.",
+            _positive_int("--output-kill-limit"),
+        ],
+        [
             "open-handshake-timeout",
             None,
             10.0,
@@ -133,9 +162,23 @@ class Options(usage.Options):
         self["port"] = port
         if not self["image"]:
             raise usage.UsageError("--image must not be empty")
+        if self["default-timeout"] > self["max-timeout"]:
+            raise usage.UsageError("--default-timeout must not exceed --max-timeout")
+        if self["output-kill-limit"] < self["max-output"]:
+            raise usage.UsageError("--output-kill-limit must be at least --max-output")
         instance = self["instance"]
         if not instance or not all(c.isalnum() or c in "-_." for c in instance):
             raise usage.UsageError("--instance may hold only letters, digits, '-', '_' and '.'")
+
+
+def agent_message_limit(max_message_size: int, max_output: int) -> int:
+    """Largest message accepted from an agent.
+
+    A result carries up to ``max_output`` bytes of stdout and of stderr, and JSON may spell a
+    byte as six characters (``\\u0000``), so the agent leg admits that much, and never less
+    than what clients may send.
+    """
+    return max(max_message_size, 2 * 6 * max_output + 64 * 1024)
 
 
 def makeService(options: Options) -> IService:
@@ -151,6 +194,12 @@ def makeService(options: Options) -> IService:
         docker_url=options["docker-url"],
         threads=options["docker-threads"],
         call_timeout=options["docker-timeout"],
+        agent_env={
+            "AGENT_MAX_OUTPUT": str(options["max-output"]),
+            "AGENT_KILL_OUTPUT": str(options["output-kill-limit"]),
+            "AGENT_DEFAULT_TIMEOUT": str(options["default-timeout"]),
+            "AGENT_MAX_TIMEOUT": str(options["max-timeout"]),
+        },
     )
     runtime.setName("docker-runtime")
     runtime.setServiceParent(root)
@@ -160,7 +209,7 @@ def makeService(options: Options) -> IService:
         runtime,
         reactor,
         agent_ready_timeout=options["agent-ready-timeout"],
-        max_message_size=options["max-message-size"],
+        max_message_size=agent_message_limit(options["max-message-size"], options["max-output"]),
     )
     manager.setName("sandbox-manager")
     manager.setServiceParent(root)
@@ -171,6 +220,7 @@ def makeService(options: Options) -> IService:
     factory = ProxyFactory(
         manager,
         reactor,
+        policy=MessagePolicy(options["default-timeout"], options["max-timeout"]),
         maxMessagePayloadSize=options["max-message-size"],
         maxFramePayloadSize=options["max-message-size"],
         openHandshakeTimeout=options["open-handshake-timeout"],
