@@ -37,6 +37,16 @@ SECRET_ENV = "SANDBOX_AGENT_SECRET"
 T = TypeVar("T")
 
 
+def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    # Daemon workers: a docker call stuck past its timeout must not keep the process alive
+    # at exit (shutdown abandons it after a bounded wait; reconciliation cleans up later).
+    return threading.Thread(*args, daemon=True, **kwargs)
+
+
+class _DockerThreadPool(ThreadPool):
+    threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]
+
+
 class RuntimeError_(Exception):
     """Base class of runtime failures (the trailing underscore avoids the builtin)."""
 
@@ -167,10 +177,12 @@ class DockerRuntime(Service):
         self._call_timeout = call_timeout
         self._container_options = dict(container_options or {})
         self._agent_env = dict(agent_env or {})
-        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="docker")
+        self._pool = _DockerThreadPool(minthreads=0, maxthreads=threads, name="docker")
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._threads = threads
+        #: Seconds shutdown waits for in-flight docker calls before abandoning them.
+        self.shutdown_timeout = 5.0
 
     # -- Service ---------------------------------------------------------------------------
 
@@ -178,10 +190,24 @@ class DockerRuntime(Service):
         super().startService()
         self._pool.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
+        """Stop the pool, waiting at most ``shutdown_timeout`` for in-flight docker calls."""
         super().stopService()
-        # Docker calls are bounded by the client's own timeout, so this join is bounded too.
-        self._pool.stop()
+        stopped: Deferred[None] = Deferred()
+
+        def thd_stop() -> None:
+            self._pool.stop()
+            self._reactor.callFromThread(lambda: None if stopped.called else stopped.callback(None))
+
+        threading.Thread(target=thd_stop, name="docker-pool-stop", daemon=True).start()
+
+        def abandon(result: Any, timeout: float) -> None:
+            self._log.warn(
+                "abandoning docker calls still running after {timeout} s", timeout=timeout
+            )
+
+        stopped.addTimeout(self.shutdown_timeout, self._reactor, onTimeoutCancel=abandon)
+        return stopped
 
     # -- IContainerRuntime -----------------------------------------------------------------
 
