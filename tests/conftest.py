@@ -9,7 +9,7 @@ from hypothesis import settings
 from twisted.internet.task import Clock
 
 from tests.fakes import FakeRuntime
-from twistedgw.manager import SandboxManager
+from twistedgw.manager import LifecyclePolicy, SandboxManager
 from twistedgw.runtime import ContainerInfo
 from twistedgw.sandbox import SandboxRegistry
 
@@ -37,7 +37,13 @@ def runtime() -> FakeRuntime:
 @pytest.fixture
 def manager(runtime: FakeRuntime, clock: Clock) -> SandboxManager:
     """A manager over the fake runtime whose agents are 'ready' at once."""
-    return SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready_at_once)
+    return SandboxManager(
+        SandboxRegistry(),
+        runtime,
+        clock,
+        wait_ready=_ready_at_once,
+        policy=LifecyclePolicy(idle_timeout=100, max_sandboxes=5, max_lifetime=10_000),
+    )
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:

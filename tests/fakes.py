@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +24,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from twistedgw.runtime import (
+    ContainerEvent,
     ContainerInfo,
     ContainerSpec,
     IContainerRuntime,
@@ -44,6 +46,8 @@ class FakeRuntime:
         self.available = True
         self.removed: list[str] = []
         self.fail_removes = 0
+        self.watchers: list[Callable[[ContainerEvent], None]] = []
+        self.creates = 0
         self._next = 0
 
     def _unavailable(self) -> Deferred[Any]:
@@ -62,7 +66,9 @@ class FakeRuntime:
             agent_port=self.agent_port,
             agent_secret=spec.agent_secret,
             running=True,
+            settings=spec.settings,
         )
+        self.creates += 1
         self.containers[info.container_id] = info
         if self.agent is not None:
             self.agent.secrets.add(spec.agent_secret)
@@ -83,9 +89,17 @@ class FakeRuntime:
             return self._unavailable()
         return succeed(list(self.containers.values()))
 
-    def kill(self, container_id: str) -> None:
+    def watch(self, callback: Callable[[ContainerEvent], None]) -> None:
+        self.watchers.append(callback)
+
+    def kill(self, container_id: str, exit_code: int = 137, emit: bool = False) -> None:
         """Simulate a container that stopped behind the gateway's back."""
-        self.containers[container_id] = attrs.evolve(self.containers[container_id], running=False)
+        info = attrs.evolve(self.containers[container_id], running=False, exit_code=exit_code)
+        self.containers[container_id] = info
+        if emit:
+            event = ContainerEvent(info.sandbox_id, container_id, "die", exit_code)
+            for callback in self.watchers:
+                callback(event)
 
 
 class _FakeAgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]

@@ -17,7 +17,7 @@ async def test_idle_sandbox_is_reaped_after_timeout(
 ) -> None:
     """A sandbox with no clients is removed once idle longer than the timeout, not before."""
     sandbox = await manager.create()
-    service = make_reaper_service(Reaper(manager, idle_timeout=100), 10, clock)
+    service = make_reaper_service(Reaper(manager), 10, clock)
     service.startService()
     try:
         clock.advance(90)
@@ -37,7 +37,7 @@ async def test_connected_sandbox_is_never_reaped(
     sandbox = await manager.create()
     client = Client()
     manager.registry.attach(sandbox, client, manager.now())
-    reaper = Reaper(manager, idle_timeout=100)
+    reaper = Reaper(manager)
     clock.advance(10_000)
     await reaper.sweep()
     assert sandbox.sandbox_id in manager.registry
@@ -54,7 +54,7 @@ async def test_connected_sandbox_is_never_reaped(
 async def test_command_activity_defers_reaping(manager: SandboxManager, clock: Clock) -> None:
     """Command activity (touch) restarts the idle clock."""
     sandbox = await manager.create()
-    reaper = Reaper(manager, idle_timeout=100)
+    reaper = Reaper(manager)
     clock.advance(90)
     manager.registry.touch(sandbox, manager.now())
     clock.advance(90)
@@ -69,13 +69,13 @@ async def test_failing_sweep_does_not_stop_later_sweeps(
     """A sweep whose removal fails is logged; the timer keeps running and reaps next time."""
     sandbox = await manager.create()
     runtime.fail_removes = 1
-    service = make_reaper_service(Reaper(manager, idle_timeout=5), 10, clock)
+    service = make_reaper_service(Reaper(manager), 10, clock)
     service.startService()
     try:
-        clock.advance(10)  # first sweep: remove fails
+        clock.advance(110)  # idle: the sweep's remove fails
         assert sandbox.sandbox_id in manager.registry
         assert service.running
-        clock.advance(10)  # second sweep succeeds
+        clock.advance(10)  # the next sweep succeeds
         assert sandbox.sandbox_id not in manager.registry
     finally:
         service.stopService()
@@ -89,7 +89,7 @@ async def test_docker_down_means_no_mass_delete(
     busy = await manager.create()
     manager.registry.attach(busy, Client(), manager.now())
     runtime.available = False
-    reaper = Reaper(manager, idle_timeout=1000)
+    reaper = Reaper(manager)
     clock.advance(5)
     await reaper.sweep()
     assert busy.sandbox_id in manager.registry
@@ -119,7 +119,7 @@ async def test_reconcile_adopts_running_containers(
 ) -> None:
     """Containers of ours that the registry does not know (a restart) are adopted."""
     first = await manager.create()
-    fresh = SandboxManager(type(manager.registry)(), runtime, clock)
+    fresh = SandboxManager(type(manager.registry)(), runtime, clock, policy=manager.policy)
     await fresh.reconcile()
     adopted = fresh.lookup(first.sandbox_id)
     assert adopted.created_at == first.created_at

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from twistedgw.sandbox import (
+    Graveyard,
     Sandbox,
     SandboxRegistry,
+    SandboxSettings,
+    Tombstone,
     is_valid_sandbox_id,
     new_sandbox_id,
 )
@@ -28,6 +31,7 @@ def make_sandbox(now: float = 100.0) -> Sandbox:
         agent_port=40000,
         agent_secret="s",
         last_activity=now,
+        settings=SandboxSettings(idle_timeout=100),
     )
 
 
@@ -80,3 +84,41 @@ def test_seed_json_fields() -> None:
         "ip_address": "172.17.0.2",
     }
     assert "agent_secret" not in repr(sandbox)
+
+
+def test_details_are_opt_in() -> None:
+    """Extra fields appear with details, and metadata when the creator set some."""
+    sandbox = make_sandbox()
+    assert set(sandbox.to_json(details=True)) >= {"clients", "idle_timeout", "metadata"}
+    with_meta = Sandbox(
+        **{
+            **{a.name: getattr(sandbox, a.name) for a in Sandbox.__attrs_attrs__ if a.init},
+            "settings": SandboxSettings(100, metadata={"a": "b"}),
+        }
+    )
+    assert with_meta.to_json()["metadata"] == {"a": "b"}
+
+
+def test_timers() -> None:
+    """Idle expiry needs no clients; lifetime ends regardless of clients."""
+    registry = SandboxRegistry()
+    sandbox = make_sandbox(now=0.0)
+    sandbox.expires_at = 500.0
+    assert not sandbox.is_idle_expired(100.0)
+    assert sandbox.is_idle_expired(100.1)
+    registry.attach(sandbox, Client(), 50.0)
+    assert not sandbox.is_idle_expired(10_000.0)
+    assert not sandbox.is_lifetime_over(499.9)
+    assert sandbox.is_lifetime_over(500.0)
+
+
+def test_graveyard_is_bounded_in_size_and_age() -> None:
+    """Tombstones expire after max_age and the oldest go first beyond max_entries."""
+    graveyard = Graveyard(max_entries=2, max_age=10.0)
+    for n in range(3):
+        graveyard.bury(Tombstone(f"id{n}", "idle", removed_at=float(n)))
+    assert len(graveyard) == 2
+    assert graveyard.get("id0", 3.0) is None
+    tombstone = graveyard.get("id1", 3.0)
+    assert tombstone is not None and tombstone.reason == "idle"
+    assert graveyard.get("id1", 20.0) is None

@@ -19,7 +19,12 @@ from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException
 
 from twistedgw.agentlink import AgentUnavailable
-from twistedgw.manager import SandboxManager, SandboxNotFound
+from twistedgw.manager import (
+    CapacityExceeded,
+    InvalidSettings,
+    SandboxManager,
+    SandboxNotFound,
+)
 from twistedgw.runtime import ContainerFailed, ImageMissing, RuntimeUnavailable
 
 #: Largest request body read for JSON routes.
@@ -58,6 +63,13 @@ def _read_json_body(request: IRequest) -> Any:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
 
 
+def _wants_details(request: IRequest) -> bool:
+    """``?details=true`` (or 1, yes) asks for the fields beyond the seed's."""
+    args = request.args or {}
+    value = (args.get(b"details") or [b""])[0].lower()
+    return value in (b"1", b"true", b"yes")
+
+
 class GatewayAPI:
     """REST routes over a ``SandboxManager``, plus the WebSocket resource at ``/ws/{id}``."""
 
@@ -82,8 +94,23 @@ class GatewayAPI:
 
     @app.handle_errors(SandboxNotFound)
     def _not_found(self, request: IRequest, failure: Failure) -> bytes:
-        assert failure.value is not None
-        return _json(request, 404, {"error": f"Sandbox {failure.value.args[0]} not found"})
+        error = failure.value
+        assert isinstance(error, SandboxNotFound)
+        body: dict[str, Any] = {"error": f"Sandbox {error.sandbox_id} not found"}
+        if error.tombstone is not None:
+            # Removed recently: say when and why, so "it vanished" is explainable.
+            body.update(error.tombstone.to_json())
+            body["error"] = f"Sandbox {error.sandbox_id} was removed ({error.tombstone.reason})"
+        return _json(request, 404, body)
+
+    @app.handle_errors(InvalidSettings)
+    def _invalid_settings(self, request: IRequest, failure: Failure) -> bytes:
+        return _json(request, 400, {"error": failure.getErrorMessage()})
+
+    @app.handle_errors(CapacityExceeded)
+    def _capacity(self, request: IRequest, failure: Failure) -> bytes:
+        request.setHeader(b"Retry-After", b"5")
+        return _json(request, 429, {"error": failure.getErrorMessage()})
 
     @app.handle_errors(RuntimeUnavailable)
     def _runtime_unavailable(self, request: IRequest, failure: Failure) -> bytes:
@@ -133,7 +160,9 @@ class GatewayAPI:
         body = _read_json_body(request)
         if body is not None and not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")
-        sandbox = await self.manager.create()
+        key = request.getHeader("Idempotency-Key")
+        settings = self.manager.settings_for(body, key)
+        sandbox = await self.manager.create(settings)
         return _json(
             request,
             200,
@@ -146,11 +175,28 @@ class GatewayAPI:
 
     @app.route("/sandboxes", methods=["GET"])
     def list_sandboxes(self, request: IRequest) -> bytes:
-        return _json(request, 200, [s.to_json() for s in self.manager.registry])
+        details = _wants_details(request)
+        return _json(request, 200, [s.to_json(details) for s in self.manager.registry])
 
     @app.route("/sandboxes/<string:sandbox_id>", methods=["GET"])
     def get_sandbox(self, request: IRequest, sandbox_id: str) -> bytes:
-        return _json(request, 200, self.manager.lookup(sandbox_id).to_json())
+        sandbox = self.manager.lookup(sandbox_id)
+        return _json(request, 200, sandbox.to_json(_wants_details(request)))
+
+    @app.route("/sandboxes/<string:sandbox_id>/keepalive", methods=["POST"])
+    def keepalive(self, request: IRequest, sandbox_id: str) -> bytes:
+        body = _read_json_body(request) or {}
+        if not isinstance(body, dict) or set(body) - {"extend_by"}:
+            raise APIError(400, "body must be a JSON object with at most 'extend_by'")
+        extend_by = body.get("extend_by")
+        if extend_by is not None and (
+            isinstance(extend_by, bool)
+            or not isinstance(extend_by, int | float)
+            or not 0 < extend_by < float("inf")
+        ):
+            raise APIError(400, "'extend_by' must be a number of seconds greater than 0")
+        sandbox = self.manager.keepalive(sandbox_id, extend_by)
+        return _json(request, 200, sandbox.to_json(details=True))
 
     @app.route("/sandboxes/<string:sandbox_id>", methods=["DELETE"])
     async def delete_sandbox(self, request: IRequest, sandbox_id: str) -> bytes:

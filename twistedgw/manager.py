@@ -1,37 +1,112 @@
 """``SandboxManager``: the sandbox lifecycle, between the edges and the container runtime.
 
-Creates (container, then wait for its agent), deletes (container, then forget and disconnect
-clients), and reconciles the registry with the runtime, which is the source of truth: running
-containers of ours are adopted, vanished ones are forgotten, dead ones are removed.
+Creates (container, then wait for its agent), deletes (container, then forget, record why, and
+disconnect clients), and keeps the registry in line with the runtime, which is the source of
+truth: running containers of ours are adopted, vanished or dead ones are forgotten (and dead
+ones removed). Docker events make that immediate; the reaper's periodic ``reconcile`` is the
+safety net.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import hashlib
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twistedgw.agentlink import AgentSide, AgentUnavailable, connect_agent, wait_for_agent
-from twistedgw.runtime import ContainerInfo, ContainerSpec, IContainerRuntime
+from twistedgw.runtime import ContainerEvent, ContainerInfo, ContainerSpec, IContainerRuntime
 from twistedgw.sandbox import (
+    REASON_DELETED,
+    REASON_EXITED,
+    Graveyard,
     Sandbox,
     SandboxRegistry,
+    SandboxSettings,
+    Tombstone,
     is_valid_sandbox_id,
     new_agent_secret,
     new_sandbox_id,
 )
+from twistedgw.state import SavedSandbox, StateFile
 
 #: WebSocket close code for "the sandbox went away under you" (1011: server error).
 CLOSE_SANDBOX_GONE = 1011
-#: WebSocket close code when the sandbox was deleted on purpose (1000 would read as "all fine").
-CLOSE_SANDBOX_DELETED = 4000
+#: WebSocket close code when the sandbox was removed on purpose (deleted, idle, lifetime).
+CLOSE_SANDBOX_REMOVED = 4000
+
+METADATA_KEY_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+MAX_METADATA = 32
+MAX_METADATA_VALUE = 256
+MAX_ENV = 128
+MAX_ENV_VALUE = 32 * 1024
 
 
 class SandboxNotFound(Exception):
     """No sandbox with that id (or not one this gateway may show)."""
+
+    def __init__(self, sandbox_id: str, tombstone: Tombstone | None = None) -> None:
+        super().__init__(sandbox_id)
+        self.sandbox_id = sandbox_id
+        self.tombstone = tombstone
+
+
+class InvalidSettings(ValueError):
+    """Creation options that are malformed or beyond the server's maxima."""
+
+
+class CapacityExceeded(Exception):
+    """The gateway already runs its maximum number of sandboxes."""
+
+
+@frozen
+class LifecyclePolicy:
+    """Server-side limits on sandboxes (the operator's options)."""
+
+    idle_timeout: float = 3600.0
+    max_idle_timeout: float = 86400.0
+    default_lifetime: float | None = None
+    max_lifetime: float | None = None
+    max_sandboxes: int = 200
+
+
+DEFAULT_LIFECYCLE = LifecyclePolicy()
+
+
+def _positive_seconds(body: Mapping[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidSettings(f"'{key}' must be a number of seconds greater than 0")
+    if value == float("inf"):
+        raise InvalidSettings(f"'{key}' must be finite")
+    return float(value)
+
+
+def _string_map(
+    body: Mapping[str, Any], key: str, name_re: re.Pattern[str], most: int, longest: int
+) -> dict[str, str]:
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > most:
+        raise InvalidSettings(f"'{key}' must be an object with at most {most} entries")
+    for name, item in value.items():
+        if not name_re.match(name):
+            raise InvalidSettings(f"'{key}' name {name[:64]!r} is not allowed")
+        if not isinstance(item, str) or "\x00" in item or len(item) > longest:
+            raise InvalidSettings(
+                f"'{key}' value of {name!r} must be a string of at most {longest} characters"
+            )
+    return dict(value)
 
 
 class SandboxManager(Service):
@@ -48,22 +123,32 @@ class SandboxManager(Service):
         agent_connect_timeout: float = 10.0,
         max_message_size: int = 0,
         wait_ready: Callable[[ContainerInfo], Awaitable[None]] | None = None,
+        policy: LifecyclePolicy = DEFAULT_LIFECYCLE,
+        state: StateFile | None = None,
     ) -> None:
         self.registry = registry
         self.runtime = runtime
+        self.policy = policy
+        self.graveyard = Graveyard()
         self._reactor = reactor
         self._agent_ready_timeout = agent_ready_timeout
         self._agent_connect_timeout = agent_connect_timeout
         self._max_message_size = max_message_size
-        # Sandbox ids whose container is being created or removed right now: reconciliation
-        # must neither adopt nor remove those.
-        self._in_flight: set[str] = set()
         self._wait_ready = wait_ready or self._wait_for_agent
+        self._state = state or StateFile(None, reactor)
+        self._saved: dict[str, SavedSandbox] = {}
+        # Sandbox ids whose container is being created or removed right now: reconciliation
+        # must neither adopt nor remove those, and events about them are ours.
+        self._in_flight: set[str] = set()
+        # Creates in progress by idempotency key, so concurrent retries share one container.
+        self._creating: dict[str, _Shared] = {}
 
     # -- Service ---------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        self._saved = self._state.load()
+        self.runtime.watch(self._on_event)
         d = Deferred.fromCoroutine(self.reconcile())
         d.addErrback(
             lambda f: self._log.failure(
@@ -71,30 +156,115 @@ class SandboxManager(Service):
             )
         )
 
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        d = self.save_state()
+        d.addErrback(lambda f: self._log.failure("could not save state at shutdown", f))
+        return d
+
+    def save_state(self) -> Deferred[None]:
+        """Persist what labels cannot hold (last activity, lifetime extensions)."""
+        return self._state.save(self.registry)
+
     # -- lookups ---------------------------------------------------------------------------
 
     def lookup(self, sandbox_id: str) -> Sandbox:
-        """The sandbox with this id; raises ``SandboxNotFound``.
+        """The sandbox with this id; raises ``SandboxNotFound`` (with a tombstone if known).
 
         Ids that cannot be ours are refused before any lookup, so attacker text never travels
         further than this check.
         """
-        sandbox = self.registry.get(sandbox_id) if is_valid_sandbox_id(sandbox_id) else None
-        if sandbox is None:
+        if not is_valid_sandbox_id(sandbox_id):
             raise SandboxNotFound(sandbox_id)
+        sandbox = self.registry.get(sandbox_id)
+        if sandbox is None:
+            raise SandboxNotFound(sandbox_id, self.graveyard.get(sandbox_id, self.now()))
         return sandbox
 
     def now(self) -> float:
         """Wall-clock seconds (epoch), from the injected reactor/clock."""
         return float(self._reactor.seconds())
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- creation --------------------------------------------------------------------------
 
-    async def create(self) -> Sandbox:
-        """Create a sandbox and return it once its agent answers."""
+    def settings_for(
+        self, body: Mapping[str, Any] | None, idempotency_key: str | None = None
+    ) -> SandboxSettings:
+        """Validate creation options against the policy; raises ``InvalidSettings``."""
+        body = body or {}
+        unknown = set(body) - {"idle_timeout", "max_lifetime", "env", "metadata"}
+        if unknown:
+            raise InvalidSettings(f"unknown creation option(s): {', '.join(sorted(unknown))}")
+        policy = self.policy
+        idle_timeout = _positive_seconds(body, "idle_timeout") or policy.idle_timeout
+        if idle_timeout > policy.max_idle_timeout:
+            raise InvalidSettings(
+                f"'idle_timeout' exceeds the server maximum of {policy.max_idle_timeout:g} s"
+            )
+        lifetime = _positive_seconds(body, "max_lifetime") or policy.default_lifetime
+        if policy.max_lifetime is not None:
+            if lifetime is not None and lifetime > policy.max_lifetime:
+                raise InvalidSettings(
+                    f"'max_lifetime' exceeds the server maximum of {policy.max_lifetime:g} s"
+                )
+            lifetime = lifetime or policy.max_lifetime
+        key = None
+        if idempotency_key is not None:
+            if not 1 <= len(idempotency_key) <= 256:
+                raise InvalidSettings("Idempotency-Key must be 1-256 characters")
+            key = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()[:40]
+        return SandboxSettings(
+            idle_timeout=idle_timeout,
+            max_lifetime=lifetime,
+            metadata=_string_map(
+                body, "metadata", METADATA_KEY_RE, MAX_METADATA, MAX_METADATA_VALUE
+            ),
+            env=_string_map(body, "env", ENV_NAME_RE, MAX_ENV, MAX_ENV_VALUE),
+            idempotency_key=key,
+        )
+
+    def create(self, settings: SandboxSettings | None = None) -> Deferred[Sandbox]:
+        """Create a sandbox; fires with it once its agent answers.
+
+        With an idempotency key, a retry returns the sandbox the key already made, and
+        concurrent retries share one creation. The creation goes on even if the caller
+        cancels its Deferred (a client that went away), so no half-made sandbox is left.
+        """
+        settings = settings or SandboxSettings(idle_timeout=self.policy.idle_timeout)
+        key = settings.idempotency_key
+        if key is not None:
+            for sandbox in self.registry:
+                if sandbox.settings.idempotency_key == key:
+                    return Deferred.fromCoroutine(_value(sandbox))
+            if key in self._creating:
+                return self._creating[key].follow()
+        creating = Deferred.fromCoroutine(self._create(settings))
+        if key is not None:
+
+            def done(result: Any) -> Any:
+                self._creating.pop(key, None)
+                return result
+
+            creating.addBoth(done)
+        shared = _Shared(creating)
+        if key is not None and not creating.called:
+            self._creating[key] = shared
+        return shared.follow()
+
+    def _count(self) -> int:
+        return len(self.registry) + sum(1 for i in self._in_flight if i not in self.registry)
+
+    async def _create(self, settings: SandboxSettings) -> Sandbox:
+        if self._count() >= self.policy.max_sandboxes:
+            raise CapacityExceeded(
+                f"this gateway already runs its maximum of {self.policy.max_sandboxes} sandboxes"
+            )
         sandbox_id = new_sandbox_id()
         spec = ContainerSpec(
-            sandbox_id=sandbox_id, created_at=self.now(), agent_secret=new_agent_secret()
+            sandbox_id=sandbox_id,
+            created_at=self.now(),
+            agent_secret=new_agent_secret(),
+            settings=settings,
         )
         self._in_flight.add(sandbox_id)
         try:
@@ -125,23 +295,44 @@ class SandboxManager(Service):
         finally:
             self._in_flight.discard(sandbox_id)
 
-    async def delete(self, sandbox_id: str, reason: str = "deleted") -> Sandbox:
-        """Remove a sandbox's container, forget it, and disconnect its clients.
+    # -- removal ---------------------------------------------------------------------------
+
+    async def delete(self, sandbox_id: str, reason: str = REASON_DELETED) -> Sandbox:
+        """Remove a sandbox's container, forget it, record why, and disconnect its clients.
 
         If the runtime fails, the sandbox stays registered (nothing is lost) and the error
-        propagates.
+        propagates. Two deletes of one sandbox at once remove it once; the second finds it gone.
         """
         sandbox = self.lookup(sandbox_id)
+        if sandbox_id in self._in_flight:
+            raise SandboxNotFound(sandbox_id)  # being removed right now
         self._in_flight.add(sandbox_id)
         try:
             await self.runtime.remove(sandbox.container_id)
         finally:
             self._in_flight.discard(sandbox_id)
-        self._forget(sandbox, CLOSE_SANDBOX_DELETED, f"sandbox {reason}")
+        self._forget(sandbox, CLOSE_SANDBOX_REMOVED, reason)
         self._log.info(
             "removed sandbox {sandbox_id} (reason: {reason})", sandbox_id=sandbox_id, reason=reason
         )
         return sandbox
+
+    def keepalive(self, sandbox_id: str, extend_by: float | None) -> Sandbox:
+        """Count as activity now and, with ``extend_by``, push the lifetime out to at least
+        now + extend_by (never beyond the server's maximum lifetime from now)."""
+        sandbox = self.lookup(sandbox_id)
+        now = self.now()
+        self.registry.touch(sandbox, now)
+        if extend_by is not None:
+            if self.policy.max_lifetime is not None and extend_by > self.policy.max_lifetime:
+                raise InvalidSettings(
+                    f"'extend_by' exceeds the server maximum of {self.policy.max_lifetime:g} s"
+                )
+            if sandbox.expires_at is not None:
+                sandbox.expires_at = max(sandbox.expires_at, now + extend_by)
+        return sandbox
+
+    # -- reconciliation --------------------------------------------------------------------
 
     async def reconcile(self) -> None:
         """Bring the registry in line with the runtime (the source of truth)."""
@@ -154,30 +345,69 @@ class SandboxManager(Service):
             known = self.registry.get(info.sandbox_id)
             if info.running and info.agent_port and info.agent_secret:
                 if known is None:
-                    self.registry.add(self._sandbox_from(info))
+                    self.registry.add(self._sandbox_from(info, self._saved.get(info.sandbox_id)))
                     self._log.info(
                         "adopted running sandbox {sandbox_id}", sandbox_id=info.sandbox_id
                     )
                 continue
             # A container of ours that is not running cannot serve anyone: remove it.
+            detail = _exit_detail(info.exit_code, info.oom_killed)
             self._log.warn(
-                "sandbox {sandbox_id}: container is not running; removing it",
+                "sandbox {sandbox_id}: container is not running ({detail}); removing it",
                 sandbox_id=info.sandbox_id,
+                detail=detail,
             )
-            self._in_flight.add(info.sandbox_id)
-            try:
-                await self.runtime.remove(info.container_id)
-            finally:
-                self._in_flight.discard(info.sandbox_id)
+            await self._remove_dead(info.sandbox_id, info.container_id)
             if known is not None:
-                self._forget(known, CLOSE_SANDBOX_GONE, "sandbox container exited")
+                self._forget(known, CLOSE_SANDBOX_GONE, REASON_EXITED, detail)
+            else:
+                self.graveyard.bury(Tombstone(info.sandbox_id, REASON_EXITED, self.now(), detail))
         for sandbox in self.registry:
             if sandbox.sandbox_id not in seen and sandbox.sandbox_id not in self._in_flight:
                 self._log.warn(
                     "sandbox {sandbox_id}: container vanished; forgetting it",
                     sandbox_id=sandbox.sandbox_id,
                 )
-                self._forget(sandbox, CLOSE_SANDBOX_GONE, "sandbox container is gone")
+                self._forget(
+                    sandbox,
+                    CLOSE_SANDBOX_GONE,
+                    REASON_EXITED,
+                    "container removed outside the gateway",
+                )
+
+    def _on_event(self, event: ContainerEvent) -> None:
+        """A Docker event about one of our containers (reactor thread)."""
+        sandbox = self.registry.get(event.sandbox_id)
+        if sandbox is None or event.sandbox_id in self._in_flight:
+            return  # not one we serve, or our own removal
+        if sandbox.container_id != event.container_id:
+            return
+        if event.action == "oom":
+            self._log.warn("sandbox {sandbox_id}: out of memory", sandbox_id=event.sandbox_id)
+            return
+        if event.action == "die":
+            detail = _exit_detail(event.exit_code, False)
+        else:
+            detail = "container removed outside the gateway"
+        self._log.warn(
+            "sandbox {sandbox_id}: container {action} ({detail})",
+            sandbox_id=event.sandbox_id,
+            action=event.action,
+            detail=detail,
+        )
+        self._forget(sandbox, CLOSE_SANDBOX_GONE, REASON_EXITED, detail)
+        if event.action == "die":
+            d = Deferred.fromCoroutine(self._remove_dead(event.sandbox_id, event.container_id))
+            d.addErrback(lambda f: self._log.failure("removing a dead container failed", f))
+
+    async def _remove_dead(self, sandbox_id: str, container_id: str) -> None:
+        self._in_flight.add(sandbox_id)
+        try:
+            await self.runtime.remove(container_id)
+        finally:
+            self._in_flight.discard(sandbox_id)
+
+    # -- agents ----------------------------------------------------------------------------
 
     def open_agent(self, sandbox: Sandbox) -> Deferred[AgentSide]:
         """Open a new agent connection for one client of ``sandbox``."""
@@ -190,8 +420,6 @@ class SandboxManager(Service):
             max_message_size=self._max_message_size,
         )
 
-    # -- internals -------------------------------------------------------------------------
-
     async def _wait_for_agent(self, info: ContainerInfo) -> None:
         await wait_for_agent(
             self._reactor,
@@ -201,17 +429,23 @@ class SandboxManager(Service):
             self._agent_ready_timeout,
         )
 
-    def _forget(self, sandbox: Sandbox, code: int, reason: str) -> None:
+    # -- internals -------------------------------------------------------------------------
+
+    def _forget(self, sandbox: Sandbox, code: int, reason: str, detail: str = "") -> None:
         self.registry.remove(sandbox.sandbox_id)
+        self.graveyard.bury(Tombstone(sandbox.sandbox_id, reason, self.now(), detail))
+        close_reason = f"sandbox {reason}" + (f": {detail}" if detail else "")
         for client in list(sandbox.attachments):
             try:
-                client.disconnect(code, reason)
+                client.disconnect(code, close_reason)
             except Exception:
                 self._log.failure("disconnecting a client failed")
         sandbox.attachments.clear()
 
-    def _sandbox_from(self, info: ContainerInfo) -> Sandbox:
-        return Sandbox(
+    def _sandbox_from(self, info: ContainerInfo, saved: SavedSandbox | None = None) -> Sandbox:
+        lifetime = info.settings.max_lifetime
+        expires_at = None if lifetime is None else info.created_at + lifetime
+        sandbox = Sandbox(
             sandbox_id=info.sandbox_id,
             container_id=info.container_id,
             created_at=info.created_at,
@@ -220,4 +454,64 @@ class SandboxManager(Service):
             agent_port=info.agent_port,
             agent_secret=info.agent_secret,
             last_activity=self.now(),
+            settings=info.settings,
+            expires_at=expires_at,
         )
+        if saved is not None:
+            # Resume the idle clock where it was; never in the future.
+            sandbox.last_activity = min(saved.last_activity, self.now())
+            sandbox.ever_connected = saved.ever_connected
+            if saved.expires_at is not None and expires_at is not None:
+                sandbox.expires_at = max(expires_at, saved.expires_at)
+        return sandbox
+
+
+def _exit_detail(exit_code: int | None, oom_killed: bool) -> str:
+    if oom_killed:
+        return "killed: out of memory"
+    if exit_code is None:
+        return "container stopped"
+    return f"container exited with code {exit_code}"
+
+
+async def _value(sandbox: Sandbox) -> Sandbox:
+    return sandbox
+
+
+class _Shared:
+    """One operation's outcome handed to any number of followers.
+
+    A follower's cancellation (a client that went away) does not cancel the operation.
+    """
+
+    _log = Logger()
+
+    def __init__(self, source: Deferred[Sandbox]) -> None:
+        self._result: Any = None
+        self._done = False
+        self._followers: list[Deferred[Sandbox]] = []
+        source.addBoth(self._fire)
+
+    def _fire(self, result: Any) -> None:
+        self._done, self._result = True, result
+        followers, self._followers = self._followers, []
+        for follower in followers:
+            self._deliver(follower)
+        if isinstance(result, Failure) and not followers:
+            self._log.failure("sandbox creation failed with nobody waiting", result)
+
+    def _deliver(self, follower: Deferred[Sandbox]) -> None:
+        if follower.called:
+            return  # cancelled by its caller
+        if isinstance(self._result, Failure):
+            follower.errback(self._result)
+        else:
+            follower.callback(self._result)
+
+    def follow(self) -> Deferred[Sandbox]:
+        follower: Deferred[Sandbox] = Deferred()
+        if self._done:
+            self._deliver(follower)
+        else:
+            self._followers.append(follower)
+        return follower

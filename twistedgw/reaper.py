@@ -1,9 +1,10 @@
-"""Idle reaping: a periodic sweep that removes sandboxes idle longer than the idle timeout.
+"""The periodic sweep: reconcile with Docker, then remove sandboxes past their time.
 
-Idle means no client attached and no command activity since ``last_activity``. Each sweep first
-reconciles the registry with the runtime, so vanished containers are noticed too. A sweep never
-raises (a ``LoopingCall`` that raises stops for good) and returns a Deferred, so two sweeps never
-overlap.
+A sandbox is removed when it has been idle (no client attached and no command activity) longer
+than its idle timeout, or when it is past its maximum lifetime (connected or not). Each sweep
+first reconciles the registry with the runtime, so vanished containers are noticed even without
+events, and ends by saving the state file. A sweep never raises (a ``LoopingCall`` that raises
+stops for good) and returns a Deferred, so two sweeps never overlap.
 """
 
 from __future__ import annotations
@@ -15,28 +16,30 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from twistedgw.manager import SandboxManager, SandboxNotFound
+from twistedgw.sandbox import REASON_IDLE, REASON_LIFETIME
 
 
 class Reaper:
-    """Removes idle sandboxes; ``sweep`` is driven by ``make_reaper_service``."""
+    """Removes sandboxes past their time; ``sweep`` is driven by ``make_reaper_service``."""
 
     _log = Logger()
 
-    def __init__(self, manager: SandboxManager, idle_timeout: float) -> None:
+    def __init__(self, manager: SandboxManager) -> None:
         self.manager = manager
-        self.idle_timeout = idle_timeout
 
-    def idle_sandboxes(self) -> list[str]:
-        """Ids of sandboxes idle longer than the timeout, right now."""
+    def due(self) -> list[tuple[str, str]]:
+        """``(sandbox_id, reason)`` for every sandbox to remove right now."""
         now = self.manager.now()
-        return [
-            s.sandbox_id
-            for s in self.manager.registry
-            if s.clients == 0 and s.idle_for(now) > self.idle_timeout
-        ]
+        due = []
+        for sandbox in self.manager.registry:
+            if sandbox.is_lifetime_over(now):
+                due.append((sandbox.sandbox_id, REASON_LIFETIME))
+            elif sandbox.is_idle_expired(now):
+                due.append((sandbox.sandbox_id, REASON_IDLE))
+        return due
 
     def sweep(self) -> Deferred[None]:
-        """One pass: reconcile, then reap. Logs its own failures; never fails."""
+        """One pass: reconcile, reap, save state. Logs its own failures; never fails."""
         return Deferred.fromCoroutine(self._sweep())
 
     async def _sweep(self) -> None:
@@ -44,21 +47,30 @@ class Reaper:
             await self.manager.reconcile()
         except Exception:
             # Without a fresh view of Docker we still reap from the cache: an idle sandbox
-            # is idle whether or not Docker answered this time.
+            # is idle whether or not Docker answered this time (and removal needs Docker
+            # anyway, so nothing is forgotten while it is away).
             self._log.failure("reconciliation failed; reaping from the cached registry")
-        for sandbox_id in self.idle_sandboxes():
+        for sandbox_id, reason in self.due():
             try:
-                await self.manager.delete(sandbox_id, reason="idle")
+                await self.manager.delete(sandbox_id, reason=reason)
             except SandboxNotFound:
                 pass  # deleted meanwhile
             except Exception:
-                self._log.failure("could not reap sandbox {sandbox_id}", sandbox_id=sandbox_id)
+                self._log.failure(
+                    "could not remove sandbox {sandbox_id} ({reason})",
+                    sandbox_id=sandbox_id,
+                    reason=reason,
+                )
             else:
                 self._log.info(
-                    "reaped sandbox {sandbox_id}: idle longer than {timeout} s",
+                    "reaped sandbox {sandbox_id} (reason: {reason})",
                     sandbox_id=sandbox_id,
-                    timeout=self.idle_timeout,
+                    reason=reason,
                 )
+        try:
+            await self.manager.save_state()
+        except Exception:
+            self._log.failure("could not save the state file")
 
 
 def make_reaper_service(reaper: Reaper, interval: float, clock: Any) -> TimerService:

@@ -3,24 +3,28 @@
 ``DockerRuntime`` is the only place in the gateway that imports ``docker``. Every docker SDK
 call runs on a dedicated, named ``ThreadPool`` owned by the runtime (a ``Service``), never on the
 reactor thread and never on the reactor's shared pool (which also serves DNS). Methods that run
-in a worker thread are named ``_thd_*``.
+in a worker thread are named ``_thd_*``. The Docker events stream, which blocks for as long as
+it is open, has a thread of its own.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from attrs import frozen
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, TimeoutError, fail
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
+
+from twistedgw.sandbox import SandboxSettings
 
 #: Port the agent listens on inside the container.
 AGENT_PORT = 8765
@@ -30,9 +34,18 @@ LABEL_MANAGED = "org.twistedgw.managed"
 LABEL_INSTANCE = "org.twistedgw.instance"
 LABEL_SANDBOX_ID = "org.twistedgw.sandbox-id"
 LABEL_CREATED_AT = "org.twistedgw.created-at"
+LABEL_IDLE_TIMEOUT = "org.twistedgw.idle-timeout"
+LABEL_MAX_LIFETIME = "org.twistedgw.max-lifetime"
+LABEL_IDEMPOTENCY = "org.twistedgw.idempotency-key"
+LABEL_META_PREFIX = "org.twistedgw.meta."
 
 #: Environment variable carrying the per-sandbox agent secret into the container.
 SECRET_ENV = "SANDBOX_AGENT_SECRET"
+#: Environment variable carrying the creator's environment for commands (JSON object).
+COMMAND_ENV = "SANDBOX_COMMAND_ENV"
+
+#: Container events the gateway cares about.
+WATCHED_ACTIONS = frozenset({"die", "destroy", "oom"})
 
 T = TypeVar("T")
 
@@ -70,6 +83,7 @@ class ContainerSpec:
     sandbox_id: str
     created_at: float
     agent_secret: str
+    settings: SandboxSettings
 
 
 @frozen
@@ -84,6 +98,19 @@ class ContainerInfo:
     agent_port: int
     agent_secret: str
     running: bool
+    settings: SandboxSettings
+    exit_code: int | None = None
+    oom_killed: bool = False
+
+
+@frozen
+class ContainerEvent:
+    """A lifecycle event of one of our containers (``die``, ``destroy``, ``oom``)."""
+
+    sandbox_id: str
+    container_id: str
+    action: str
+    exit_code: int | None = None
 
 
 class IContainerRuntime(Interface):
@@ -102,12 +129,44 @@ class IContainerRuntime(Interface):
     def list_containers() -> Deferred[list[ContainerInfo]]:
         """All containers of this gateway instance, running or not."""
 
+    def watch(callback: Callable[[ContainerEvent], None]) -> None:
+        """Call ``callback`` on the reactor thread for each event of our containers."""
+
+
+def _float_label(labels: Mapping[str, str], key: str) -> float | None:
+    try:
+        return float(labels[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def settings_from(labels: Mapping[str, str], env: Mapping[str, str]) -> SandboxSettings:
+    """Recover a sandbox's settings from its container's labels and environment."""
+    try:
+        command_env = json.loads(env.get(COMMAND_ENV, "{}"))
+        if not isinstance(command_env, dict):
+            command_env = {}
+    except ValueError:
+        command_env = {}
+    return SandboxSettings(
+        idle_timeout=_float_label(labels, LABEL_IDLE_TIMEOUT) or 3600.0,
+        max_lifetime=_float_label(labels, LABEL_MAX_LIFETIME),
+        metadata={
+            key[len(LABEL_META_PREFIX) :]: value
+            for key, value in labels.items()
+            if key.startswith(LABEL_META_PREFIX)
+        },
+        env={str(k): str(v) for k, v in command_env.items()},
+        idempotency_key=labels.get(LABEL_IDEMPOTENCY) or None,
+    )
+
 
 def container_info_from_attrs(attrs: Mapping[str, Any]) -> ContainerInfo:
     """Build a ``ContainerInfo`` from a container's ``docker inspect`` document."""
     config = attrs.get("Config") or {}
     labels = config.get("Labels") or {}
     network = attrs.get("NetworkSettings") or {}
+    state = attrs.get("State") or {}
     ip_address = network.get("IPAddress") or ""
     if not ip_address:
         for net in (network.get("Networks") or {}).values():
@@ -123,29 +182,31 @@ def container_info_from_attrs(attrs: Mapping[str, Any]) -> ContainerInfo:
                 host = "127.0.0.1"
             port = int(binding["HostPort"])
             break
-    secret = ""
-    for entry in config.get("Env") or []:
-        if entry.startswith(SECRET_ENV + "="):
-            secret = entry.split("=", 1)[1]
-    try:
-        created_at = float(labels.get(LABEL_CREATED_AT, "0"))
-    except ValueError:
-        created_at = 0.0
+    env = dict(entry.split("=", 1) for entry in (config.get("Env") or []) if "=" in entry)
+    running = bool(state.get("Running"))
     return ContainerInfo(
         sandbox_id=labels.get(LABEL_SANDBOX_ID, ""),
         container_id=attrs.get("Id", ""),
-        created_at=created_at,
+        created_at=_float_label(labels, LABEL_CREATED_AT) or 0.0,
         ip_address=ip_address,
         agent_host=host,
         agent_port=port,
-        agent_secret=secret,
-        running=bool((attrs.get("State") or {}).get("Running")),
+        agent_secret=env.get(SECRET_ENV, ""),
+        running=running,
+        settings=settings_from(labels, env),
+        exit_code=None if running else state.get("ExitCode"),
+        oom_killed=bool(state.get("OOMKilled")),
     )
 
 
 @implementer(IContainerRuntime)
 class DockerRuntime(Service):
     """``IContainerRuntime`` on a Docker engine through the docker SDK.
+
+    Docker outages are answered fast: a health check pings the engine every
+    ``health_interval`` seconds, and while the engine is known to be down (or the pool is
+    saturated with calls that have not come back), new calls fail at once with
+    ``RuntimeUnavailable`` instead of queueing behind stuck ones.
 
     :param reactor: used to hop threads and to time calls out.
     :param image: the sandbox image name.
@@ -169,6 +230,7 @@ class DockerRuntime(Service):
         call_timeout: float = 30.0,
         container_options: Mapping[str, Any] | None = None,
         agent_env: Mapping[str, str] | None = None,
+        health_interval: float = 2.0,
     ) -> None:
         self._reactor = reactor
         self.image = image
@@ -181,6 +243,17 @@ class DockerRuntime(Service):
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._threads = threads
+        #: Calls admitted but not yet answered; beyond ``_max_pending`` new calls fail fast.
+        self._pending = 0
+        self._max_pending = threads * 4
+        #: False once a call or health check found the engine unreachable, until one succeeds.
+        self.available = True
+        self._health = LoopingCall(self._check_health)
+        self._health.clock = reactor
+        self._health_interval = health_interval
+        self._watchers: list[Callable[[ContainerEvent], None]] = []
+        self._events_stream: Any = None
+        self._events_thread: threading.Thread | None = None
         #: Seconds shutdown waits for in-flight docker calls before abandoning them.
         self.shutdown_timeout = 5.0
 
@@ -189,10 +262,16 @@ class DockerRuntime(Service):
     def startService(self) -> None:
         super().startService()
         self._pool.start()
+        self._health.start(self._health_interval, now=True)
+        if self._watchers:
+            self._start_events_thread()
 
     def stopService(self) -> Deferred[None]:
         """Stop the pool, waiting at most ``shutdown_timeout`` for in-flight docker calls."""
         super().stopService()
+        if self._health.running:
+            self._health.stop()
+        self._close_events_stream()
         stopped: Deferred[None] = Deferred()
 
         def thd_stop() -> None:
@@ -220,23 +299,63 @@ class DockerRuntime(Service):
     def list_containers(self) -> Deferred[list[ContainerInfo]]:
         return self._defer(self._thd_list)
 
+    def watch(self, callback: Callable[[ContainerEvent], None]) -> None:
+        self._watchers.append(callback)
+        if self.running and self._events_thread is None:
+            self._start_events_thread()
+
+    # -- health ----------------------------------------------------------------------------
+
+    def _check_health(self) -> Deferred[None]:
+        d = self._defer(self._thd_ping, admit_when_down=True, timeout=self._health_interval)
+        d.addErrback(lambda f: f.trap(RuntimeUnavailable))
+        return d
+
+    def _thd_ping(self) -> None:
+        self._thd_client().ping()
+
+    def _mark(self, available: bool, reason: str = "") -> None:
+        if available != self.available:
+            self.available = available
+            if available:
+                self._log.info("Docker engine reachable again")
+            else:
+                self._log.warn("Docker engine unavailable: {reason}", reason=reason)
+
     # -- plumbing --------------------------------------------------------------------------
 
-    def _defer(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+    def _defer(
+        self,
+        f: Callable[..., T],
+        *args: Any,
+        admit_when_down: bool = False,
+        timeout: float | None = None,
+    ) -> Deferred[T]:
+        if not admit_when_down and not self.available:
+            return fail(RuntimeUnavailable("Docker engine unavailable (health check failing)"))
+        if self._pending >= self._max_pending:
+            return fail(RuntimeUnavailable("Docker engine is not keeping up; try again"))
+        self._pending += 1
         d: Deferred[T] = deferToThreadPool(self._reactor, self._pool, self._thd_guard, f, *args)
         # The thread keeps running after a timeout (threads cannot be interrupted); docker
         # operations are idempotent and reconciliation cleans up after an abandoned one.
-        clock: IReactorTime = self._reactor
-        d.addTimeout(self._call_timeout + 5, clock)
+        limit = timeout if timeout is not None else self._call_timeout + 5
+        d.addTimeout(limit, self._reactor)
 
-        def translate(failure: Failure) -> Failure:
-            if failure.check(TimeoutError):
-                raise RuntimeUnavailable(
-                    f"Docker engine did not answer within {self._call_timeout + 5:.0f} s"
-                )
-            return failure
+        def settle(result: Any) -> Any:
+            self._pending -= 1
+            if isinstance(result, Failure):
+                if result.check(TimeoutError):
+                    result = Failure(
+                        RuntimeUnavailable(f"Docker engine did not answer within {limit:g} s")
+                    )
+                if result.check(RuntimeUnavailable):
+                    self._mark(False, result.getErrorMessage())
+            else:
+                self._mark(True)
+            return result
 
-        d.addErrback(translate)
+        d.addBoth(settle)
         return d
 
     def _thd_guard(self, f: Callable[..., T], *args: Any) -> T:
@@ -263,8 +382,8 @@ class DockerRuntime(Service):
         with self._client_lock:
             if self._client is None:
                 kwargs: dict[str, Any] = {
-                    "timeout": int(self._call_timeout),
-                    "max_pool_size": self._threads,
+                    "timeout": max(1, int(self._call_timeout)),
+                    "max_pool_size": self._threads + 2,
                 }
                 if self._docker_url:
                     self._client = docker.DockerClient(base_url=self._docker_url, **kwargs)
@@ -273,24 +392,36 @@ class DockerRuntime(Service):
             return self._client
 
     def _labels(self, spec: ContainerSpec) -> dict[str, str]:
-        return {
+        settings = spec.settings
+        labels = {
             LABEL_MANAGED: "true",
             LABEL_INSTANCE: self.instance,
             LABEL_SANDBOX_ID: spec.sandbox_id,
             LABEL_CREATED_AT: repr(spec.created_at),
+            LABEL_IDLE_TIMEOUT: repr(settings.idle_timeout),
         }
+        if settings.max_lifetime is not None:
+            labels[LABEL_MAX_LIFETIME] = repr(settings.max_lifetime)
+        if settings.idempotency_key:
+            labels[LABEL_IDEMPOTENCY] = settings.idempotency_key
+        for key, value in settings.metadata.items():
+            labels[LABEL_META_PREFIX + key] = value
+        return labels
 
     def _thd_create(self, spec: ContainerSpec) -> ContainerInfo:
         import docker.errors
 
         client = self._thd_client()
         name = f"twistedgw-{spec.sandbox_id}"
+        environment = {**self._agent_env, SECRET_ENV: spec.agent_secret}
+        if spec.settings.env:
+            environment[COMMAND_ENV] = json.dumps(dict(spec.settings.env))
         options: dict[str, Any] = {
             "detach": True,
             "name": name,
             "hostname": "sandbox",
             "labels": self._labels(spec),
-            "environment": {**self._agent_env, SECRET_ENV: spec.agent_secret},
+            "environment": environment,
             # Published on loopback only, on an ephemeral host port.
             "ports": {f"{AGENT_PORT}/tcp": ("127.0.0.1", None)},
             "cap_drop": ["ALL"],
@@ -329,16 +460,74 @@ class DockerRuntime(Service):
                 return
             raise
 
+    def _filters(self) -> dict[str, list[str]]:
+        return {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.instance}"]}
+
     def _thd_list(self) -> list[ContainerInfo]:
         import docker.errors
 
         client = self._thd_client()
-        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.instance}"]}
         infos = []
-        for summary in client.api.containers(all=True, filters=filters):
+        for summary in client.api.containers(all=True, filters=self._filters()):
             try:
                 attrs = client.api.inspect_container(summary["Id"])
             except docker.errors.NotFound:
                 continue  # removed between list and inspect
             infos.append(container_info_from_attrs(attrs))
         return infos
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _start_events_thread(self) -> None:
+        self._events_thread = threading.Thread(
+            target=self._thd_events_loop, name="docker-events", daemon=True
+        )
+        self._events_thread.start()
+
+    def _close_events_stream(self) -> None:
+        stream, self._events_stream = self._events_stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:
+                pass
+
+    def _thd_events_loop(self) -> None:
+        """Follow the engine's event stream for our containers; reconnect after failures."""
+        import time
+
+        while self.running:
+            try:
+                client = self._thd_client()
+                filters = {**self._filters(), "type": ["container"]}
+                stream = client.events(decode=True, filters=filters)
+                self._events_stream = stream
+                for event in stream:
+                    self._thd_dispatch(event)
+            except Exception as e:
+                if self.running:
+                    self._log.debug("docker events stream interrupted: {error}", error=e)
+            finally:
+                self._events_stream = None
+            if self.running:
+                time.sleep(1.0)
+
+    def _thd_dispatch(self, event: Mapping[str, Any]) -> None:
+        action = str(event.get("Action") or event.get("status") or "")
+        if action not in WATCHED_ACTIONS:
+            return
+        actor = event.get("Actor") or {}
+        attributes = actor.get("Attributes") or {}
+        exit_code: int | None
+        try:
+            exit_code = int(attributes["exitCode"])
+        except (KeyError, ValueError):
+            exit_code = None
+        container_event = ContainerEvent(
+            sandbox_id=attributes.get(LABEL_SANDBOX_ID, ""),
+            container_id=str(actor.get("ID") or event.get("id") or ""),
+            action=action,
+            exit_code=exit_code,
+        )
+        for callback in list(self._watchers):
+            self._reactor.callFromThread(callback, container_event)

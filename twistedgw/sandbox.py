@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
-from attrs import define, field
+from attrs import define, field, frozen
 
 #: Status words of the seed contract.
 CREATED = "created"
 IDLE = "idle"
 CONNECTED = "connected"
+
+#: Why a sandbox was removed (reported by GET for a while afterwards).
+REASON_DELETED = "deleted"
+REASON_IDLE = "idle"
+REASON_LIFETIME = "lifetime"
+REASON_EXITED = "exited"
 
 #: 128 random bits, hex encoded: sandbox ids are capabilities, they must not be guessable.
 SANDBOX_ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
@@ -44,6 +50,20 @@ class Attachment(Protocol):
         """Close this client's connection with a WebSocket close code and a reason."""
 
 
+@frozen
+class SandboxSettings:
+    """What a creator chose for a sandbox (within the server's maxima).
+
+    Stored in the container's labels and environment, so it survives gateway restarts.
+    """
+
+    idle_timeout: float
+    max_lifetime: float | None = None
+    metadata: Mapping[str, str] = field(factory=dict)
+    env: Mapping[str, str] = field(factory=dict)
+    idempotency_key: str | None = None
+
+
 @define
 class Sandbox:
     """One sandbox: a container of ours and what the gateway needs to reach its agent."""
@@ -56,6 +76,8 @@ class Sandbox:
     agent_port: int
     agent_secret: str = field(repr=False)
     last_activity: float
+    settings: SandboxSettings
+    expires_at: float | None = None
     attachments: set[Attachment] = field(factory=set, repr=False, eq=False)
     ever_connected: bool = False
 
@@ -79,14 +101,81 @@ class Sandbox:
             return 0.0
         return max(0.0, now - self.last_activity)
 
-    def to_json(self) -> dict[str, Any]:
-        """The seed's JSON description of a sandbox."""
-        return {
+    def is_idle_expired(self, now: float) -> bool:
+        """True when idle longer than its idle timeout."""
+        return self.clients == 0 and self.idle_for(now) > self.settings.idle_timeout
+
+    def is_lifetime_over(self, now: float) -> bool:
+        """True when past its maximum lifetime (connected or not)."""
+        return self.expires_at is not None and now >= self.expires_at
+
+    def to_json(self, details: bool = False) -> dict[str, Any]:
+        """The seed's JSON description of a sandbox.
+
+        Additions are opt-in: ``metadata`` appears when the creator set some, the rest only
+        when ``details`` is asked for.
+        """
+        body: dict[str, Any] = {
             "sandbox_id": self.sandbox_id,
             "status": self.status,
             "created_at": self.created_at,
             "ip_address": self.ip_address,
         }
+        if self.settings.metadata or details:
+            body["metadata"] = dict(self.settings.metadata)
+        if details:
+            body.update(
+                clients=self.clients,
+                last_activity=self.last_activity,
+                idle_timeout=self.settings.idle_timeout,
+                expires_at=self.expires_at,
+            )
+        return body
+
+
+@frozen
+class Tombstone:
+    """What is left of a removed sandbox: when and why it went."""
+
+    sandbox_id: str
+    reason: str
+    removed_at: float
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sandbox_id": self.sandbox_id,
+            "status": "removed",
+            "reason": self.reason,
+            "removed_at": self.removed_at,
+            "detail": self.detail,
+        }
+
+
+@define
+class Graveyard:
+    """Recently removed sandboxes, so "it vanished" is always explainable. Bounded in size
+    and age."""
+
+    max_entries: int = 10_000
+    max_age: float = 24 * 3600.0
+    _entries: dict[str, Tombstone] = field(factory=dict)
+
+    def bury(self, tombstone: Tombstone) -> None:
+        self._entries.pop(tombstone.sandbox_id, None)
+        self._entries[tombstone.sandbox_id] = tombstone
+        while len(self._entries) > self.max_entries:
+            del self._entries[next(iter(self._entries))]
+
+    def get(self, sandbox_id: str, now: float) -> Tombstone | None:
+        tombstone = self._entries.get(sandbox_id)
+        if tombstone is not None and now - tombstone.removed_at > self.max_age:
+            del self._entries[sandbox_id]
+            return None
+        return tombstone
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @define

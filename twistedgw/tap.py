@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -15,12 +17,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twistedgw.api import GatewayAPI, make_site
-from twistedgw.manager import SandboxManager
+from twistedgw.manager import LifecyclePolicy, SandboxManager
 from twistedgw.messages import MessagePolicy
 from twistedgw.proxy import CLOSE_GOING_AWAY, ProxyFactory, make_ws_resource
 from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.runtime import DockerRuntime
 from twistedgw.sandbox import SandboxRegistry
+from twistedgw.state import StateFile
 
 DEFAULT_IMAGE = "sandbox-websocket-image"
 
@@ -36,6 +39,20 @@ def _positive_float(name: str) -> Any:
         return number
 
     coerce.coerceDoc = "A number of seconds, greater than 0."  # type: ignore[attr-defined]
+    return coerce
+
+
+def _non_negative_float(name: str) -> Any:
+    def coerce(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, not {value!r}") from None
+        if not number >= 0 or number == float("inf"):
+            raise ValueError(f"{name} must be 0 or more")
+        return number
+
+    coerce.coerceDoc = "A number of seconds; 0 means none."  # type: ignore[attr-defined]
     return coerce
 
 
@@ -71,6 +88,41 @@ class Options(usage.Options):
             3600.0,
             "Seconds without clients or commands before a sandbox is reaped.",
             _positive_float("--idle-timeout"),
+        ],
+        [
+            "max-idle-timeout",
+            None,
+            86400.0,
+            "Largest 'idle_timeout' a creator may ask for, in seconds.",
+            _positive_float("--max-idle-timeout"),
+        ],
+        [
+            "default-lifetime",
+            None,
+            0.0,
+            "Seconds a sandbox lives when its creator sets no 'max_lifetime' (0: no limit).",
+            _non_negative_float("--default-lifetime"),
+        ],
+        [
+            "max-lifetime",
+            None,
+            0.0,
+            "Largest 'max_lifetime' (and keepalive 'extend_by') allowed, in seconds (0: no cap).",
+            _non_negative_float("--max-lifetime"),
+        ],
+        [
+            "max-sandboxes",
+            None,
+            200,
+            "Most sandboxes this gateway runs at once; creates beyond it get 429.",
+            _positive_int("--max-sandboxes"),
+        ],
+        [
+            "state-dir",
+            None,
+            None,
+            "Directory for the state file (last activity, lifetimes) "
+            "[default: $XDG_STATE_HOME/twistedgw or ~/.local/state/twistedgw].",
         ],
         [
             "reap-interval",
@@ -167,6 +219,10 @@ class Options(usage.Options):
         self["port"] = port
         if not self["image"]:
             raise usage.UsageError("--image must not be empty")
+        if self["idle-timeout"] > self["max-idle-timeout"]:
+            raise usage.UsageError("--idle-timeout must not exceed --max-idle-timeout")
+        if self["max-lifetime"] and self["default-lifetime"] > self["max-lifetime"]:
+            raise usage.UsageError("--default-lifetime must not exceed --max-lifetime")
         if self["default-timeout"] > self["max-timeout"]:
             raise usage.UsageError("--default-timeout must not exceed --max-timeout")
         if self["output-kill-limit"] < self["max-output"]:
@@ -184,6 +240,16 @@ def agent_message_limit(max_message_size: int, max_output: int) -> int:
     than what clients may send.
     """
     return max(max_message_size, 2 * 6 * max_output + 64 * 1024)
+
+
+def state_path(options: Options) -> Path:
+    """Where this instance keeps its state file."""
+    if options["state-dir"]:
+        base = Path(options["state-dir"])
+    else:
+        xdg = os.environ.get("XDG_STATE_HOME")
+        base = (Path(xdg) if xdg else Path.home() / ".local" / "state") / "twistedgw"
+    return base / f"{options['instance']}.json"
 
 
 def makeService(options: Options) -> IService:
@@ -209,17 +275,26 @@ def makeService(options: Options) -> IService:
     runtime.setName("docker-runtime")
     runtime.setServiceParent(root)
 
+    policy = LifecyclePolicy(
+        idle_timeout=options["idle-timeout"],
+        max_idle_timeout=options["max-idle-timeout"],
+        default_lifetime=options["default-lifetime"] or None,
+        max_lifetime=options["max-lifetime"] or None,
+        max_sandboxes=options["max-sandboxes"],
+    )
     manager = SandboxManager(
         SandboxRegistry(),
         runtime,
         reactor,
+        policy=policy,
+        state=StateFile(state_path(options), reactor),
         agent_ready_timeout=options["agent-ready-timeout"],
         max_message_size=agent_message_limit(options["max-message-size"], options["max-output"]),
     )
     manager.setName("sandbox-manager")
     manager.setServiceParent(root)
 
-    reaper = Reaper(manager, idle_timeout=options["idle-timeout"])
+    reaper = Reaper(manager)
     make_reaper_service(reaper, options["reap-interval"], reactor).setServiceParent(root)
 
     factory = ProxyFactory(

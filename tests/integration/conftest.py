@@ -67,7 +67,9 @@ class GatewayProcess:
         self.args = args
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"twistedgw-{instance}.log"
+        tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+        self.log_path = tmp / f"twistedgw-{instance}.log"
+        self.state_dir = tmp / f"twistedgw-state-{instance}"
 
     @property
     def url(self) -> str:
@@ -91,6 +93,8 @@ class GatewayProcess:
             self.instance,
             "--image",
             IMAGE,
+            "--state-dir",
+            str(self.state_dir),
             *self.args,
         ]
         log = self.log_path.open("ab")

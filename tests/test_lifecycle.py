@@ -1,0 +1,277 @@
+"""Lifecycle rules over the fake runtime, driven by a Clock: options, limits, idempotency,
+lifetimes, removal reasons, events, and state across restarts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from tests.fakes import FakeRuntime
+from tests.test_sandbox import Client
+from twistedgw.api import GatewayAPI
+from twistedgw.manager import CapacityExceeded, InvalidSettings, SandboxManager, SandboxNotFound
+from twistedgw.reaper import Reaper
+from twistedgw.runtime import ContainerInfo, ContainerSpec
+from twistedgw.sandbox import SandboxRegistry
+from twistedgw.state import StateFile
+
+BASE = "http://gateway.test"
+
+
+async def call(treq: StubTreq, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    response = await treq.request(method, BASE + path, **kwargs)
+    return response.code, json.loads(await response.content())
+
+
+@pytest.fixture
+def treq(manager: SandboxManager) -> StubTreq:
+    return StubTreq(GatewayAPI(manager).resource())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"idle_timeout": 0},
+        {"idle_timeout": "60"},
+        {"idle_timeout": 10**9},
+        {"max_lifetime": 20_000},
+        {"max_lifetime": True},
+        {"env": {"1BAD": "x"}},
+        {"env": {"OK": 5}},
+        {"metadata": {"": "x"}},
+        {"metadata": {"k": "x" * 300}},
+        {"metadata": {f"k{i}": "v" for i in range(40)}},
+        {"colour": "blue"},
+    ],
+)
+def test_invalid_settings(manager: SandboxManager, body: dict[str, Any]) -> None:
+    """Malformed options and options beyond the server maxima are refused."""
+    with pytest.raises(InvalidSettings):
+        manager.settings_for(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_options_are_applied_and_echoed(
+    treq: StubTreq, manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """Per-request options within maxima are applied; metadata is echoed; details on request."""
+    code, created = await call(
+        treq,
+        "POST",
+        "/sandboxes",
+        json={
+            "idle_timeout": 50,
+            "max_lifetime": 600,
+            "env": {"A": "1"},
+            "metadata": {"team": "x"},
+        },
+    )
+    assert code == 200
+    sandbox_id = created["sandbox_id"]
+    code, info = await call(treq, "GET", f"/sandboxes/{sandbox_id}")
+    assert info["metadata"] == {"team": "x"}
+    assert "idle_timeout" not in info
+    code, info = await call(treq, "GET", f"/sandboxes/{sandbox_id}?details=true")
+    assert info["idle_timeout"] == 50
+    assert info["expires_at"] == pytest.approx(clock.seconds() + 600)
+    settings = next(iter(runtime.containers.values())).settings
+    assert settings.env == {"A": "1"}
+    code, error = await call(treq, "POST", "/sandboxes", json={"idle_timeout": -1})
+    assert code == 400 and "idle_timeout" in error["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_capacity_is_429(treq: StubTreq, runtime: FakeRuntime) -> None:
+    """Creates beyond --max-sandboxes get 429 JSON with Retry-After; nothing is created."""
+    for _ in range(5):
+        code, _ = await call(treq, "POST", "/sandboxes")
+        assert code == 200
+    response = await treq.post(BASE + "/sandboxes")
+    assert response.code == 429
+    assert response.headers.getRawHeaders(b"retry-after") == [b"5"]
+    assert "maximum" in json.loads(await response.content())["error"]
+    assert runtime.creates == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotent_create(treq: StubTreq, runtime: FakeRuntime) -> None:
+    """The same Idempotency-Key returns the same sandbox; another key makes another."""
+    headers = {"Idempotency-Key": "abc"}
+    _, first = await call(treq, "POST", "/sandboxes", headers=headers)
+    _, again = await call(treq, "POST", "/sandboxes", headers=headers)
+    _, other = await call(treq, "POST", "/sandboxes", headers={"Idempotency-Key": "xyz"})
+    assert first == again
+    assert other["sandbox_id"] != first["sandbox_id"]
+    assert runtime.creates == 2
+
+
+class SlowRuntime(FakeRuntime):
+    """Creates wait until released, so concurrent requests overlap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[tuple[Deferred[ContainerInfo], ContainerSpec]] = []
+
+    def create(self, spec: ContainerSpec) -> Deferred[ContainerInfo]:
+        d: Deferred[ContainerInfo] = Deferred()
+        self.waiting.append((d, spec))
+        return d
+
+    def release(self) -> None:
+        for d, spec in self.waiting:
+            FakeRuntime.create(self, spec).chainDeferred(d)
+        self.waiting = []
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_identical_retries_create_one_container(clock: Clock) -> None:
+    """Concurrent creates with one key share a single container, even if a caller gives up."""
+    runtime = SlowRuntime()
+    manager = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready)
+    settings = manager.settings_for(None, "same-key")
+    calls = [manager.create(settings) for _ in range(5)]
+    calls[0].cancel()  # a client went away mid-create
+    calls[0].addErrback(lambda f: None)
+    assert len(runtime.waiting) == 1
+    runtime.release()
+    sandboxes = [await d for d in calls[1:]]
+    assert len({s.sandbox_id for s in sandboxes}) == 1
+    assert len(manager.registry) == 1
+
+
+async def _ready(info: ContainerInfo) -> None:
+    return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_removal_reasons_are_reported(
+    treq: StubTreq, manager: SandboxManager, clock: Clock
+) -> None:
+    """After deletion, idle reaping or lifetime expiry, GET says 404 with when and why."""
+    deleted = await manager.create()
+    await manager.delete(deleted.sandbox_id)
+    idle = await manager.create()
+    aged = await manager.create(manager.settings_for({"max_lifetime": 50, "idle_timeout": 1000}))
+    watcher = Client()
+    manager.registry.attach(aged, watcher, manager.now())
+    clock.advance(101)
+    await Reaper(manager).sweep()
+    for sandbox, reason in ((deleted, "deleted"), (idle, "idle"), (aged, "lifetime")):
+        code, body = await call(treq, "GET", f"/sandboxes/{sandbox.sandbox_id}")
+        assert code == 404
+        assert (body["status"], body["reason"]) == ("removed", reason)
+        assert body["removed_at"] <= clock.seconds()
+    assert watcher.closed == [(4000, "sandbox lifetime")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_keepalive_extends(treq: StubTreq, manager: SandboxManager, clock: Clock) -> None:
+    """keepalive counts as activity and pushes the lifetime out, within the server maximum."""
+    sandbox = await manager.create(
+        manager.settings_for({"max_lifetime": 100, "idle_timeout": 1000})
+    )
+    clock.advance(90)
+    code, body = await call(
+        treq, "POST", f"/sandboxes/{sandbox.sandbox_id}/keepalive", json={"extend_by": 200}
+    )
+    assert code == 200
+    assert body["expires_at"] == pytest.approx(clock.seconds() + 200)
+    assert body["last_activity"] == clock.seconds()
+    clock.advance(150)
+    await Reaper(manager).sweep()
+    assert sandbox.sandbox_id in manager.registry
+    code, _ = await call(
+        treq, "POST", f"/sandboxes/{sandbox.sandbox_id}/keepalive", json={"extend_by": 10**6}
+    )
+    assert code == 400
+    code, _ = await call(treq, "POST", f"/sandboxes/{'0' * 32}/keepalive")
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_death_event(manager: SandboxManager, runtime: FakeRuntime) -> None:
+    """A die event forgets the sandbox at once, closes clients with 1011 and a reason, records
+    'exited' with the exit code, and removes the dead container."""
+    manager.startService()
+    sandbox = await manager.create()
+    client = Client()
+    manager.registry.attach(sandbox, client, manager.now())
+    runtime.kill(sandbox.container_id, exit_code=137, emit=True)
+    assert sandbox.sandbox_id not in manager.registry
+    assert client.closed == [(1011, "sandbox exited: container exited with code 137")]
+    with pytest.raises(SandboxNotFound) as info:
+        manager.lookup(sandbox.sandbox_id)
+    assert info.value.tombstone is not None and info.value.tombstone.reason == "exited"
+    assert sandbox.container_id in runtime.removed
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_twice_at_once(manager: SandboxManager, runtime: FakeRuntime) -> None:
+    """Two concurrent deletes remove once; the other gets not-found."""
+    sandbox = await manager.create()
+    first = Deferred.fromCoroutine(manager.delete(sandbox.sandbox_id))
+    with pytest.raises(SandboxNotFound):
+        await manager.delete(sandbox.sandbox_id)
+    await first
+    assert runtime.removed == [sandbox.container_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_capacity_counts_creates_in_flight(clock: Clock) -> None:
+    """Creates in flight count towards the limit, so a burst cannot overshoot it."""
+    from twistedgw.manager import LifecyclePolicy
+
+    runtime = SlowRuntime()
+    manager = SandboxManager(
+        SandboxRegistry(),
+        runtime,
+        clock,
+        wait_ready=_ready,
+        policy=LifecyclePolicy(max_sandboxes=3),
+    )
+    calls = [manager.create() for _ in range(5)]
+    results = []
+    runtime.release()
+    for d in calls:
+        try:
+            results.append(await d)
+        except CapacityExceeded:
+            results.append(None)
+    assert sum(r is not None for r in results) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_state_survives_restart(tmp_path: Path, runtime: FakeRuntime, clock: Clock) -> None:
+    """A restarted manager resumes idle clocks and lifetime extensions from the state file."""
+    state = StateFile(tmp_path / "state.json", clock)
+    first = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready, state=state)
+    sandbox = await first.create(first.settings_for({"max_lifetime": 100}))
+    first.registry.attach(sandbox, Client(), first.now())
+    clock.advance(30)
+    first.keepalive(sandbox.sandbox_id, 500)
+    # Write synchronously for the test (the real save runs in a thread).
+    state._thd_write(
+        {
+            sandbox.sandbox_id: {
+                "last_activity": sandbox.last_activity,
+                "ever_connected": True,
+                "expires_at": sandbox.expires_at,
+            }
+        }
+    )
+    clock.advance(1000)  # the gateway was down for a while
+    second = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready, state=state)
+    second.startService()
+    await second.reconcile()
+    adopted = second.lookup(sandbox.sandbox_id)
+    assert adopted.last_activity == sandbox.last_activity
+    assert adopted.status == "idle"
+    assert adopted.expires_at == sandbox.expires_at
+    assert adopted.idle_for(clock.seconds()) == pytest.approx(1000)
