@@ -243,9 +243,10 @@ class DockerRuntime(Service):
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._threads = threads
-        #: Calls admitted but not yet answered; beyond ``_max_pending`` new calls fail fast.
+        #: Calls admitted but not yet answered; beyond ``_max_pending`` new calls fail fast
+        #: (a burst queues; an engine that stopped answering does not collect a backlog).
         self._pending = 0
-        self._max_pending = threads * 4
+        self._max_pending = max(64, threads * 32)
         #: False once a call or health check found the engine unreachable, until one succeeds.
         self.available = True
         self._health = LoopingCall(self._check_health)
