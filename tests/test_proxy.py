@@ -178,3 +178,20 @@ async def _settle() -> Any:
     from twisted.internet.task import deferLater
 
     await deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_checks_token_and_owner(gateway: Gateway) -> None:
+    """With tokens, the WebSocket handshake needs the owner's token (header or query)."""
+    from twistedgw.auth import Authenticator, owner_id
+
+    alpha, bravo = "token-alpha-0123456789", "token-bravo-0123456789"
+    gateway.factory.authenticator = Authenticator.from_tokens([alpha, bravo])
+    settings = gateway.manager.settings_for(None, owner=owner_id(alpha))
+    sandbox = await gateway.manager.create(settings)
+    with pytest.raises(ConnectionError):
+        await gateway.client(sandbox.sandbox_id)
+    with pytest.raises(ConnectionError):
+        await gateway.client(f"{sandbox.sandbox_id}?access_token={bravo}")
+    client = await gateway.client(f"{sandbox.sandbox_id}?access_token={alpha}")
+    assert (await client.command("echo ok"))["output"] == "ok\n"

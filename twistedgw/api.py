@@ -19,6 +19,7 @@ from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException
 
 from twistedgw.agentlink import AgentUnavailable
+from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.manager import (
     CapacityExceeded,
     InvalidSettings,
@@ -76,9 +77,19 @@ class GatewayAPI:
     app = Klein()
     _log = Logger()
 
-    def __init__(self, manager: SandboxManager, ws_resource: IResource | None = None) -> None:
+    def __init__(
+        self,
+        manager: SandboxManager,
+        ws_resource: IResource | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         self.manager = manager
         self._ws_resource = ws_resource
+        self.authenticator = authenticator or Authenticator.from_tokens([])
+
+    def _owner(self, request: IRequest) -> str | None:
+        """The caller's owner id (``None`` in open mode); raises ``Unauthorized``."""
+        return owner_of(self.authenticator, request)
 
     def resource(self) -> IResource:
         """The twisted.web resource serving this API."""
@@ -102,6 +113,11 @@ class GatewayAPI:
             body.update(error.tombstone.to_json())
             body["error"] = f"Sandbox {error.sandbox_id} was removed ({error.tombstone.reason})"
         return _json(request, 404, body)
+
+    @app.handle_errors(Unauthorized)
+    def _unauthorized(self, request: IRequest, failure: Failure) -> bytes:
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="twistedgw"')
+        return _json(request, 401, {"error": failure.getErrorMessage()})
 
     @app.handle_errors(InvalidSettings)
     def _invalid_settings(self, request: IRequest, failure: Failure) -> bytes:
@@ -160,8 +176,9 @@ class GatewayAPI:
         body = _read_json_body(request)
         if body is not None and not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")
+        owner = self._owner(request)
         key = request.getHeader("Idempotency-Key")
-        settings = self.manager.settings_for(body, key)
+        settings = self.manager.settings_for(body, key, owner)
         sandbox = await self.manager.create(settings)
         return _json(
             request,
@@ -175,16 +192,18 @@ class GatewayAPI:
 
     @app.route("/sandboxes", methods=["GET"])
     def list_sandboxes(self, request: IRequest) -> bytes:
+        owner = self._owner(request)
         details = _wants_details(request)
-        return _json(request, 200, [s.to_json(details) for s in self.manager.registry])
+        return _json(request, 200, [s.to_json(details) for s in self.manager.visible_to(owner)])
 
     @app.route("/sandboxes/<string:sandbox_id>", methods=["GET"])
     def get_sandbox(self, request: IRequest, sandbox_id: str) -> bytes:
-        sandbox = self.manager.lookup(sandbox_id)
+        sandbox = self.manager.lookup(sandbox_id, self._owner(request))
         return _json(request, 200, sandbox.to_json(_wants_details(request)))
 
     @app.route("/sandboxes/<string:sandbox_id>/keepalive", methods=["POST"])
     def keepalive(self, request: IRequest, sandbox_id: str) -> bytes:
+        owner = self._owner(request)
         body = _read_json_body(request) or {}
         if not isinstance(body, dict) or set(body) - {"extend_by"}:
             raise APIError(400, "body must be a JSON object with at most 'extend_by'")
@@ -195,12 +214,12 @@ class GatewayAPI:
             or not 0 < extend_by < float("inf")
         ):
             raise APIError(400, "'extend_by' must be a number of seconds greater than 0")
-        sandbox = self.manager.keepalive(sandbox_id, extend_by)
+        sandbox = self.manager.keepalive(sandbox_id, extend_by, owner)
         return _json(request, 200, sandbox.to_json(details=True))
 
     @app.route("/sandboxes/<string:sandbox_id>", methods=["DELETE"])
     async def delete_sandbox(self, request: IRequest, sandbox_id: str) -> bytes:
-        sandbox = await self.manager.delete(sandbox_id)
+        sandbox = await self.manager.delete(sandbox_id, owner=self._owner(request))
         return _json(
             request, 200, {"message": f"Sandbox {sandbox.sandbox_id} successfully deleted"}
         )
@@ -208,18 +227,45 @@ class GatewayAPI:
     @app.route("/ws/<string:sandbox_id>")
     def websocket(self, request: IRequest, sandbox_id: str) -> IResource:
         # Refuse unknown ids with a JSON 404 before upgrading; ClientSide checks again.
-        self.manager.lookup(sandbox_id)
+        self.manager.lookup(sandbox_id, self._owner(request))
         if self._ws_resource is None:
             raise APIError(503, "WebSocket proxy not configured")
         return self._ws_resource
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
-        return _json(request, 200, {"status": "ok", "sandboxes": len(self.manager.registry)})
+        body: dict[str, Any] = {"status": "ok"}
+        if not self.authenticator.enabled:
+            body["sandboxes"] = len(self.manager.registry)
+        return _json(request, 200, body)
+
+
+def owner_of(authenticator: Authenticator, request: IRequest) -> str | None:
+    """Authenticate a twisted.web request; the caller's owner id or ``Unauthorized``."""
+    args = request.args or {}
+    query = (args.get(QUERY_PARAMETER.encode()) or [b""])[0].decode("utf-8", "replace")
+    header = request.getHeader("Authorization")
+    return authenticator.owner_for(header, query or None)
+
+
+def access_log_line(timestamp: str, request: Any) -> str:
+    """An access log line in combined format, without the query string (which may carry an
+    access token) and without any header but the user agent."""
+    path = request.uri.split(b"?", 1)[0].decode("ascii", "replace")
+    agent = (request.getHeader(b"user-agent") or b"-").decode("ascii", "replace")
+    peer = getattr(request.getClientAddress(), "host", "-")
+    method = request.method.decode("ascii", "replace")
+    proto = request.clientproto.decode("ascii", "replace")
+    agent = agent.replace('"', "'")
+    length = request.sentLength or "-"
+    return (
+        f'"{peer}" - - {timestamp} "{method} {path} {proto}" {request.code} {length} "-" "{agent}"'
+    )
 
 
 def make_site(api: GatewayAPI) -> Site:
-    """A twisted.web ``Site`` serving ``api`` (no access log noise for health checks)."""
-    site = Site(api.resource())
+    """A twisted.web ``Site`` serving ``api``, with tracebacks hidden and tokens kept out of
+    the access log."""
+    site = Site(api.resource(), logFormatter=access_log_line)
     site.displayTracebacks = False
     return site

@@ -168,18 +168,28 @@ class SandboxManager(Service):
 
     # -- lookups ---------------------------------------------------------------------------
 
-    def lookup(self, sandbox_id: str) -> Sandbox:
+    def lookup(self, sandbox_id: str, owner: str | None = None) -> Sandbox:
         """The sandbox with this id; raises ``SandboxNotFound`` (with a tombstone if known).
 
         Ids that cannot be ours are refused before any lookup, so attacker text never travels
-        further than this check.
+        further than this check. With an ``owner``, another owner's sandbox is "not found"
+        (not "forbidden"), so ids do not leak.
         """
         if not is_valid_sandbox_id(sandbox_id):
             raise SandboxNotFound(sandbox_id)
         sandbox = self.registry.get(sandbox_id)
         if sandbox is None:
-            raise SandboxNotFound(sandbox_id, self.graveyard.get(sandbox_id, self.now()))
+            tombstone = self.graveyard.get(sandbox_id, self.now())
+            if tombstone is not None and owner is not None and tombstone.owner != owner:
+                tombstone = None
+            raise SandboxNotFound(sandbox_id, tombstone)
+        if owner is not None and sandbox.settings.owner != owner:
+            raise SandboxNotFound(sandbox_id)
         return sandbox
+
+    def visible_to(self, owner: str | None) -> list[Sandbox]:
+        """The sandboxes ``owner`` may see (all of them in open mode)."""
+        return [s for s in self.registry if owner is None or s.settings.owner == owner]
 
     def now(self) -> float:
         """Wall-clock seconds (epoch), from the injected reactor/clock."""
@@ -188,7 +198,10 @@ class SandboxManager(Service):
     # -- creation --------------------------------------------------------------------------
 
     def settings_for(
-        self, body: Mapping[str, Any] | None, idempotency_key: str | None = None
+        self,
+        body: Mapping[str, Any] | None,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
     ) -> SandboxSettings:
         """Validate creation options against the policy; raises ``InvalidSettings``."""
         body = body or {}
@@ -212,7 +225,9 @@ class SandboxManager(Service):
         if idempotency_key is not None:
             if not 1 <= len(idempotency_key) <= 256:
                 raise InvalidSettings("Idempotency-Key must be 1-256 characters")
-            key = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()[:40]
+            # Scoped to the owner: one client's key never returns another's sandbox.
+            scoped = f"{owner or ''}\x00{idempotency_key}".encode()
+            key = hashlib.sha256(scoped).hexdigest()[:40]
         return SandboxSettings(
             idle_timeout=idle_timeout,
             max_lifetime=lifetime,
@@ -221,6 +236,7 @@ class SandboxManager(Service):
             ),
             env=_string_map(body, "env", ENV_NAME_RE, MAX_ENV, MAX_ENV_VALUE),
             idempotency_key=key,
+            owner=owner,
         )
 
     def create(self, settings: SandboxSettings | None = None) -> Deferred[Sandbox]:
@@ -297,13 +313,15 @@ class SandboxManager(Service):
 
     # -- removal ---------------------------------------------------------------------------
 
-    async def delete(self, sandbox_id: str, reason: str = REASON_DELETED) -> Sandbox:
+    async def delete(
+        self, sandbox_id: str, reason: str = REASON_DELETED, owner: str | None = None
+    ) -> Sandbox:
         """Remove a sandbox's container, forget it, record why, and disconnect its clients.
 
         If the runtime fails, the sandbox stays registered (nothing is lost) and the error
         propagates. Two deletes of one sandbox at once remove it once; the second finds it gone.
         """
-        sandbox = self.lookup(sandbox_id)
+        sandbox = self.lookup(sandbox_id, owner)
         if sandbox_id in self._in_flight:
             raise SandboxNotFound(sandbox_id)  # being removed right now
         self._in_flight.add(sandbox_id)
@@ -317,10 +335,12 @@ class SandboxManager(Service):
         )
         return sandbox
 
-    def keepalive(self, sandbox_id: str, extend_by: float | None) -> Sandbox:
+    def keepalive(
+        self, sandbox_id: str, extend_by: float | None, owner: str | None = None
+    ) -> Sandbox:
         """Count as activity now and, with ``extend_by``, push the lifetime out to at least
         now + extend_by (never beyond the server's maximum lifetime from now)."""
-        sandbox = self.lookup(sandbox_id)
+        sandbox = self.lookup(sandbox_id, owner)
         now = self.now()
         self.registry.touch(sandbox, now)
         if extend_by is not None:
@@ -361,7 +381,11 @@ class SandboxManager(Service):
             if known is not None:
                 self._forget(known, CLOSE_SANDBOX_GONE, REASON_EXITED, detail)
             else:
-                self.graveyard.bury(Tombstone(info.sandbox_id, REASON_EXITED, self.now(), detail))
+                self.graveyard.bury(
+                    Tombstone(
+                        info.sandbox_id, REASON_EXITED, self.now(), detail, info.settings.owner
+                    )
+                )
         for sandbox in self.registry:
             if sandbox.sandbox_id not in seen and sandbox.sandbox_id not in self._in_flight:
                 self._log.warn(
@@ -433,7 +457,9 @@ class SandboxManager(Service):
 
     def _forget(self, sandbox: Sandbox, code: int, reason: str, detail: str = "") -> None:
         self.registry.remove(sandbox.sandbox_id)
-        self.graveyard.bury(Tombstone(sandbox.sandbox_id, reason, self.now(), detail))
+        self.graveyard.bury(
+            Tombstone(sandbox.sandbox_id, reason, self.now(), detail, sandbox.settings.owner)
+        )
         close_reason = f"sandbox {reason}" + (f": {detail}" if detail else "")
         for client in list(sandbox.attachments):
             try:

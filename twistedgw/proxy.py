@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from twistedgw.agentlink import AgentSide, AgentUnavailable
+from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.flow import pair_flow, unpair_flow
 from twistedgw.manager import SandboxManager, SandboxNotFound
 from twistedgw.messages import (
@@ -73,8 +74,15 @@ class ClientSide(WebSocketServerProtocol):
         prefix = "/ws/"
         path = request.path
         sandbox_id = path[len(prefix) :] if path.startswith(prefix) else ""
+        token = (request.params.get(QUERY_PARAMETER) or [None])[0]
         try:
-            sandbox = manager.lookup(sandbox_id)
+            owner = self.factory.authenticator.owner_for(
+                request.headers.get("authorization"), token
+            )
+        except Unauthorized:
+            raise ConnectionDeny(401, "missing or invalid API token") from None
+        try:
+            sandbox = manager.lookup(sandbox_id, owner)
         except SandboxNotFound:
             raise ConnectionDeny(404, "sandbox not found") from None
         try:
@@ -196,11 +204,13 @@ class ProxyFactory(WebSocketServerFactory):
         manager: SandboxManager,
         reactor: Any,
         policy: MessagePolicy = DEFAULT_POLICY,
+        authenticator: Authenticator | None = None,
         **options: Any,
     ) -> None:
         super().__init__(reactor=reactor)
         self.manager = manager
         self.policy = policy
+        self.authenticator = authenticator or Authenticator.from_tokens([])
         self.clients: set[ClientSide] = set()
         # failByDrop=False: protocol violations (an oversized message, say) get a close frame
         # with the proper code (1009, 1002, ...) instead of a bare TCP drop.

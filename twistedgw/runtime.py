@@ -38,6 +38,7 @@ LABEL_IDLE_TIMEOUT = "org.twistedgw.idle-timeout"
 LABEL_MAX_LIFETIME = "org.twistedgw.max-lifetime"
 LABEL_IDEMPOTENCY = "org.twistedgw.idempotency-key"
 LABEL_META_PREFIX = "org.twistedgw.meta."
+LABEL_OWNER = "org.twistedgw.owner"
 
 #: Environment variable carrying the per-sandbox agent secret into the container.
 SECRET_ENV = "SANDBOX_AGENT_SECRET"
@@ -158,6 +159,7 @@ def settings_from(labels: Mapping[str, str], env: Mapping[str, str]) -> SandboxS
         },
         env={str(k): str(v) for k, v in command_env.items()},
         idempotency_key=labels.get(LABEL_IDEMPOTENCY) or None,
+        owner=labels.get(LABEL_OWNER) or None,
     )
 
 
@@ -405,6 +407,8 @@ class DockerRuntime(Service):
             labels[LABEL_MAX_LIFETIME] = repr(settings.max_lifetime)
         if settings.idempotency_key:
             labels[LABEL_IDEMPOTENCY] = settings.idempotency_key
+        if settings.owner:
+            labels[LABEL_OWNER] = settings.owner
         for key, value in settings.metadata.items():
             labels[LABEL_META_PREFIX + key] = value
         return labels

@@ -62,6 +62,8 @@ class SandboxSettings:
     metadata: Mapping[str, str] = field(factory=dict)
     env: Mapping[str, str] = field(factory=dict)
     idempotency_key: str | None = None
+    #: Owner id of the API token that created it (``None``: created with auth off).
+    owner: str | None = None
 
 
 @define
@@ -141,6 +143,7 @@ class Tombstone:
     reason: str
     removed_at: float
     detail: str = ""
+    owner: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twistedgw.api import GatewayAPI, make_site
+from twistedgw.auth import Authenticator, read_tokens
 from twistedgw.manager import LifecyclePolicy, SandboxManager
 from twistedgw.messages import MessagePolicy
 from twistedgw.proxy import CLOSE_GOING_AWAY, ProxyFactory, make_ws_resource
@@ -26,6 +27,7 @@ from twistedgw.sandbox import SandboxRegistry
 from twistedgw.state import StateFile
 
 DEFAULT_IMAGE = "sandbox-websocket-image"
+_log = Logger()
 
 
 def _positive_float(name: str) -> Any:
@@ -116,6 +118,13 @@ class Options(usage.Options):
             200,
             "Most sandboxes this gateway runs at once; creates beyond it get 429.",
             _positive_int("--max-sandboxes"),
+        ],
+        [
+            "tokens-file",
+            None,
+            None,
+            "File of API tokens, one per line; also read from $TWISTEDGW_TOKENS (comma "
+            "separated). Without any token the gateway is open to anyone who reaches it.",
         ],
         [
             "state-dir",
@@ -227,6 +236,11 @@ class Options(usage.Options):
             raise usage.UsageError("--default-timeout must not exceed --max-timeout")
         if self["output-kill-limit"] < self["max-output"]:
             raise usage.UsageError("--output-kill-limit must be at least --max-output")
+        try:
+            tokens_file = Path(self["tokens-file"]) if self["tokens-file"] else None
+            self["tokens"] = read_tokens(tokens_file)
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"cannot use the API tokens: {e}") from None
         instance = self["instance"]
         if not instance or not all(c.isalnum() or c in "-_." for c in instance):
             raise usage.UsageError("--instance may hold only letters, digits, '-', '_' and '.'")
@@ -297,9 +311,21 @@ def makeService(options: Options) -> IService:
     reaper = Reaper(manager)
     make_reaper_service(reaper, options["reap-interval"], reactor).setServiceParent(root)
 
+    authenticator = Authenticator.from_tokens(options["tokens"])
+    if (
+        not authenticator.enabled
+        and "127.0.0.1" not in options["port"]
+        and "::1" not in options["port"]
+    ):
+        _log.warn(
+            "no API tokens configured and listening on {port}: anyone who can reach this port "
+            "can create sandboxes and run commands in them (see --tokens-file)",
+            port=options["port"],
+        )
     factory = ProxyFactory(
         manager,
         reactor,
+        authenticator=authenticator,
         policy=MessagePolicy(options["default-timeout"], options["max-timeout"]),
         maxMessagePayloadSize=options["max-message-size"],
         maxFramePayloadSize=options["max-message-size"],
@@ -311,7 +337,7 @@ def makeService(options: Options) -> IService:
     ProxyService(factory, reactor).setServiceParent(root)
     ShutdownSignals(reactor).setServiceParent(root)
 
-    api = GatewayAPI(manager, make_ws_resource(factory))
+    api = GatewayAPI(manager, make_ws_resource(factory), authenticator)
     endpoint = serverFromString(reactor, options["port"])
     web = StreamServerEndpointService(endpoint, make_site(api))
     web.setName("http")

@@ -1,0 +1,126 @@
+"""API tokens: authentication, ownership, and keeping tokens out of logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+from twisted.web.test.requesthelper import DummyRequest
+
+from twistedgw.api import GatewayAPI, access_log_line
+from twistedgw.auth import Authenticator, Unauthorized, owner_id, read_tokens
+from twistedgw.manager import SandboxManager
+
+A = "token-alpha-0123456789"
+B = "token-bravo-0123456789"
+BASE = "http://gateway.test"
+
+
+def test_open_mode_has_no_owner() -> None:
+    """Without tokens everyone is the anonymous owner."""
+    assert Authenticator.from_tokens([]).owner_for(None, None) is None
+
+
+def test_tokens_are_checked() -> None:
+    """A listed token (header or query) gives its owner id; anything else is refused."""
+    auth = Authenticator.from_tokens([A, B])
+    assert auth.owner_for(f"Bearer {A}", None) == owner_id(A)
+    assert auth.owner_for(f"bearer {B}", None) == owner_id(B)
+    assert auth.owner_for(None, A) == owner_id(A)
+    assert owner_id(A) != owner_id(B) and A not in owner_id(A)
+    for header, query in [
+        (None, None),
+        ("Bearer nope", None),
+        (f"Basic {A}", None),
+        ("Bearer", None),
+        (None, A[:-1]),
+    ]:
+        with pytest.raises(Unauthorized):
+            auth.owner_for(header, query)
+
+
+def test_read_tokens(tmp_path: Path) -> None:
+    """Tokens come from a file (comments skipped) and the environment; weak ones are refused."""
+    path = tmp_path / "tokens"
+    path.write_text(f"# team tokens\n{A}\n\n")
+    assert read_tokens(path, {"TWISTEDGW_TOKENS": f" {B} ,"}) == [A, B]
+    with pytest.raises(ValueError):
+        read_tokens(None, {"TWISTEDGW_TOKENS": "short"})
+
+
+async def call(
+    treq: StubTreq, method: str, path: str, token: str | None, **kwargs: Any
+) -> tuple[int, Any]:
+    headers = dict(kwargs.pop("headers", {}))
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    response = await treq.request(method, BASE + path, headers=headers, **kwargs)
+    return response.code, json.loads(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+async def test_routes_need_a_token_and_sandboxes_belong_to_it(manager: SandboxManager) -> None:
+    """Every route answers 401 JSON without a token; another token cannot list, see, keep
+    alive or delete a sandbox (404, as if it did not exist)."""
+    treq = StubTreq(GatewayAPI(manager, authenticator=Authenticator.from_tokens([A, B])).resource())
+    for method, path in [
+        ("POST", "/sandboxes"),
+        ("GET", "/sandboxes"),
+        ("GET", "/sandboxes/" + "0" * 32),
+        ("DELETE", "/sandboxes/" + "0" * 32),
+    ]:
+        code, body = await call(treq, method, path, None)
+        assert code == 401 and "token" in body["error"]
+        code, body = await call(treq, method, path, "wrong-token-0123456789")
+        assert code == 401
+    code, created = await call(treq, "POST", "/sandboxes", A)
+    assert code == 200
+    sandbox_id = created["sandbox_id"]
+    assert [s["sandbox_id"] for s in (await call(treq, "GET", "/sandboxes", A))[1]] == [sandbox_id]
+    assert (await call(treq, "GET", "/sandboxes", B))[1] == []
+    for method, path in [
+        ("GET", f"/sandboxes/{sandbox_id}"),
+        ("POST", f"/sandboxes/{sandbox_id}/keepalive"),
+        ("GET", f"/ws/{sandbox_id}"),
+        ("DELETE", f"/sandboxes/{sandbox_id}"),
+    ]:
+        code, body = await call(treq, method, path, B)
+        assert code == 404, (method, path)
+    code, _ = await call(treq, "GET", f"/sandboxes/{sandbox_id}?access_token={A}", None)
+    assert code == 200
+    code, _ = await call(treq, "DELETE", f"/sandboxes/{sandbox_id}", A)
+    assert code == 200
+    # Even the removal record is private to the owner.
+    code, body = await call(treq, "GET", f"/sandboxes/{sandbox_id}", B)
+    assert code == 404 and "reason" not in body
+    code, body = await call(treq, "GET", f"/sandboxes/{sandbox_id}", A)
+    assert body["reason"] == "deleted"
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency_keys_are_per_owner(manager: SandboxManager) -> None:
+    """The same Idempotency-Key from two tokens makes two sandboxes."""
+    treq = StubTreq(GatewayAPI(manager, authenticator=Authenticator.from_tokens([A, B])).resource())
+    _, a = await call(treq, "POST", "/sandboxes", A, headers={"Idempotency-Key": "k"})
+    response = await treq.post(
+        BASE + "/sandboxes", headers={"Idempotency-Key": "k", "Authorization": f"Bearer {B}"}
+    )
+    b = json.loads(await response.content())
+    assert a["sandbox_id"] != b["sandbox_id"]
+
+
+def test_access_log_has_no_query_string() -> None:
+    """The access log never carries the query string, where a browser's token travels."""
+    request = DummyRequest([b"sandboxes"])
+    request.uri = f"/sandboxes?access_token={A}".encode()
+    request.method = b"GET"
+    request.clientproto = b"HTTP/1.1"
+    request.code = 200
+    request.sentLength = 10
+    line = access_log_line("[now]", request)
+    assert A not in line
+    assert '"GET /sandboxes HTTP/1.1" 200 10' in line
