@@ -11,8 +11,10 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Site
@@ -263,9 +265,58 @@ def access_log_line(timestamp: str, request: Any) -> str:
     )
 
 
-def make_site(api: GatewayAPI) -> Site:
-    """A twisted.web ``Site`` serving ``api``, with tracebacks hidden and tokens kept out of
-    the access log."""
+class HeaderDeadlineChannel(HTTPChannel):
+    """An ``HTTPChannel`` that drops clients who do not finish a request's headers within
+    ``header_timeout`` seconds of connecting (or of their previous request ending).
+
+    twisted.web's own timeout is an idle timeout, which a slowloris client resets with every
+    byte it trickles in; this one is a deadline.
+    """
+
+    header_timeout = 10.0
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.callLater(self.header_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self.persistent and self.transport is not None and not self.requests:
+            self._arm()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+
+def make_site(api: GatewayAPI, header_timeout: float = 10.0) -> Site:
+    """A twisted.web ``Site`` serving ``api``: tracebacks hidden, tokens kept out of the
+    access log, and slow request headers cut off after ``header_timeout`` seconds."""
     site = Site(api.resource(), logFormatter=access_log_line)
     site.displayTracebacks = False
+
+    class Channel(HeaderDeadlineChannel):
+        pass
+
+    Channel.header_timeout = header_timeout
+    site.protocol = Channel  # type: ignore[method-assign,assignment]
     return site

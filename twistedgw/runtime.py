@@ -78,6 +78,54 @@ class ContainerFailed(RuntimeError_):
 
 
 @frozen
+class ContainerLimits:
+    """Resource limits and hardening for sandbox containers (operator options)."""
+
+    memory: str = "1g"
+    cpus: float = 1.0
+    pids: int = 256
+    nofile: int = 1024
+    read_only_root: bool = True
+    home_size: str = "256m"
+    tmp_size: str = "128m"
+    log_size: str = "10m"
+    runtime: str | None = None
+
+    def run_options(self) -> dict[str, Any]:
+        """``containers.run`` keyword arguments for these limits (less the Ulimit objects)."""
+        options: dict[str, Any] = {
+            "mem_limit": self.memory,
+            # Swap equal to memory: no swap on top of the memory limit.
+            "memswap_limit": self.memory,
+            "nano_cpus": int(self.cpus * 1e9),
+            "pids_limit": self.pids,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "log_config": {
+                "type": "json-file",
+                "config": {"max-size": self.log_size, "max-file": "2"},
+            },
+        }
+        if self.read_only_root:
+            # Writable places are sized tmpfs mounts: a disk fill stops at their size (and
+            # counts towards the memory limit). storage_opt size would need overlay2 on xfs
+            # with project quotas, which Docker hosts rarely have.
+            options["read_only"] = True
+            home = f"rw,nosuid,nodev,size={self.home_size},uid=1000,gid=1000,mode=0755"
+            options["tmpfs"] = {
+                "/home/sandbox": home,
+                "/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
+                "/var/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
+            }
+        if self.runtime:
+            options["runtime"] = self.runtime
+        return options
+
+
+DEFAULT_LIMITS = ContainerLimits()
+
+
+@frozen
 class ContainerSpec:
     """What to create: one sandbox container."""
 
@@ -218,6 +266,7 @@ class DockerRuntime(Service):
     :param call_timeout: seconds before a docker call is reported as failed.
     :param container_options: extra ``containers.run`` keyword arguments (operator overrides).
     :param agent_env: environment for the agent (its limits), besides its secret.
+    :param limits: resource limits and hardening of every sandbox container.
     """
 
     _log = Logger()
@@ -233,6 +282,7 @@ class DockerRuntime(Service):
         container_options: Mapping[str, Any] | None = None,
         agent_env: Mapping[str, str] | None = None,
         health_interval: float = 2.0,
+        limits: ContainerLimits = DEFAULT_LIMITS,
     ) -> None:
         self._reactor = reactor
         self.image = image
@@ -241,6 +291,7 @@ class DockerRuntime(Service):
         self._call_timeout = call_timeout
         self._container_options = dict(container_options or {})
         self._agent_env = dict(agent_env or {})
+        self.limits = limits
         self._pool = _DockerThreadPool(minthreads=0, maxthreads=threads, name="docker")
         self._client: Any = None
         self._client_lock = threading.Lock()
@@ -415,6 +466,7 @@ class DockerRuntime(Service):
 
     def _thd_create(self, spec: ContainerSpec) -> ContainerInfo:
         import docker.errors
+        import docker.types
 
         client = self._thd_client()
         name = f"twistedgw-{spec.sandbox_id}"
@@ -429,9 +481,10 @@ class DockerRuntime(Service):
             "environment": environment,
             # Published on loopback only, on an ephemeral host port.
             "ports": {f"{AGENT_PORT}/tcp": ("127.0.0.1", None)},
-            "cap_drop": ["ALL"],
-            "security_opt": ["no-new-privileges"],
-            "log_config": {"type": "json-file", "config": {"max-size": "10m", "max-file": "2"}},
+            "ulimits": [
+                docker.types.Ulimit(name="nofile", soft=self.limits.nofile, hard=self.limits.nofile)
+            ],
+            **self.limits.run_options(),
         }
         options.update(self._container_options)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from twistedgw.manager import LifecyclePolicy, SandboxManager
 from twistedgw.messages import MessagePolicy
 from twistedgw.proxy import CLOSE_GOING_AWAY, ProxyFactory, make_ws_resource
 from twistedgw.reaper import Reaper, make_reaper_service
-from twistedgw.runtime import DockerRuntime
+from twistedgw.runtime import ContainerLimits, DockerRuntime
 from twistedgw.sandbox import SandboxRegistry
 from twistedgw.state import StateFile
 
@@ -81,6 +82,15 @@ class Options(usage.Options):
         "proxies WebSocket command messages to them (/ws/{sandbox_id})."
     )
 
+    optFlags = [
+        [
+            "writable-root",
+            None,
+            "Give sandboxes a writable root filesystem (default: read-only "
+            "root with sized tmpfs for /home/sandbox, /tmp and /var/tmp).",
+        ],
+    ]
+
     optParameters = [
         ["port", "p", "tcp:8003", "Listening endpoint string, or a bare port number."],
         ["image", "i", DEFAULT_IMAGE, "Docker image for sandboxes."],
@@ -119,6 +129,19 @@ class Options(usage.Options):
             "Most sandboxes this gateway runs at once; creates beyond it get 429.",
             _positive_int("--max-sandboxes"),
         ],
+        ["memory", None, "1g", "Memory limit per sandbox (swap: none beyond it)."],
+        [
+            "cpus",
+            None,
+            1.0,
+            "CPUs per sandbox (fractions allowed).",
+            _positive_float("--cpus"),
+        ],
+        ["pids-limit", None, 256, "Processes per sandbox.", _positive_int("--pids-limit")],
+        ["nofile", None, 1024, "Open files per process in a sandbox.", _positive_int("--nofile")],
+        ["home-size", None, "256m", "Size of the writable /home/sandbox (tmpfs)."],
+        ["tmp-size", None, "128m", "Size of each of /tmp and /var/tmp (tmpfs)."],
+        ["container-runtime", None, None, "OCI runtime for sandboxes, e.g. runsc (gVisor)."],
         [
             "tokens-file",
             None,
@@ -211,6 +234,13 @@ class Options(usage.Options):
             _positive_float("--open-handshake-timeout"),
         ],
         [
+            "max-connections",
+            None,
+            1000,
+            "Most WebSocket clients at once; handshakes beyond it get HTTP 503.",
+            _positive_int("--max-connections"),
+        ],
+        [
             "ping-interval",
             None,
             30.0,
@@ -236,6 +266,9 @@ class Options(usage.Options):
             raise usage.UsageError("--default-timeout must not exceed --max-timeout")
         if self["output-kill-limit"] < self["max-output"]:
             raise usage.UsageError("--output-kill-limit must be at least --max-output")
+        for name in ("memory", "home-size", "tmp-size"):
+            if not re.fullmatch(r"[1-9][0-9]*[bkmg]?", str(self[name]).lower()):
+                raise usage.UsageError(f"--{name} must be a size like 512m or 2g")
         try:
             tokens_file = Path(self["tokens-file"]) if self["tokens-file"] else None
             self["tokens"] = read_tokens(tokens_file)
@@ -279,6 +312,16 @@ def makeService(options: Options) -> IService:
         docker_url=options["docker-url"],
         threads=options["docker-threads"],
         call_timeout=options["docker-timeout"],
+        limits=ContainerLimits(
+            memory=options["memory"],
+            cpus=options["cpus"],
+            pids=options["pids-limit"],
+            nofile=options["nofile"],
+            read_only_root=not options["writable-root"],
+            home_size=options["home-size"],
+            tmp_size=options["tmp-size"],
+            runtime=options["container-runtime"],
+        ),
         agent_env={
             "AGENT_MAX_OUTPUT": str(options["max-output"]),
             "AGENT_KILL_OUTPUT": str(options["output-kill-limit"]),
@@ -332,6 +375,7 @@ def makeService(options: Options) -> IService:
         openHandshakeTimeout=options["open-handshake-timeout"],
         autoPingInterval=options["ping-interval"],
         autoPingTimeout=options["ping-interval"],
+        maxConnections=options["max-connections"],
         tcpNoDelay=True,
     )
     ProxyService(factory, reactor).setServiceParent(root)
@@ -339,7 +383,9 @@ def makeService(options: Options) -> IService:
 
     api = GatewayAPI(manager, make_ws_resource(factory), authenticator)
     endpoint = serverFromString(reactor, options["port"])
-    web = StreamServerEndpointService(endpoint, make_site(api))
+    web = StreamServerEndpointService(
+        endpoint, make_site(api, header_timeout=options["open-handshake-timeout"])
+    )
     web.setName("http")
     web.setServiceParent(root)
     return root
