@@ -74,7 +74,7 @@ async def test_unknown_and_odd_ids_are_404(treq: StubTreq, sandbox_id: str) -> N
 @pytest_twisted.ensureDeferred
 async def test_bad_bodies_are_400(treq: StubTreq, runtime: FakeRuntime) -> None:
     """A create with a body that is not a JSON object is refused, creating nothing."""
-    for body in (b"{not json", b"[1]", b"\xff"):
+    for body in (b"{not json", b"[1]", b"\xff", b"null", b"[" * 50_000):
         code, error = await call(treq, "POST", "/sandboxes", data=body)
         assert code == 400, body
         assert "error" in error

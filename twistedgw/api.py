@@ -50,8 +50,9 @@ def _json(request: IRequest, status: int, body: Any) -> bytes:
     return json.dumps(body).encode("utf-8")
 
 
-def _read_json_body(request: IRequest) -> Any:
-    """The request's JSON body, or None when it is empty; ``APIError`` 400/413 otherwise."""
+def _read_json_body(request: IRequest) -> dict[str, Any] | None:
+    """The request's JSON object body, or None when it is empty; ``APIError`` 400/413
+    otherwise (any JSON that is not an object is a 400 too)."""
     content = request.content
     if content is None:
         return None
@@ -61,9 +62,12 @@ def _read_json_body(request: IRequest) -> Any:
     if not raw.strip():
         return None
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
 
 
 def _wants_details(request: IRequest) -> bool:
@@ -176,8 +180,6 @@ class GatewayAPI:
     @app.route("/sandboxes", methods=["POST"])
     async def create_sandbox(self, request: IRequest) -> bytes:
         body = _read_json_body(request)
-        if body is not None and not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object")
         owner = self._owner(request)
         key = request.getHeader("Idempotency-Key")
         settings = self.manager.settings_for(body, key, owner)
@@ -207,7 +209,7 @@ class GatewayAPI:
     def keepalive(self, request: IRequest, sandbox_id: str) -> bytes:
         owner = self._owner(request)
         body = _read_json_body(request) or {}
-        if not isinstance(body, dict) or set(body) - {"extend_by"}:
+        if set(body) - {"extend_by"}:
             raise APIError(400, "body must be a JSON object with at most 'extend_by'")
         extend_by = body.get("extend_by")
         if extend_by is not None and (

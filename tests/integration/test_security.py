@@ -1,0 +1,406 @@
+"""Hostile input against the real engine and image: hardening settings, resource bombs,
+oversized and slow input, dead peers, fuzzed messages, odd ids, and token ownership."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import secrets
+import socket
+import string
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from tests.integration.conftest import GatewayProcess
+from tests.integration.helpers import recv, rss_kib, run, send, wait_for
+
+
+@pytest.fixture(scope="module")
+def hostile(docker_client: Any) -> Iterator[GatewayProcess]:
+    """A gateway with small limits so bombs hit them quickly."""
+    from tests.integration.conftest import remove_instance_containers
+
+    gateway = GatewayProcess(
+        f"it-{secrets.token_hex(4)}",
+        "--memory",
+        "256m",
+        "--pids-limit",
+        "64",
+        "--home-size",
+        "32m",
+        "--tmp-size",
+        "16m",
+        "--open-handshake-timeout",
+        "2",
+        "--ping-interval",
+        "1",
+        "--max-connections",
+        "20",
+        "--reap-interval",
+        "1",
+    )
+    gateway.start()
+    yield gateway
+    gateway.stop()
+    remove_instance_containers(docker_client, gateway.instance)
+
+
+def test_every_container_is_hardened(hostile: GatewayProcess, docker_client: Any) -> None:
+    """Each sandbox runs unprivileged, capability-free, read-only, limited in memory (no swap),
+    CPU, processes, files and logs, with Docker's default seccomp, and no host mounts."""
+    ids = [hostile.create() for _ in range(2)]
+    for sandbox_id in ids:
+        attrs = docker_client.containers.get(f"twistedgw-{sandbox_id}").attrs
+        host = attrs["HostConfig"]
+        assert attrs["Config"]["User"] == "sandbox"
+        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+        assert "no-new-privileges" in host["SecurityOpt"]
+        assert not any("seccomp" in opt for opt in host["SecurityOpt"]), "default seccomp kept"
+        assert host["Privileged"] is False
+        assert host["ReadonlyRootfs"] is True
+        assert set(host["Tmpfs"]) == {"/home/sandbox", "/tmp", "/var/tmp"}
+        assert "size=32m" in host["Tmpfs"]["/home/sandbox"]
+        assert host["Memory"] == 256 * 1024 * 1024
+        assert host["MemorySwap"] == host["Memory"]
+        assert host["NanoCpus"] == 10**9
+        assert host["PidsLimit"] == 64
+        assert {u["Name"]: u["Soft"] for u in host["Ulimits"]} == {"nofile": 1024}
+        assert host["LogConfig"] == {
+            "Type": "json-file",
+            "Config": {"max-size": "10m", "max-file": "2"},
+        }
+        assert not host["Binds"] and not attrs["Mounts"]
+        assert host["NetworkMode"] in ("default", "bridge")
+        bindings = attrs["NetworkSettings"]["Ports"]["8765/tcp"]
+        assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}
+    for sandbox_id in ids:
+        hostile.delete(sandbox_id)
+
+
+def pids_max(docker_client: Any, sandbox_id: str) -> int:
+    """The pids limit the kernel enforces on a sandbox's cgroup (read on the host)."""
+    cid = docker_client.containers.get(f"twistedgw-{sandbox_id}").id
+    for path in (
+        f"/sys/fs/cgroup/pids/docker/{cid}/pids.max",
+        f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/pids.max",
+    ):
+        try:
+            with open(path) as f:
+                return int(f.read())
+        except OSError:
+            continue
+    raise AssertionError("no pids cgroup found for the container")
+
+
+def test_fork_bomb_is_contained(hostile: GatewayProcess, docker_client: Any) -> None:
+    """A fork bomb in A hits A's pids limit; the gateway and sandbox B keep answering promptly,
+    and A is still deletable."""
+    a, b = hostile.create(), hostile.create()
+    with connect(f"{hostile.ws_url}/ws/{a}") as ws_a, connect(f"{hostile.ws_url}/ws/{b}") as ws_b:
+        send(ws_a, {"command": "bomb() { bomb | bomb; }; bomb", "timeout": 8, "request_id": "bomb"})
+        time.sleep(2)
+        for _ in range(5):
+            started = time.monotonic()
+            assert hostile.get("/sandboxes").status_code == 200
+            assert run(ws_b, "echo fine")["output"] == "fine\n"
+            assert time.monotonic() - started < 2.0
+        result = recv(ws_a, timeout=30)
+        assert result["request_id"] == "bomb"
+        assert result["timed_out"] is True
+        assert "Resource temporarily unavailable" in result["error"]
+        assert pids_max(docker_client, a) == 64
+    started = time.monotonic()
+    assert hostile.delete(a).status_code == 200
+    assert time.monotonic() - started < 15
+    hostile.delete(b)
+
+
+def test_memory_hog_is_killed_inside_its_limit(hostile: GatewayProcess) -> None:
+    """A command allocating beyond the memory limit is OOM-killed; the result says so; the
+    gateway's own memory does not move."""
+    assert hostile.process is not None
+    sandbox_id = hostile.create()
+    before = rss_kib(hostile.process.pid)
+    with connect(f"{hostile.ws_url}/ws/{sandbox_id}") as ws:
+        result = run(ws, "python3 -c 'a = bytearray(1024 ** 3); print(len(a))'", timeout=60)
+        assert result["success"] is False
+        assert result["returncode"] == -9
+        assert result.get("oom_killed") is True
+        assert run(ws, "echo alive")["output"] == "alive\n"
+    assert rss_kib(hostile.process.pid) - before < 20 * 1024
+    hostile.delete(sandbox_id)
+
+
+def test_disk_fill_stops_at_the_bound(hostile: GatewayProcess) -> None:
+    """Writing past the writable space fails with ENOSPC at the configured size; the root
+    filesystem is not writable at all."""
+    sandbox_id = hostile.create()
+    with connect(f"{hostile.ws_url}/ws/{sandbox_id}") as ws:
+        result = run(
+            ws, "head -c 100M /dev/zero > big; echo rc=$?; du -m big | cut -f1", timeout=60
+        )
+        assert "No space left on device" in result["error"]
+        assert int(result["output"].split()[-1]) <= 32
+        result = run(ws, "touch /usr/evil || echo refused")
+        assert "refused" in result["output"]
+        assert run(ws, "rm big && echo ok")["output"] == "ok\n"
+    hostile.delete(sandbox_id)
+
+
+def test_oversized_rest_body_is_413(hostile: GatewayProcess) -> None:
+    """A huge REST body is refused with 413 JSON."""
+    response = requests.post(
+        hostile.url + "/sandboxes", data=b"{" + b" " * 200_000 + b"}", timeout=30
+    )
+    assert response.status_code == 413
+    assert "error" in response.json()
+
+
+def test_slowloris_is_dropped_while_others_connect(hostile: GatewayProcess) -> None:
+    """Connections that trickle their headers are dropped after the handshake timeout (2 s
+    here), while a normal client connects and works meanwhile."""
+    sandbox_id = hostile.create()
+    slow = []
+    for _ in range(10):
+        s = socket.create_connection(("127.0.0.1", hostile.port))
+        s.sendall(b"GET /ws/" + sandbox_id.encode() + b" HTTP/1.1\r\nHost: x\r\n")
+        slow.append(s)
+    started = time.monotonic()
+    with connect(f"{hostile.ws_url}/ws/{sandbox_id}") as ws:
+        assert run(ws, "echo normal")["output"] == "normal\n"
+    for s in slow:
+        s.settimeout(10)
+        try:
+            while True:
+                s.sendall(b"X-Slow: 1\r\n")  # a byte now and then: an idle timeout never fires
+                if s.recv(1024) == b"":
+                    break
+        except (ConnectionResetError, BrokenPipeError, TimeoutError):
+            pass
+        finally:
+            s.close()
+    assert time.monotonic() - started < 8
+    hostile.delete(sandbox_id)
+
+
+def test_connection_cap_answers_503(hostile: GatewayProcess) -> None:
+    """Beyond --max-connections (20 here), WebSocket handshakes get HTTP 503."""
+    sandbox_id = hostile.create()
+    with contextlib.ExitStack() as stack:
+        for _ in range(20):
+            stack.enter_context(connect(f"{hostile.ws_url}/ws/{sandbox_id}"))
+        with pytest.raises(InvalidStatus) as info:
+            connect(f"{hostile.ws_url}/ws/{sandbox_id}")
+        assert info.value.response.status_code == 503
+    hostile.delete(sandbox_id)
+
+
+def test_dead_peer_is_detected_by_ping(hostile: GatewayProcess) -> None:
+    """A client that vanishes without closing (never answers pings) is dropped: the sandbox
+    goes idle within a few ping intervals."""
+    sandbox_id = hostile.create()
+    s = socket.create_connection(("127.0.0.1", hostile.port))
+    s.sendall(
+        f"GET /ws/{sandbox_id} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert b"101" in s.recv(4096).split(b"\r\n")[0]
+    assert hostile.get(f"/sandboxes/{sandbox_id}").json()["status"] == "connected"
+    wait_for(lambda: hostile.get(f"/sandboxes/{sandbox_id}").json()["status"] == "idle", timeout=10)
+    s.close()
+    hostile.delete(sandbox_id)
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.choice([True, False])
+    if kind == 2:
+        return rng.choice([0, -1, 2**63, 1e308, -0.0, 3.5])
+    if kind == 3:
+        return "".join(
+            rng.choice(string.printable + "\u00e9\u4e2d\U0001f600\x00")
+            for _ in range(rng.randrange(0, 40))
+        )
+    if kind == 4:
+        return "x" * rng.choice([0, 1, 1000, 100_000])
+    if kind == 5:
+        return rng.choice(["echo hi", "true", "exit 7", "cat", "sleep 0.1"])
+    if kind == 6:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {
+        rng.choice(["command", "type", "x", "env", "A"]): _random_value(rng, depth + 1)
+        for _ in range(rng.randrange(4))
+    }
+
+
+FIELDS = [
+    "command",
+    "request_id",
+    "type",
+    "timeout",
+    "cwd",
+    "env",
+    "stdin",
+    "stream",
+    "interactive",
+    "session",
+    "data",
+    "eof",
+]
+TYPES = ["command", "cancel", "stdin", "list_sessions", "close_session", "bogus", 5, None]
+
+
+def fuzz_messages(seed: int, count: int) -> Iterator[bytes]:
+    rng = random.Random(seed)
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.1:
+            yield bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+        elif roll < 0.2:
+            yield json.dumps(_random_value(rng)).encode()
+        else:
+            message: dict[str, Any] = {f: _random_value(rng) for f in rng.sample(FIELDS, 4)}
+            if rng.random() < 0.5:
+                message["type"] = rng.choice(TYPES)
+            if rng.random() < 0.3:
+                message["timeout"] = rng.choice([0.5, 1, 2])
+            yield json.dumps(message).encode()
+
+
+def test_fuzzed_messages_never_crash_gateway_or_agent(
+    hostile: GatewayProcess, docker_client: Any
+) -> None:
+    """Random field types, sizes, unicode and nesting, through the gateway and straight to the
+    agent: every message gets a JSON answer, and both keep working."""
+    sandbox_id = hostile.create()
+    with connect(f"{hostile.ws_url}/ws/{sandbox_id}", max_size=None) as ws:
+        for payload in fuzz_messages(1234, 400):
+            try:
+                ws.send(payload.decode("utf-8"))
+            except UnicodeDecodeError:
+                ws.send(payload)
+        # Drain: every answer must be JSON; stop once quiet.
+        answers = 0
+        try:
+            while True:
+                json.loads(ws.recv(timeout=5))
+                answers += 1
+        except TimeoutError:
+            pass
+        assert answers >= 300
+        assert run(ws, "echo survived")["output"] == "survived\n"
+    # Straight to the agent, past the gateway's validation (as a compromised gateway might).
+    attrs = docker_client.containers.get(f"twistedgw-{sandbox_id}").attrs
+    env = dict(e.split("=", 1) for e in attrs["Config"]["Env"])
+    port = attrs["NetworkSettings"]["Ports"]["8765/tcp"][0]["HostPort"]
+    with connect(
+        f"ws://127.0.0.1:{port}/agent",
+        max_size=None,
+        additional_headers={"Authorization": f"Bearer {env['SANDBOX_AGENT_SECRET']}"},
+    ) as agent:
+        for payload in fuzz_messages(99, 300):
+            try:
+                agent.send(payload.decode("utf-8"))
+            except UnicodeDecodeError:
+                agent.send(payload)
+        try:
+            while True:
+                json.loads(agent.recv(timeout=5))
+        except TimeoutError:
+            pass
+        send(agent, {"command": "echo agent ok", "request_id": "final"})
+        while (message := recv(agent))["request_id"] != "final":
+            pass
+        assert message["output"] == "agent ok\n"
+    assert hostile.get("/healthz").status_code == 200
+    hostile.delete(sandbox_id)
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        "..",
+        "%2e%2e",
+        "%2E%2E%2Fetc",
+        "a" * 5000,
+        "%C3%A9t%C3%A9",
+        "0" * 32,
+        "ABCDEF0123456789" * 2,
+        "%00",
+    ],
+)
+def test_odd_ids_are_404(hostile: GatewayProcess, odd: str) -> None:
+    """Path-like, huge, non-ASCII or wrongly shaped ids are 404 on REST and on the handshake."""
+    for method in ("GET", "DELETE"):
+        response = requests.request(method, f"{hostile.url}/sandboxes/{odd}", timeout=10)
+        assert response.status_code == 404
+        assert "error" in response.json()
+    with pytest.raises(InvalidStatus) as info:
+        connect(f"{hostile.ws_url}/ws/{odd}")
+    assert info.value.response.status_code == 404
+
+
+def test_tokens_protect_routes_and_sandboxes(make_gateway: Any, tmp_path: Any) -> None:
+    """With a tokens file, requests without a token get 401, and one token cannot reach
+    another token's sandbox over REST or WebSocket; tokens never reach the log."""
+    alpha, bravo = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{alpha}\n{bravo}\n")
+    gateway: GatewayProcess = make_gateway("--tokens-file", str(tokens))
+    assert requests.get(gateway.url + "/sandboxes", timeout=10).status_code == 401
+    a = {"Authorization": f"Bearer {alpha}"}
+    b = {"Authorization": f"Bearer {bravo}"}
+    sandbox_id = gateway.create(headers=a)
+    assert (
+        requests.get(f"{gateway.url}/sandboxes/{sandbox_id}", headers=b, timeout=10).status_code
+        == 404
+    )
+    with pytest.raises(InvalidStatus) as info:
+        connect(f"{gateway.ws_url}/ws/{sandbox_id}")
+    assert info.value.response.status_code == 401
+    with pytest.raises(InvalidStatus) as info:
+        connect(f"{gateway.ws_url}/ws/{sandbox_id}", additional_headers=b)
+    assert info.value.response.status_code == 404
+    with connect(f"{gateway.ws_url}/ws/{sandbox_id}?access_token={alpha}") as ws:
+        assert run(ws, "echo mine")["output"] == "mine\n"
+    assert (
+        requests.delete(f"{gateway.url}/sandboxes/{sandbox_id}", headers=a, timeout=30).status_code
+        == 200
+    )
+    log = gateway.tail(10_000)
+    assert alpha not in log and bravo not in log
+
+
+def test_many_threads_of_garbage_do_not_stop_service(hostile: GatewayProcess) -> None:
+    """Concurrent junk requests (bad JSON, odd methods, huge headers) all get answers, and the
+    gateway keeps serving."""
+    errors: list[str] = []
+
+    def junk() -> None:
+        for body in (b"[", b"null", b'{"idle_timeout": "x"}', b"\xff" * 100):
+            response = requests.post(hostile.url + "/sandboxes", data=body, timeout=30)
+            if response.status_code != 400:
+                errors.append(f"{body!r}: {response.status_code}")
+        response = requests.request("PATCH", hostile.url + "/sandboxes", timeout=30)
+        if response.status_code != 405:
+            errors.append(f"PATCH: {response.status_code}")
+
+    threads = [threading.Thread(target=junk) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert hostile.get("/healthz").status_code == 200
