@@ -125,6 +125,7 @@ class SandboxManager(Service):
         wait_ready: Callable[[ContainerInfo], Awaitable[None]] | None = None,
         policy: LifecyclePolicy = DEFAULT_LIFECYCLE,
         state: StateFile | None = None,
+        pool_size: int = 0,
     ) -> None:
         self.registry = registry
         self.runtime = runtime
@@ -142,6 +143,13 @@ class SandboxManager(Service):
         self._in_flight: set[str] = set()
         # Creates in progress by idempotency key, so concurrent retries share one container.
         self._creating: dict[str, _Shared] = {}
+        # The warm pool: started, agent-ready containers nobody has asked for yet. They are
+        # not in the registry (not listed, not reaped, not counted in --max-sandboxes).
+        self.pool_size = pool_size
+        self._pool: list[Sandbox] = []
+        self._pool_filling = 0
+        self._pool_failures = 0
+        self._pool_retry: Any = None
 
     # -- Service ---------------------------------------------------------------------------
 
@@ -158,6 +166,8 @@ class SandboxManager(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self._pool_retry is not None and self._pool_retry.active():
+            self._pool_retry.cancel()
         d = self.save_state()
         d.addErrback(lambda f: self._log.failure("could not save state at shutdown", f))
         return d
@@ -275,6 +285,10 @@ class SandboxManager(Service):
             raise CapacityExceeded(
                 f"this gateway already runs its maximum of {self.policy.max_sandboxes} sandboxes"
             )
+        if self._pool and not settings.env and not settings.metadata:
+            sandbox = await self._hand_out(settings)
+            if sandbox is not None:
+                return sandbox
         sandbox_id = new_sandbox_id()
         spec = ContainerSpec(
             sandbox_id=sandbox_id,
@@ -310,6 +324,98 @@ class SandboxManager(Service):
             return sandbox
         finally:
             self._in_flight.discard(sandbox_id)
+
+    # -- warm pool -------------------------------------------------------------------------
+
+    def pool_status(self) -> dict[str, int]:
+        """How full the warm pool is."""
+        return {"size": self.pool_size, "ready": len(self._pool), "filling": self._pool_filling}
+
+    async def _hand_out(self, settings: SandboxSettings) -> Sandbox | None:
+        """Give a pooled container to a creator (never twice, never back to the pool).
+
+        Its new settings live only in the state file, so the assignment is saved before the
+        creator hears of it: a restarted gateway must not pool it again. If that save fails,
+        the container is dropped and the caller creates cold.
+        """
+        pooled = self._pool.pop(0)
+        now = self.now()
+        lifetime = settings.max_lifetime
+        sandbox = Sandbox(
+            sandbox_id=pooled.sandbox_id,
+            container_id=pooled.container_id,
+            created_at=now,
+            ip_address=pooled.ip_address,
+            agent_host=pooled.agent_host,
+            agent_port=pooled.agent_port,
+            agent_secret=pooled.agent_secret,
+            last_activity=now,
+            settings=settings,
+            expires_at=None if lifetime is None else now + lifetime,
+            pooled=True,
+        )
+        self.registry.add(sandbox)
+        self.refill_pool()
+        try:
+            await self.save_state()
+        except Exception:
+            self._log.failure("could not record a pool hand-out; creating cold instead")
+            self.registry.remove(sandbox.sandbox_id)
+            d = Deferred.fromCoroutine(self._remove_dead(sandbox.sandbox_id, sandbox.container_id))
+            d.addErrback(lambda f: self._log.failure("removing a pool container failed", f))
+            return None
+        self._log.info(
+            "sandbox {sandbox_id} handed out from the warm pool", sandbox_id=sandbox.sandbox_id
+        )
+        return sandbox
+
+    def refill_pool(self) -> None:
+        """Start creating pool containers until the pool is (being) filled."""
+        if not self.running or self._pool_retry is not None:
+            return
+        missing = self.pool_size - len(self._pool) - self._pool_filling
+        for _ in range(max(0, missing)):
+            self._pool_filling += 1
+            d = Deferred.fromCoroutine(self._fill_one())
+            d.addErrback(lambda f: self._log.failure("filling the warm pool failed", f))
+
+    async def _fill_one(self) -> None:
+        sandbox_id = new_sandbox_id()
+        spec = ContainerSpec(
+            sandbox_id=sandbox_id,
+            created_at=self.now(),
+            agent_secret=new_agent_secret(),
+            settings=SandboxSettings(idle_timeout=self.policy.idle_timeout),
+            pooled=True,
+        )
+        self._in_flight.add(sandbox_id)
+        try:
+            info = await self.runtime.create(spec)
+            try:
+                await self._wait_ready(info)
+            except AgentUnavailable:
+                await self.runtime.remove(info.container_id)
+                raise
+            self._pool.append(self._sandbox_from(info))
+            self._pool_failures = 0
+        except Exception as e:
+            # Back off (1, 2, 4 ... 30 s) instead of hammering an engine that is in trouble.
+            self._pool_failures += 1
+            delay = min(30.0, 2.0 ** (self._pool_failures - 1))
+            self._log.warn(
+                "could not add to the warm pool ({error}); retrying in {delay:g} s",
+                error=str(e),
+                delay=delay,
+            )
+            if self._pool_retry is None and self.running:
+                self._pool_retry = self._reactor.callLater(delay, self._retry_refill)
+        finally:
+            self._in_flight.discard(sandbox_id)
+            self._pool_filling -= 1
+
+    def _retry_refill(self) -> None:
+        self._pool_retry = None
+        self.refill_pool()
 
     # -- removal ---------------------------------------------------------------------------
 
@@ -363,13 +469,19 @@ class SandboxManager(Service):
                 continue
             seen.add(info.sandbox_id)
             known = self.registry.get(info.sandbox_id)
+            in_pool = any(p.sandbox_id == info.sandbox_id for p in self._pool)
             if info.running and info.agent_port and info.agent_secret:
-                if known is None:
-                    self.registry.add(self._sandbox_from(info, self._saved.get(info.sandbox_id)))
-                    self._log.info(
-                        "adopted running sandbox {sandbox_id}", sandbox_id=info.sandbox_id
-                    )
+                saved = self._saved.get(info.sandbox_id)
+                if known is not None or in_pool:
+                    continue
+                if info.pooled and (saved is None or saved.assigned is None):
+                    await self._adopt_into_pool(info)
+                    continue
+                self.registry.add(self._sandbox_from(info, saved))
+                self._log.info("adopted running sandbox {sandbox_id}", sandbox_id=info.sandbox_id)
                 continue
+            if in_pool:
+                self._pool = [p for p in self._pool if p.sandbox_id != info.sandbox_id]
             # A container of ours that is not running cannot serve anyone: remove it.
             detail = _exit_detail(info.exit_code, info.oom_killed)
             self._log.warn(
@@ -386,6 +498,8 @@ class SandboxManager(Service):
                         info.sandbox_id, REASON_EXITED, self.now(), detail, info.settings.owner
                     )
                 )
+        self._pool = [p for p in self._pool if p.sandbox_id in seen]
+        self.refill_pool()
         for sandbox in self.registry:
             if sandbox.sandbox_id not in seen and sandbox.sandbox_id not in self._in_flight:
                 self._log.warn(
@@ -399,8 +513,29 @@ class SandboxManager(Service):
                     "container removed outside the gateway",
                 )
 
+    async def _adopt_into_pool(self, info: ContainerInfo) -> None:
+        """A pool container from an earlier run: back into the pool, or removed if the pool
+        is full already."""
+        if len(self._pool) + self._pool_filling < self.pool_size:
+            self._pool.append(self._sandbox_from(info))
+            self._log.info("adopted pool container {sandbox_id}", sandbox_id=info.sandbox_id)
+        else:
+            await self._remove_dead(info.sandbox_id, info.container_id)
+
     def _on_event(self, event: ContainerEvent) -> None:
         """A Docker event about one of our containers (reactor thread)."""
+        if event.action in ("die", "destroy") and event.sandbox_id not in self._in_flight:
+            before = len(self._pool)
+            self._pool = [p for p in self._pool if p.container_id != event.container_id]
+            if len(self._pool) != before:
+                self._log.warn("a warm pool container died; replacing it")
+                if event.action == "die":
+                    d = Deferred.fromCoroutine(
+                        self._remove_dead(event.sandbox_id, event.container_id)
+                    )
+                    d.addErrback(lambda f: self._log.failure("removing a dead container failed", f))
+                self.refill_pool()
+                return
         sandbox = self.registry.get(event.sandbox_id)
         if sandbox is None or event.sandbox_id in self._in_flight:
             return  # not one we serve, or our own removal
@@ -469,19 +604,26 @@ class SandboxManager(Service):
         sandbox.attachments.clear()
 
     def _sandbox_from(self, info: ContainerInfo, saved: SavedSandbox | None = None) -> Sandbox:
-        lifetime = info.settings.max_lifetime
-        expires_at = None if lifetime is None else info.created_at + lifetime
+        settings, created_at, pooled = info.settings, info.created_at, False
+        if saved is not None and saved.assigned is not None:
+            # Handed out from the pool: its labels describe the pool, the state file the
+            # sandbox.
+            settings, pooled = saved.assigned, True
+            created_at = saved.created_at if saved.created_at is not None else created_at
+        lifetime = settings.max_lifetime
+        expires_at = None if lifetime is None else created_at + lifetime
         sandbox = Sandbox(
             sandbox_id=info.sandbox_id,
             container_id=info.container_id,
-            created_at=info.created_at,
+            created_at=created_at,
             ip_address=info.ip_address,
             agent_host=info.agent_host,
             agent_port=info.agent_port,
             agent_secret=info.agent_secret,
             last_activity=self.now(),
-            settings=info.settings,
+            settings=settings,
             expires_at=expires_at,
+            pooled=pooled,
         )
         if saved is not None:
             # Resume the idle clock where it was; never in the future.

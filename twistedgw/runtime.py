@@ -39,6 +39,8 @@ LABEL_MAX_LIFETIME = "org.twistedgw.max-lifetime"
 LABEL_IDEMPOTENCY = "org.twistedgw.idempotency-key"
 LABEL_META_PREFIX = "org.twistedgw.meta."
 LABEL_OWNER = "org.twistedgw.owner"
+#: Set on warm-pool containers (created before anyone asked for them).
+LABEL_POOL = "org.twistedgw.pool"
 
 #: Environment variable carrying the per-sandbox agent secret into the container.
 SECRET_ENV = "SANDBOX_AGENT_SECRET"
@@ -133,6 +135,7 @@ class ContainerSpec:
     created_at: float
     agent_secret: str
     settings: SandboxSettings
+    pooled: bool = False
 
 
 @frozen
@@ -150,6 +153,7 @@ class ContainerInfo:
     settings: SandboxSettings
     exit_code: int | None = None
     oom_killed: bool = False
+    pooled: bool = False
 
 
 @frozen
@@ -246,6 +250,7 @@ def container_info_from_attrs(attrs: Mapping[str, Any]) -> ContainerInfo:
         settings=settings_from(labels, env),
         exit_code=None if running else state.get("ExitCode"),
         oom_killed=bool(state.get("OOMKilled")),
+        pooled=labels.get(LABEL_POOL) == "true",
     )
 
 
@@ -460,6 +465,8 @@ class DockerRuntime(Service):
             labels[LABEL_IDEMPOTENCY] = settings.idempotency_key
         if settings.owner:
             labels[LABEL_OWNER] = settings.owner
+        if spec.pooled:
+            labels[LABEL_POOL] = "true"
         for key, value in settings.metadata.items():
             labels[LABEL_META_PREFIX + key] = value
         return labels

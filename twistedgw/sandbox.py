@@ -82,6 +82,8 @@ class Sandbox:
     expires_at: float | None = None
     attachments: set[Attachment] = field(factory=set, repr=False, eq=False)
     ever_connected: bool = False
+    #: Came from the warm pool: its settings live in the state file, not in its labels.
+    pooled: bool = False
 
     @property
     def clients(self) -> int:

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from attrs import frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from twistedgw.sandbox import Sandbox
+from twistedgw.sandbox import Sandbox, SandboxSettings
 
 
 @frozen
@@ -30,6 +30,27 @@ class SavedSandbox:
     last_activity: float
     ever_connected: bool
     expires_at: float | None
+    #: For a sandbox handed out from the warm pool: what its labels do not say.
+    assigned: SandboxSettings | None = None
+    created_at: float | None = None
+
+
+def _settings_json(settings: SandboxSettings) -> dict[str, Any]:
+    return {
+        "idle_timeout": settings.idle_timeout,
+        "max_lifetime": settings.max_lifetime,
+        "idempotency_key": settings.idempotency_key,
+        "owner": settings.owner,
+    }
+
+
+def _settings_from_json(raw: Mapping[str, Any]) -> SandboxSettings:
+    return SandboxSettings(
+        idle_timeout=float(raw["idle_timeout"]),
+        max_lifetime=None if raw.get("max_lifetime") is None else float(raw["max_lifetime"]),
+        idempotency_key=raw.get("idempotency_key"),
+        owner=raw.get("owner"),
+    )
 
 
 class StateFile:
@@ -40,6 +61,9 @@ class StateFile:
     def __init__(self, path: Path | None, reactor: Any) -> None:
         self.path = path
         self._reactor = reactor
+        # One write at a time, each with a snapshot taken when its turn comes: a slower
+        # earlier write never overwrites a newer one.
+        self._lock = DeferredLock()
 
     def load(self) -> dict[str, SavedSandbox]:
         """Read the file (at start-up, before serving); a missing or bad file is empty."""
@@ -54,6 +78,10 @@ class StateFile:
                     expires_at=(
                         None if entry.get("expires_at") is None else float(entry["expires_at"])
                     ),
+                    assigned=(
+                        _settings_from_json(entry["assigned"]) if entry.get("assigned") else None
+                    ),
+                    created_at=entry.get("created_at"),
                 )
                 for sandbox_id, entry in raw.get("sandboxes", {}).items()
             }
@@ -64,17 +92,23 @@ class StateFile:
             return {}
 
     def save(self, sandboxes: Iterable[Sandbox]) -> Deferred[None]:
-        """Write the current facts of ``sandboxes`` (in a thread)."""
-        snapshot = {
-            s.sandbox_id: {
+        """Write the current facts of ``sandboxes`` (in a thread, one write at a time)."""
+        if self.path is None:
+            return succeed(None)
+        return self._lock.run(self._save, sandboxes)
+
+    def _save(self, sandboxes: Iterable[Sandbox]) -> Deferred[None]:
+        snapshot: dict[str, dict[str, Any]] = {}
+        for s in sandboxes:
+            entry: dict[str, Any] = {
                 "last_activity": s.last_activity,
                 "ever_connected": s.ever_connected,
                 "expires_at": s.expires_at,
             }
-            for s in sandboxes
-        }
-        if self.path is None:
-            return Deferred.fromCoroutine(_nothing())
+            if s.pooled:
+                entry["assigned"] = _settings_json(s.settings)
+                entry["created_at"] = s.created_at
+            snapshot[s.sandbox_id] = entry
         return deferToThreadPool(
             self._reactor, self._reactor.getThreadPool(), self._thd_write, snapshot
         )
@@ -90,7 +124,3 @@ class StateFile:
         except BaseException:
             os.unlink(tmp)
             raise
-
-
-async def _nothing() -> None:
-    return None
