@@ -67,6 +67,7 @@ class FakeRuntime:
             agent_secret=spec.agent_secret,
             running=True,
             settings=spec.settings,
+            pooled=spec.pooled,
         )
         self.creates += 1
         self.containers[info.container_id] = info

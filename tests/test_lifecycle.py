@@ -275,3 +275,51 @@ async def test_state_survives_restart(tmp_path: Path, runtime: FakeRuntime, cloc
     assert adopted.status == "idle"
     assert adopted.expires_at == sandbox.expires_at
     assert adopted.idle_for(clock.seconds()) == pytest.approx(1000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_warm_pool_hands_out_and_refills(runtime: FakeRuntime, clock: Clock) -> None:
+    """A started manager fills its pool; a plain create takes a pooled container (no new
+    container on the request path), never twice, and the pool refills. Pool containers are
+    neither listed nor counted; options the pool cannot honour create cold."""
+    manager = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=2)
+    manager.startService()
+    await manager.reconcile()
+    assert manager.pool_status()["ready"] == 2
+    assert len(manager.registry) == 0
+    pooled_ids = {s.sandbox_id for s in manager._pool}
+    first = await manager.create(manager.settings_for({"idle_timeout": 50}))
+    second = await manager.create()
+    assert {first.sandbox_id, second.sandbox_id} == pooled_ids
+    assert first.settings.idle_timeout == 50 and first.pooled
+    assert first.created_at == clock.seconds()
+    assert manager.pool_status()["ready"] == 2  # refilled (the fake creates at once)
+    cold = await manager.create(manager.settings_for({"env": {"A": "1"}}))
+    assert cold.sandbox_id not in pooled_ids and not cold.pooled
+    assert runtime.creates == 5
+    await manager.delete(first.sandbox_id)
+    assert first.sandbox_id not in {s.sandbox_id for s in manager._pool}
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_survives_restart_and_assignments_stick(
+    tmp_path: Path, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """After a restart, unassigned pool containers go back to the pool and handed-out ones come
+    back as their owners' sandboxes (never pooled again)."""
+    state = StateFile(tmp_path / "state.json", clock, in_thread=False)
+    first = SandboxManager(
+        SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=2, state=state
+    )
+    first.startService()
+    await first.reconcile()
+    given = await first.create(first.settings_for(None, owner="owner-1"))
+    second = SandboxManager(
+        SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=2, state=state
+    )
+    second.startService()
+    await second.reconcile()
+    adopted = second.lookup(given.sandbox_id, "owner-1")
+    assert adopted.pooled and adopted.settings.owner == "owner-1"
+    assert given.sandbox_id not in {s.sandbox_id for s in second._pool}
+    assert second.pool_status()["ready"] == 2

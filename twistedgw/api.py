@@ -241,6 +241,7 @@ class GatewayAPI:
         body: dict[str, Any] = {"status": "ok"}
         if not self.authenticator.enabled:
             body["sandboxes"] = len(self.manager.registry)
+            body["pool"] = self.manager.pool_status()
         return _json(request, 200, body)
 
 

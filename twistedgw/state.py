@@ -58,9 +58,11 @@ class StateFile:
 
     _log = Logger()
 
-    def __init__(self, path: Path | None, reactor: Any) -> None:
+    def __init__(self, path: Path | None, reactor: Any, in_thread: bool = True) -> None:
         self.path = path
         self._reactor = reactor
+        # Tests driving a Clock (no thread pool) write synchronously.
+        self._in_thread = in_thread
         # One write at a time, each with a snapshot taken when its turn comes: a slower
         # earlier write never overwrites a newer one.
         self._lock = DeferredLock()
@@ -109,6 +111,9 @@ class StateFile:
                 entry["assigned"] = _settings_json(s.settings)
                 entry["created_at"] = s.created_at
             snapshot[s.sandbox_id] = entry
+        if not self._in_thread:
+            self._thd_write(snapshot)
+            return succeed(None)
         return deferToThreadPool(
             self._reactor, self._reactor.getThreadPool(), self._thd_write, snapshot
         )

@@ -59,6 +59,20 @@ def _non_negative_float(name: str) -> Any:
     return coerce
 
 
+def _non_negative_int(name: str) -> Any:
+    def coerce(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, not {value!r}") from None
+        if number < 0:
+            raise ValueError(f"{name} must be 0 or more")
+        return number
+
+    coerce.coerceDoc = "An integer, 0 or more."  # type: ignore[attr-defined]
+    return coerce
+
+
 def _positive_int(name: str) -> Any:
     def coerce(value: str) -> int:
         try:
@@ -121,6 +135,13 @@ class Options(usage.Options):
             0.0,
             "Largest 'max_lifetime' (and keepalive 'extend_by') allowed, in seconds (0: no cap).",
             _non_negative_float("--max-lifetime"),
+        ],
+        [
+            "pool-size",
+            None,
+            0,
+            "Warm pool: started, agent-ready containers kept for instant creates.",
+            _non_negative_int("--pool-size"),
         ],
         [
             "max-sandboxes",
@@ -345,6 +366,7 @@ def makeService(options: Options) -> IService:
         reactor,
         policy=policy,
         state=StateFile(state_path(options), reactor),
+        pool_size=options["pool-size"],
         agent_ready_timeout=options["agent-ready-timeout"],
         max_message_size=agent_message_limit(options["max-message-size"], options["max-output"]),
     )
