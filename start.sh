@@ -26,6 +26,9 @@ log "step 3/3: sandbox image"
 PATH="$here/.venv/bin:$PATH" sandbox-image/build.sh
 
 log "starting the gateway on port $port (Ctrl-C stops it; sandboxes are kept)"
-log "no API tokens: anyone who can reach port $port can create and drive sandboxes"
+if [ -z "${TWISTEDGW_TOKENS:-}" ] && [[ " $* " != *" --tokens-file"* ]]; then
+    log "WARNING: no API tokens (--tokens-file or \$TWISTEDGW_TOKENS) and listening on all"
+    log "WARNING: interfaces: anyone who can reach port $port can create and drive sandboxes"
+fi
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 exec "$here/.venv/bin/twistd" --nodaemon --pidfile= sandboxgw --port "tcp:$port" "$@"

@@ -144,6 +144,7 @@ Environment:
     SANDBOX_COMMAND_ENV    JSON object of variables every command gets (the sandbox creator's
                            ``env``); removed from the environment once read
     AGENT_PORT             TCP port to listen on (default 8765)
+    AGENT_UNIX_SOCKET      listen on this Unix socket instead (sandboxes without a network)
     AGENT_MAX_OUTPUT       head+tail cap in bytes for each of stdout / stderr (default 1048576)
     AGENT_KILL_OUTPUT      kill a non-streamed command when one of its streams passes this many
                            bytes (default 67108864; 0 = never)
@@ -279,6 +280,7 @@ class AgentConfig:
     max_timeout: float = DEFAULT_MAX_TIMEOUT
     max_running: int = DEFAULT_MAX_RUNNING
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    unix_socket: str | None = None
 
     def __repr__(self) -> str:  # never show the secret
         return (
@@ -378,6 +380,7 @@ class AgentConfig:
             max_timeout=max_timeout,
             max_running=max_running,
             max_sessions=max_sessions,
+            unix_socket=environ.get("AGENT_UNIX_SOCKET") or None,
         )
 
 
@@ -2098,12 +2101,21 @@ def main() -> int:
     factory = AgentFactory(config, reactor)
     site = build_site(factory)
     try:
-        reactor.listenTCP(config.port, site, interface="0.0.0.0")
-    except ierror.CannotListenError as e:
-        print(f"agent: cannot listen on port {config.port}: {e}", file=sys.stderr, flush=True)
+        if config.unix_socket:
+            # Sandboxes without a network: the gateway reaches the agent through a socket in
+            # a directory it bind-mounts into the container.
+            if os.path.exists(config.unix_socket):
+                os.unlink(config.unix_socket)
+            reactor.listenUNIX(config.unix_socket, site, mode=0o600)
+            where = config.unix_socket
+        else:
+            reactor.listenTCP(config.port, site, interface="0.0.0.0")
+            where = f"0.0.0.0:{config.port}"
+    except (ierror.CannotListenError, OSError) as e:
+        print(f"agent: cannot listen: {e}", file=sys.stderr, flush=True)
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", factory.kill_all)
-    log.info("agent listening on 0.0.0.0:{port} ({config!r})", port=config.port, config=config)
+    log.info("agent listening on {where} ({config!r})", where=where, config=config)
     reactor.run()
     return 0
 

@@ -75,7 +75,7 @@ class FakeRuntime:
             self.agent.secrets.add(spec.agent_secret)
         return succeed(info)
 
-    def remove(self, container_id: str) -> Deferred[None]:
+    def remove(self, container_id: str, sandbox_id: str = "") -> Deferred[None]:
         if not self.available:
             return self._unavailable()
         if self.fail_removes:

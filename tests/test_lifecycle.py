@@ -323,3 +323,11 @@ async def test_pool_survives_restart_and_assignments_stick(
     assert adopted.pooled and adopted.settings.owner == "owner-1"
     assert given.sandbox_id not in {s.sandbox_id for s in second._pool}
     assert second.pool_status()["ready"] == 2
+
+
+def test_network_option(manager: SandboxManager) -> None:
+    """network is bridge by default, none on request, and nothing else."""
+    assert manager.settings_for(None).network == "bridge"
+    assert manager.settings_for({"network": "none"}).network == "none"
+    with pytest.raises(InvalidSettings):
+        manager.settings_for({"network": "host"})

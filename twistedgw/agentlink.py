@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -84,10 +84,19 @@ def connect_agent(
     secret: str,
     timeout: float = 10.0,
     max_message_size: int = 0,
+    unix_socket: str | None = None,
 ) -> Deferred[AgentSide]:
-    """Connect to an agent and complete the WebSocket handshake; fires with the ``AgentSide``."""
+    """Connect to an agent (over TCP, or over ``unix_socket`` when given) and complete the
+    WebSocket handshake; fires with the ``AgentSide``."""
+    endpoint: Any
+    if unix_socket:
+        endpoint = UNIXClientEndpoint(reactor, unix_socket, timeout=max(1, int(timeout)))
+        url = "ws://localhost/agent"
+    else:
+        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=max(1, int(timeout)))
+        url = f"ws://{host}:{port}/agent"
     factory = WebSocketClientFactory(
-        url=f"ws://{host}:{port}/agent",
+        url=url,
         headers={"Authorization": f"Bearer {secret}"},
         reactor=reactor,
     )
@@ -101,7 +110,6 @@ def connect_agent(
         # Commands and results are small, latency matters: no Nagle.
         tcpNoDelay=True,
     )
-    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=max(1, int(timeout)))
 
     async def run() -> AgentSide:
         protocol = await endpoint.connect(factory)
@@ -123,7 +131,13 @@ def connect_agent(
 
 
 async def wait_for_agent(
-    reactor: Any, host: str, port: int, secret: str, timeout: float, interval: float = 0.05
+    reactor: Any,
+    host: str,
+    port: int,
+    secret: str,
+    timeout: float,
+    interval: float = 0.05,
+    unix_socket: str | None = None,
 ) -> None:
     """Retry a full agent handshake until one succeeds or ``timeout`` seconds pass.
 
@@ -135,7 +149,9 @@ async def wait_for_agent(
     while reactor.seconds() < deadline:
         remaining = max(0.1, deadline - reactor.seconds())
         try:
-            agent = await connect_agent(reactor, host, port, secret, timeout=min(5.0, remaining))
+            agent = await connect_agent(
+                reactor, host, port, secret, timeout=min(5.0, remaining), unix_socket=unix_socket
+            )
         except AgentUnavailable as e:
             last = e
             await deferLater(reactor, interval, lambda: None)

@@ -215,7 +215,7 @@ class SandboxManager(Service):
     ) -> SandboxSettings:
         """Validate creation options against the policy; raises ``InvalidSettings``."""
         body = body or {}
-        unknown = set(body) - {"idle_timeout", "max_lifetime", "env", "metadata"}
+        unknown = set(body) - {"idle_timeout", "max_lifetime", "env", "metadata", "network"}
         if unknown:
             raise InvalidSettings(f"unknown creation option(s): {', '.join(sorted(unknown))}")
         policy = self.policy
@@ -231,6 +231,9 @@ class SandboxManager(Service):
                     f"'max_lifetime' exceeds the server maximum of {policy.max_lifetime:g} s"
                 )
             lifetime = lifetime or policy.max_lifetime
+        network = body.get("network", "bridge")
+        if network not in ("bridge", "none"):
+            raise InvalidSettings('\'network\' must be "bridge" or "none"')
         key = None
         if idempotency_key is not None:
             if not 1 <= len(idempotency_key) <= 256:
@@ -247,6 +250,7 @@ class SandboxManager(Service):
             env=_string_map(body, "env", ENV_NAME_RE, MAX_ENV, MAX_ENV_VALUE),
             idempotency_key=key,
             owner=owner,
+            network=network,
         )
 
     def create(self, settings: SandboxSettings | None = None) -> Deferred[Sandbox]:
@@ -285,7 +289,12 @@ class SandboxManager(Service):
             raise CapacityExceeded(
                 f"this gateway already runs its maximum of {self.policy.max_sandboxes} sandboxes"
             )
-        if self._pool and not settings.env and not settings.metadata:
+        if (
+            self._pool
+            and not settings.env
+            and not settings.metadata
+            and settings.network == "bridge"
+        ):
             sandbox = await self._hand_out(settings)
             if sandbox is not None:
                 return sandbox
@@ -312,7 +321,7 @@ class SandboxManager(Service):
                     "agent of sandbox {sandbox_id} never became ready; removing it",
                     sandbox_id=sandbox_id,
                 )
-                await self.runtime.remove(info.container_id)
+                await self.runtime.remove(info.container_id, info.sandbox_id)
                 raise
             sandbox = self._sandbox_from(info)
             self.registry.add(sandbox)
@@ -349,6 +358,7 @@ class SandboxManager(Service):
             agent_host=pooled.agent_host,
             agent_port=pooled.agent_port,
             agent_secret=pooled.agent_secret,
+            agent_socket=pooled.agent_socket,
             last_activity=now,
             settings=settings,
             expires_at=None if lifetime is None else now + lifetime,
@@ -394,7 +404,7 @@ class SandboxManager(Service):
             try:
                 await self._wait_ready(info)
             except AgentUnavailable:
-                await self.runtime.remove(info.container_id)
+                await self.runtime.remove(info.container_id, info.sandbox_id)
                 raise
             self._pool.append(self._sandbox_from(info))
             self._pool_failures = 0
@@ -432,7 +442,7 @@ class SandboxManager(Service):
             raise SandboxNotFound(sandbox_id)  # being removed right now
         self._in_flight.add(sandbox_id)
         try:
-            await self.runtime.remove(sandbox.container_id)
+            await self.runtime.remove(sandbox.container_id, sandbox_id)
         finally:
             self._in_flight.discard(sandbox_id)
         self._forget(sandbox, CLOSE_SANDBOX_REMOVED, reason)
@@ -470,7 +480,7 @@ class SandboxManager(Service):
             seen.add(info.sandbox_id)
             known = self.registry.get(info.sandbox_id)
             in_pool = any(p.sandbox_id == info.sandbox_id for p in self._pool)
-            if info.running and info.agent_port and info.agent_secret:
+            if info.running and (info.agent_port or info.agent_socket) and info.agent_secret:
                 saved = self._saved.get(info.sandbox_id)
                 if known is not None or in_pool:
                     continue
@@ -562,7 +572,7 @@ class SandboxManager(Service):
     async def _remove_dead(self, sandbox_id: str, container_id: str) -> None:
         self._in_flight.add(sandbox_id)
         try:
-            await self.runtime.remove(container_id)
+            await self.runtime.remove(container_id, sandbox_id)
         finally:
             self._in_flight.discard(sandbox_id)
 
@@ -577,6 +587,7 @@ class SandboxManager(Service):
             sandbox.agent_secret,
             timeout=self._agent_connect_timeout,
             max_message_size=self._max_message_size,
+            unix_socket=sandbox.agent_socket,
         )
 
     async def _wait_for_agent(self, info: ContainerInfo) -> None:
@@ -586,6 +597,7 @@ class SandboxManager(Service):
             info.agent_port,
             info.agent_secret,
             self._agent_ready_timeout,
+            unix_socket=info.agent_socket,
         )
 
     # -- internals -------------------------------------------------------------------------
@@ -620,6 +632,7 @@ class SandboxManager(Service):
             agent_host=info.agent_host,
             agent_port=info.agent_port,
             agent_secret=info.agent_secret,
+            agent_socket=info.agent_socket,
             last_activity=self.now(),
             settings=settings,
             expires_at=expires_at,

@@ -10,8 +10,11 @@ it is open, has a thread of its own.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from attrs import frozen
@@ -24,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-from twistedgw.sandbox import SandboxSettings
+from twistedgw.sandbox import SandboxSettings, is_valid_sandbox_id
 
 #: Port the agent listens on inside the container.
 AGENT_PORT = 8765
@@ -41,6 +44,13 @@ LABEL_META_PREFIX = "org.twistedgw.meta."
 LABEL_OWNER = "org.twistedgw.owner"
 #: Set on warm-pool containers (created before anyone asked for them).
 LABEL_POOL = "org.twistedgw.pool"
+LABEL_NETWORK = "org.twistedgw.network"
+
+#: Where a network-less sandbox's socket directory is mounted, and the agent's socket in it.
+SOCKET_MOUNT = "/run/twistedgw"
+SOCKET_NAME = "agent.sock"
+#: The image's unprivileged user, who must be able to create the agent's socket.
+SANDBOX_UID = 1000
 
 #: Environment variable carrying the per-sandbox agent secret into the container.
 SECRET_ENV = "SANDBOX_AGENT_SECRET"
@@ -154,6 +164,7 @@ class ContainerInfo:
     exit_code: int | None = None
     oom_killed: bool = False
     pooled: bool = False
+    agent_socket: str | None = None
 
 
 @frozen
@@ -176,8 +187,9 @@ class IContainerRuntime(Interface):
         create leaves no container behind (best effort; reconciliation removes leftovers).
         """
 
-    def remove(container_id: str) -> Deferred[None]:
-        """Remove a container (killing it if running). Removing a missing one succeeds."""
+    def remove(container_id: str, sandbox_id: str = "") -> Deferred[None]:
+        """Remove a container (killing it if running) and what the runtime keeps for its
+        sandbox. Removing a missing one succeeds."""
 
     def list_containers() -> Deferred[list[ContainerInfo]]:
         """All containers of this gateway instance, running or not."""
@@ -212,6 +224,7 @@ def settings_from(labels: Mapping[str, str], env: Mapping[str, str]) -> SandboxS
         env={str(k): str(v) for k, v in command_env.items()},
         idempotency_key=labels.get(LABEL_IDEMPOTENCY) or None,
         owner=labels.get(LABEL_OWNER) or None,
+        network="none" if labels.get(LABEL_NETWORK) == "none" else "bridge",
     )
 
 
@@ -238,6 +251,10 @@ def container_info_from_attrs(attrs: Mapping[str, Any]) -> ContainerInfo:
             break
     env = dict(entry.split("=", 1) for entry in (config.get("Env") or []) if "=" in entry)
     running = bool(state.get("Running"))
+    agent_socket = None
+    for mount in attrs.get("Mounts") or []:
+        if mount.get("Destination") == SOCKET_MOUNT and mount.get("Source"):
+            agent_socket = f"{mount['Source']}/{SOCKET_NAME}"
     return ContainerInfo(
         sandbox_id=labels.get(LABEL_SANDBOX_ID, ""),
         container_id=attrs.get("Id", ""),
@@ -251,6 +268,7 @@ def container_info_from_attrs(attrs: Mapping[str, Any]) -> ContainerInfo:
         exit_code=None if running else state.get("ExitCode"),
         oom_killed=bool(state.get("OOMKilled")),
         pooled=labels.get(LABEL_POOL) == "true",
+        agent_socket=agent_socket,
     )
 
 
@@ -272,6 +290,8 @@ class DockerRuntime(Service):
     :param container_options: extra ``containers.run`` keyword arguments (operator overrides).
     :param agent_env: environment for the agent (its limits), besides its secret.
     :param limits: resource limits and hardening of every sandbox container.
+    :param socket_dir: where per-sandbox agent socket directories are made, for sandboxes
+        without a network (``network: none``).
     """
 
     _log = Logger()
@@ -288,6 +308,7 @@ class DockerRuntime(Service):
         agent_env: Mapping[str, str] | None = None,
         health_interval: float = 2.0,
         limits: ContainerLimits = DEFAULT_LIMITS,
+        socket_dir: Path | None = None,
     ) -> None:
         self._reactor = reactor
         self.image = image
@@ -297,6 +318,7 @@ class DockerRuntime(Service):
         self._container_options = dict(container_options or {})
         self._agent_env = dict(agent_env or {})
         self.limits = limits
+        self.socket_dir = socket_dir
         self._pool = _DockerThreadPool(minthreads=0, maxthreads=threads, name="docker")
         self._client: Any = None
         self._client_lock = threading.Lock()
@@ -352,8 +374,8 @@ class DockerRuntime(Service):
     def create(self, spec: ContainerSpec) -> Deferred[ContainerInfo]:
         return self._defer(self._thd_create, spec)
 
-    def remove(self, container_id: str) -> Deferred[None]:
-        return self._defer(self._thd_remove, container_id)
+    def remove(self, container_id: str, sandbox_id: str = "") -> Deferred[None]:
+        return self._defer(self._thd_remove, container_id, sandbox_id)
 
     def list_containers(self) -> Deferred[list[ContainerInfo]]:
         return self._defer(self._thd_list)
@@ -467,6 +489,8 @@ class DockerRuntime(Service):
             labels[LABEL_OWNER] = settings.owner
         if spec.pooled:
             labels[LABEL_POOL] = "true"
+        if settings.network == "none":
+            labels[LABEL_NETWORK] = "none"
         for key, value in settings.metadata.items():
             labels[LABEL_META_PREFIX + key] = value
         return labels
@@ -493,13 +517,21 @@ class DockerRuntime(Service):
             ],
             **self.limits.run_options(),
         }
+        if spec.settings.network == "none":
+            # No network at all: the agent listens on a Unix socket in a per-sandbox host
+            # directory mounted into the container (the only host path a sandbox gets).
+            directory = self._thd_socket_dir(spec.sandbox_id)
+            del options["ports"]
+            options["network_mode"] = "none"
+            options["volumes"] = {str(directory): {"bind": SOCKET_MOUNT, "mode": "rw"}}
+            environment["AGENT_UNIX_SOCKET"] = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
         options.update(self._container_options)
         try:
             container = client.containers.run(self.image, **options)
             container.reload()
             info = container_info_from_attrs(container.attrs)
-            if not info.agent_port:
-                raise ContainerFailed("the agent port was not published")
+            if not info.agent_port and not info.agent_socket:
+                raise ContainerFailed("the agent is not reachable (no port, no socket)")
             return info
         except BaseException:
             # Leave nothing behind: the container may exist even though run() failed.
@@ -511,7 +543,20 @@ class DockerRuntime(Service):
                 self._log.failure("could not remove half-created container {name}", name=name)
             raise
 
-    def _thd_remove(self, container_id: str) -> None:
+    def _thd_socket_dir(self, sandbox_id: str) -> Path:
+        if self.socket_dir is None:
+            raise ContainerFailed("sandboxes without a network need a socket directory")
+        directory = self.socket_dir / sandbox_id
+        directory.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.chmod(0o711)  # others may pass through, not list
+        try:
+            os.chown(directory, SANDBOX_UID, SANDBOX_UID)
+            directory.chmod(0o700)
+        except PermissionError:
+            directory.chmod(0o777)  # a gateway not running as root
+        return directory
+
+    def _thd_remove(self, container_id: str, sandbox_id: str = "") -> None:
         import docker.errors
 
         client = self._thd_client()
@@ -521,9 +566,10 @@ class DockerRuntime(Service):
             pass
         except docker.errors.APIError as e:
             # "removal already in progress" means someone else is doing our job.
-            if e.status_code == 409 and "in progress" in str(e):
-                return
-            raise
+            if not (e.status_code == 409 and "in progress" in str(e)):
+                raise
+        if self.socket_dir is not None and is_valid_sandbox_id(sandbox_id):
+            shutil.rmtree(self.socket_dir / sandbox_id, ignore_errors=True)
 
     def _filters(self) -> dict[str, list[str]]:
         return {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.instance}"]}

@@ -64,6 +64,8 @@ class SandboxSettings:
     idempotency_key: str | None = None
     #: Owner id of the API token that created it (``None``: created with auth off).
     owner: str | None = None
+    #: ``bridge`` (Docker's default network, as in the seed) or ``none`` (no network at all).
+    network: str = "bridge"
 
 
 @define
@@ -79,6 +81,8 @@ class Sandbox:
     agent_secret: str = field(repr=False)
     last_activity: float
     settings: SandboxSettings
+    #: Host path of the agent's Unix socket, for sandboxes without a network.
+    agent_socket: str | None = None
     expires_at: float | None = None
     attachments: set[Attachment] = field(factory=set, repr=False, eq=False)
     ever_connected: bool = False

@@ -333,6 +333,7 @@ def makeService(options: Options) -> IService:
         docker_url=options["docker-url"],
         threads=options["docker-threads"],
         call_timeout=options["docker-timeout"],
+        socket_dir=state_path(options).parent / "sockets" / options["instance"],
         limits=ContainerLimits(
             memory=options["memory"],
             cpus=options["cpus"],

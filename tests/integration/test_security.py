@@ -404,3 +404,29 @@ def test_many_threads_of_garbage_do_not_stop_service(hostile: GatewayProcess) ->
         thread.join(60)
     assert errors == []
     assert hostile.get("/healthz").status_code == 200
+
+
+def test_network_none_sandbox(make_gateway: Any, docker_client: Any) -> None:
+    """A sandbox created with network "none" has no network interface but loopback, its agent
+    is reached through a Unix socket in a per-sandbox directory, and that directory is removed
+    with the sandbox."""
+    gateway: GatewayProcess = make_gateway()
+    response = requests.post(gateway.url + "/sandboxes", json={"network": "none"}, timeout=60)
+    assert response.status_code == 200
+    sandbox_id = response.json()["sandbox_id"]
+    attrs = docker_client.containers.get(f"twistedgw-{sandbox_id}").attrs
+    assert attrs["HostConfig"]["NetworkMode"] == "none"
+    assert not attrs["NetworkSettings"]["Ports"]
+    mounts = attrs["Mounts"]
+    assert [m["Destination"] for m in mounts] == ["/run/twistedgw"]
+    socket_dir = mounts[0]["Source"]
+    assert gateway.get(f"/sandboxes/{sandbox_id}").json()["ip_address"] == ""
+    with connect(f"{gateway.ws_url}/ws/{sandbox_id}") as ws:
+        assert run(ws, "ls /sys/class/net")["output"].split() == ["lo"]
+        assert run(ws, "echo kept > f && cat f")["output"] == "kept\n"
+    assert gateway.delete(sandbox_id).status_code == 200
+    import os
+
+    assert not os.path.exists(socket_dir)
+    bad = requests.post(gateway.url + "/sandboxes", json={"network": "host"}, timeout=10)
+    assert bad.status_code == 400
