@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -103,3 +104,49 @@ def test_sigterm_closes_clients_with_going_away_and_exits_0(make_gateway: Any) -
     while again.get(f"/sandboxes/{sandbox_id}").status_code != 200:
         assert time.monotonic() < wait_until
         time.sleep(0.1)
+
+
+def test_restart_with_clients_attached_and_commands_running(make_gateway: Any) -> None:
+    """SIGKILL the gateway while one sandbox is idle, one has a client attached and one runs a
+    command: the client sees its connection drop, the command's sandbox keeps running it, and
+    after a restart all three are listed with their created_at, their idle clocks resumed from
+    the saved last activity, and clients reconnect and carry on."""
+    first: GatewayProcess = make_gateway("--reap-interval", "0.3")
+    idle, attached, busy = first.create(), first.create(), first.create()
+    with connect(f"{first.ws_url}/ws/{idle}") as ws:
+        assert run(ws, "true")["success"]
+    before = {s["sandbox_id"]: s for s in first.get("/sandboxes?details=true").json()}
+    time.sleep(1)  # a sweep saves the state file
+    stack = contextlib.ExitStack()
+    client = stack.enter_context(connect(f"{first.ws_url}/ws/{attached}"))
+    worker = stack.enter_context(connect(f"{first.ws_url}/ws/{busy}"))
+    # A session command outlives its connection (a plain one dies with it, like a terminal's
+    # foreground job on hang-up).
+    worker.send(
+        json.dumps(
+            {"command": "sleep 2; echo finished > done.txt", "request_id": "w", "session": "s"}
+        )
+    )
+    time.sleep(0.3)
+    first.stop(signal.SIGKILL)
+    for ws in (client, worker):
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+    stack.close()
+
+    second: GatewayProcess = make_gateway(instance=first.instance)
+    deadline = time.monotonic() + 15
+    while len(second.get("/sandboxes").json()) != 3:
+        assert time.monotonic() < deadline, "not every sandbox was recovered"
+        time.sleep(0.1)
+    after = {s["sandbox_id"]: s for s in second.get("/sandboxes?details=true").json()}
+    for sandbox_id in (idle, attached, busy):
+        assert after[sandbox_id]["created_at"] == before[sandbox_id]["created_at"]
+    # The idle clock resumed from the saved activity instead of restarting at zero.
+    assert after[idle]["last_activity"] == pytest.approx(before[idle]["last_activity"], abs=1)
+    assert after[idle]["status"] == "idle"
+    time.sleep(2.5)
+    with connect(f"{second.ws_url}/ws/{busy}") as ws:
+        assert run(ws, "cat done.txt")["output"] == "finished\n"
+    with connect(f"{second.ws_url}/ws/{attached}") as ws:
+        assert run(ws, "echo back")["output"] == "back\n"
