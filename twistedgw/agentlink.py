@@ -136,7 +136,7 @@ async def wait_for_agent(
     port: int,
     secret: str,
     timeout: float,
-    interval: float = 0.05,
+    interval: float = 0.02,
     unix_socket: str | None = None,
 ) -> None:
     """Retry a full agent handshake until one succeeds or ``timeout`` seconds pass.

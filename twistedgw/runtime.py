@@ -528,6 +528,8 @@ class DockerRuntime(Service):
         options.update(self._container_options)
         try:
             container = client.containers.run(self.image, **options)
+            # run() inspected the container before starting it: inspect again for the
+            # published port and the bridge address.
             container.reload()
             info = container_info_from_attrs(container.attrs)
             if not info.agent_port and not info.agent_socket:
