@@ -27,7 +27,8 @@ fi
 logfile=${DOCKERD_LOG:-/var/log/twistedgw-dockerd.log}
 log "Starting dockerd in the background (log: $logfile)..."
 # setsid: dockerd outlives this script and is not killed with the caller's process group.
-setsid dockerd >>"$logfile" 2>&1 </dev/null &
+# --live-restore: containers (sandboxes) keep running while the engine restarts.
+setsid dockerd --live-restore >>"$logfile" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >/run/twistedgw-dockerd.pid 2>/dev/null || true
 
