@@ -14,6 +14,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import attrs
 from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -350,15 +351,10 @@ class SandboxManager(Service):
         pooled = self._pool.pop(0)
         now = self.now()
         lifetime = settings.max_lifetime
-        sandbox = Sandbox(
-            sandbox_id=pooled.sandbox_id,
-            container_id=pooled.container_id,
+        # The same container, with the creator's settings and a life that starts now.
+        sandbox = attrs.evolve(
+            pooled,
             created_at=now,
-            ip_address=pooled.ip_address,
-            agent_host=pooled.agent_host,
-            agent_port=pooled.agent_port,
-            agent_secret=pooled.agent_secret,
-            agent_socket=pooled.agent_socket,
             last_activity=now,
             settings=settings,
             expires_at=None if lifetime is None else now + lifetime,

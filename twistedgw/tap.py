@@ -31,60 +31,37 @@ DEFAULT_IMAGE = "sandbox-websocket-image"
 _log = Logger()
 
 
-def _positive_float(name: str) -> Any:
-    def coerce(value: str) -> float:
+def _number(name: str, kind: type, allow_zero: bool, doc: str) -> Any:
+    """A usage.Options coercer: a finite number of ``kind``, > 0 (or >= 0)."""
+
+    def coerce(value: str) -> Any:
         try:
-            number = float(value)
+            number = kind(value)
         except ValueError:
             raise ValueError(f"{name} must be a number, not {value!r}") from None
-        if not number > 0:
-            raise ValueError(f"{name} must be greater than 0")
+        low_ok = number >= 0 if allow_zero else number > 0
+        if not low_ok or number == float("inf"):
+            raise ValueError(f"{name} must be {'0 or more' if allow_zero else 'greater than 0'}")
         return number
 
-    coerce.coerceDoc = "A number of seconds, greater than 0."  # type: ignore[attr-defined]
+    coerce.coerceDoc = doc  # type: ignore[attr-defined]
     return coerce
+
+
+def _positive_float(name: str) -> Any:
+    return _number(name, float, False, "A number of seconds, greater than 0.")
 
 
 def _non_negative_float(name: str) -> Any:
-    def coerce(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f"{name} must be a number, not {value!r}") from None
-        if not number >= 0 or number == float("inf"):
-            raise ValueError(f"{name} must be 0 or more")
-        return number
-
-    coerce.coerceDoc = "A number of seconds; 0 means none."  # type: ignore[attr-defined]
-    return coerce
-
-
-def _non_negative_int(name: str) -> Any:
-    def coerce(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError(f"{name} must be an integer, not {value!r}") from None
-        if number < 0:
-            raise ValueError(f"{name} must be 0 or more")
-        return number
-
-    coerce.coerceDoc = "An integer, 0 or more."  # type: ignore[attr-defined]
-    return coerce
+    return _number(name, float, True, "A number of seconds; 0 means none.")
 
 
 def _positive_int(name: str) -> Any:
-    def coerce(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError(f"{name} must be an integer, not {value!r}") from None
-        if number <= 0:
-            raise ValueError(f"{name} must be greater than 0")
-        return number
+    return _number(name, int, False, "An integer greater than 0.")
 
-    coerce.coerceDoc = "An integer greater than 0."  # type: ignore[attr-defined]
-    return coerce
+
+def _non_negative_int(name: str) -> Any:
+    return _number(name, int, True, "An integer, 0 or more.")
 
 
 class Options(usage.Options):
