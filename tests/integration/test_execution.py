@@ -252,10 +252,11 @@ def test_zombies_are_reaped(ws: Any, docker_client: Any, sandbox: str) -> None:
 
 
 def test_oversized_message_closes_1009(gateway: GatewayProcess, sandbox: str) -> None:
-    """A client message over --max-message-size is refused with close code 1009."""
+    """A client message over --max-message-size is refused with close code 1009 (which the
+    client may notice while still sending, or on its next read)."""
     with connect(f"{gateway.ws_url}/ws/{sandbox}", max_size=None) as ws:
-        ws.send(json.dumps({"command": "true", "stdin": "x" * (17 * 1024 * 1024)}))
         with pytest.raises(ConnectionClosed) as info:
+            ws.send(json.dumps({"command": "true", "stdin": "x" * (17 * 1024 * 1024)}))
             ws.recv(timeout=30)
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009
 
