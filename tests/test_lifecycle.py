@@ -331,3 +331,35 @@ def test_network_option(manager: SandboxManager) -> None:
     assert manager.settings_for({"network": "none"}).network == "none"
     with pytest.raises(InvalidSettings):
         manager.settings_for({"network": "host"})
+
+
+class FailingState(StateFile):
+    """A state file whose writes fail (a full disk, say)."""
+
+    def save(self, sandboxes: Any) -> Deferred[None]:
+        from twisted.internet.defer import fail
+
+        return fail(OSError("disk full"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_unrecorded_hand_out_falls_back_to_cold(
+    tmp_path: Path, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """If a pool hand-out cannot be recorded, that container is dropped (it could otherwise be
+    pooled again after a restart) and the create is made cold."""
+    manager = SandboxManager(
+        SandboxRegistry(),
+        runtime,
+        clock,
+        wait_ready=_ready,
+        pool_size=1,
+        state=FailingState(tmp_path / "s.json", clock),
+    )
+    manager.startService()
+    await manager.reconcile()
+    pooled = manager._pool[0]
+    sandbox = await manager.create()
+    assert sandbox.sandbox_id != pooled.sandbox_id and not sandbox.pooled
+    assert pooled.container_id in runtime.removed
+    assert [s.sandbox_id for s in manager.registry] == [sandbox.sandbox_id]

@@ -2,7 +2,7 @@
 
 A client's handshake completes only once the gateway's own connection to the sandbox's agent is
 up (``onConnect`` returns a Deferred), so an accepted client can send at once. Client messages
-are validated (``messages.parse_command``) and forwarded; agent results go back verbatim.
+are validated (``messages.parse_message``) and forwarded; agent results go back verbatim.
 """
 
 from __future__ import annotations
