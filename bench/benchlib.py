@@ -630,7 +630,7 @@ def container_pids(container: Any) -> tuple[int | None, int | None]:
     for pid, args in container.top(ps_args="-o pid,args")["Processes"]:
         if "tini" in args:
             tini = int(pid)
-        elif "agent.py" in args:
+        elif "agent.py" in args or args.endswith("-m agent"):
             agent = int(pid)
     return agent, tini
 

@@ -39,7 +39,8 @@ def agent_pid(container: Any) -> int:
     """Host PID of the agent process in a sandbox container (docker top shows host PIDs)."""
     top = container.top(ps_args="-o pid,args")
     for pid, args in top["Processes"]:
-        if "agent.py" in args and "tini" not in args:
+        runs_agent = "agent.py" in args or args.endswith("-m agent")
+        if runs_agent and "tini" not in args:
             return int(pid)
     raise RuntimeError(f"agent not found in {top}")
 
