@@ -505,7 +505,6 @@ class DockerRuntime(Service):
         if spec.settings.env:
             environment[COMMAND_ENV] = json.dumps(dict(spec.settings.env))
         options: dict[str, Any] = {
-            "detach": True,
             "name": name,
             "hostname": "sandbox",
             "labels": self._labels(spec),
@@ -527,9 +526,12 @@ class DockerRuntime(Service):
             environment["AGENT_UNIX_SOCKET"] = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
         options.update(self._container_options)
         try:
-            container = client.containers.run(self.image, **options)
-            # run() inspected the container before starting it: inspect again for the
-            # published port and the bridge address.
+            # create + start rather than run(): run() would try to pull a missing image from a
+            # registry (slow, and none may be reachable); a missing image is the operator's
+            # to build (ImageMissing).
+            container = client.containers.create(self.image, **options)
+            container.start()
+            # Inspect again for the published port and the bridge address.
             container.reload()
             info = container_info_from_attrs(container.attrs)
             if not info.agent_port and not info.agent_socket:
