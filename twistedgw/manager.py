@@ -144,6 +144,7 @@ class SandboxManager(Service):
         self._in_flight: set[str] = set()
         # Creates in progress by idempotency key, so concurrent retries share one container.
         self._creating: dict[str, _Shared] = {}
+        self._cold_creates = 0
         # The warm pool: started, agent-ready containers nobody has asked for yet. They are
         # not in the registry (not listed, not reaped, not counted in --max-sandboxes).
         self.pool_size = pool_size
@@ -283,7 +284,9 @@ class SandboxManager(Service):
         return shared.follow()
 
     def _count(self) -> int:
-        return len(self.registry) + sum(1 for i in self._in_flight if i not in self.registry)
+        """Sandboxes that count towards --max-sandboxes: registered ones and cold creates in
+        progress (the warm pool does not count)."""
+        return len(self.registry) + self._cold_creates
 
     async def _create(self, settings: SandboxSettings) -> Sandbox:
         if self._count() >= self.policy.max_sandboxes:
@@ -307,6 +310,7 @@ class SandboxManager(Service):
             settings=settings,
         )
         self._in_flight.add(sandbox_id)
+        self._cold_creates += 1
         try:
             started = self.now()
             info = await self.runtime.create(spec)
@@ -334,6 +338,7 @@ class SandboxManager(Service):
             return sandbox
         finally:
             self._in_flight.discard(sandbox_id)
+            self._cold_creates -= 1
 
     # -- warm pool -------------------------------------------------------------------------
 
