@@ -168,6 +168,7 @@ sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]
 
 import codecs
 import datetime
+import errno
 import hmac
 import json
 import math
@@ -188,6 +189,7 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import error as ierror
+from twisted.internet import main as twisted_main
 from twisted.internet import process as twisted_process
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ProcessProtocol
@@ -263,6 +265,27 @@ SETSID_CANDIDATES = ("/usr/bin/setsid", "/bin/setsid")
 PY_SETSID_SHIM = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
 
 
+#: Bytes read from a command's pipe at a time (Twisted's ProcessReader reads 8 KiB, which
+#: makes a fast producer cost one reactor turn per 8 KiB).
+PIPE_READ_SIZE = 64 * 1024
+
+
+class LargeReadProcessReader(twisted_process.ProcessReader):
+    """A ProcessReader that reads up to ``PIPE_READ_SIZE`` bytes per wake-up."""
+
+    def doRead(self) -> Any:
+        try:
+            output = os.read(self.fd, PIPE_READ_SIZE)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EINTR):
+                return None
+            return twisted_main.CONNECTION_LOST
+        if not output:
+            return twisted_main.CONNECTION_DONE
+        self.dataReceived(output)
+        return None
+
+
 class SpawnedProcess(twisted_process.Process):
     """A Twisted process started with ``posix_spawn`` (setsid included) instead of fork+exec.
 
@@ -272,6 +295,8 @@ class SpawnedProcess(twisted_process.Process):
     ``_fork``; reading, writing, pausing and reaping stay Twisted's own. Every fd the agent
     opens is close-on-exec (PEP 446), so the child gets only the pipes mapped here.
     """
+
+    processReaderFactory = LargeReadProcessReader
 
     def _fork(
         self,
@@ -1776,6 +1801,9 @@ class AgentProtocol(WebSocketServerProtocol, RunOwner):
             if getattr(transport, "producer", None) is not None:
                 transport.unregisterProducer()
             transport.registerProducer(OutputPauser(self), True)
+            # Pause commands only when this much is unsent (Twisted's 64 KiB default pauses
+            # and resumes a stream constantly); memory stays bounded all the same.
+            transport.bufferSize = 512 * 1024
         except Exception:
             log.failure("could not register for backpressure on {peer}", peer=self.peer_label)
         try:

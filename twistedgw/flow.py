@@ -32,8 +32,16 @@ class PauseReading:
             self.resumeProducing()
 
 
+#: Bytes a transport may hold unsent before it pauses its paired reader. Twisted's default
+#: (64 KiB) pauses and resumes the stream constantly; this bounds memory per connection just
+#: the same, at a size that lets a stream flow.
+WRITE_BUFFER = 512 * 1024
+
+
 def pair_flow(writer: Any, reader: Any) -> None:
     """Make ``writer``'s backpressure pause reading from ``reader``."""
+    if hasattr(writer, "bufferSize"):
+        writer.bufferSize = WRITE_BUFFER
     if getattr(writer, "producer", None) is not None:
         # twisted.web's HTTPChannel registered itself before the WebSocket took the
         # transport over; it has no say any more.
