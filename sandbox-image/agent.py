@@ -482,32 +482,29 @@ class AgentConfig:
         )
 
 
-def _int_env(environ: Any, name: str, default: int, low: int, high: int) -> int:
-    """An integer from the environment, within [low, high]."""
+def _number_env(environ: Any, name: str, default: Any, low: Any, high: Any, kind: type) -> Any:
+    """A finite number of ``kind`` from the environment, within [low, high]."""
     raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-    if not low <= value <= high:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name}={raw!r} is not {what}") from None
+    if not (math.isfinite(value) and low <= value <= high):
         raise ConfigError(f"{name}={value} is out of range [{low}, {high}]")
     return value
+
+
+def _int_env(environ: Any, name: str, default: int, low: int, high: int) -> int:
+    """An integer from the environment, within [low, high]."""
+    return int(_number_env(environ, name, default, low, high, int))
 
 
 def _float_env(environ: Any, name: str, default: float, low: float, high: float) -> float:
     """A finite number from the environment, within [low, high]."""
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ConfigError(f"{name}={value} is out of range [{low}, {high}]")
-    return value
+    return float(_number_env(environ, name, default, low, high, float))
 
 
 # --------------------------------------------------------------------------------------------
