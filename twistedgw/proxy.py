@@ -2,7 +2,7 @@
 
 A client's handshake completes only once the gateway's own connection to the sandbox's agent is
 up (``onConnect`` returns a Deferred), so an accepted client can send at once. Client messages
-are validated (``messages.parse_message``) and forwarded; agent results go back verbatim.
+are validated (``protocol.parse_message``) and forwarded; agent results go back verbatim.
 """
 
 from __future__ import annotations
@@ -20,14 +20,7 @@ from twistedgw.agentlink import AgentSide, AgentUnavailable
 from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.flow import pair_flow, unpair_flow
 from twistedgw.manager import SandboxManager, SandboxNotFound
-from twistedgw.messages import (
-    DEFAULT_POLICY,
-    MessageError,
-    MessagePolicy,
-    encode,
-    error_reply,
-    parse_message,
-)
+from twistedgw.protocol import DEFAULT_LIMITS, Limits, ProtocolError, encode, parse_message
 from twistedgw.sandbox import Sandbox
 
 #: Close code and reason when the agent connection drops under a client.
@@ -131,22 +124,16 @@ class ClientSide(WebSocketServerProtocol):
         manager = self.factory.manager
         try:
             message = parse_message(payload, is_binary, self.factory.policy)
-        except MessageError as e:
-            self.sendMessage(encode(error_reply(e, datetime.now())), isBinary=False)
+        except ProtocolError as e:
+            self.sendMessage(encode(e.reply(datetime.now())), isBinary=False)
             return
         if self.agent is None or self.agent.gone:
-            failure = MessageError(
-                "agent_unavailable",
-                "the sandbox agent connection is closed",
-                message.get("request_id"),
-                message.get("command"),
-                control="type" in message,
-            )
-            self.sendMessage(encode(error_reply(failure, datetime.now())), isBinary=False)
+            failure = message.error("agent_unavailable", "the sandbox agent connection is closed")
+            self.sendMessage(encode(failure.reply(datetime.now())), isBinary=False)
             return
         if self.sandbox is not None:
             manager.registry.touch(self.sandbox, manager.now())
-        self.agent.send_json(encode(message))
+        self.agent.send_json(encode(message.to_wire()))
 
     def agent_message(self, payload: bytes, is_binary: bool) -> None:
         """A message from the agent: forward it unchanged."""
@@ -203,7 +190,7 @@ class ProxyFactory(WebSocketServerFactory):
         self,
         manager: SandboxManager,
         reactor: Any,
-        policy: MessagePolicy = DEFAULT_POLICY,
+        policy: Limits = DEFAULT_LIMITS,
         authenticator: Authenticator | None = None,
         **options: Any,
     ) -> None:
