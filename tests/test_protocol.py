@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,17 @@ def test_control_error_reply_is_short() -> None:
     assert control_error(7, "x", "unknown_request")["request_id"] is None
 
 
+def test_every_error_code_is_documented() -> None:
+    """PROTOCOL.md's table of error codes is exactly ERROR_CODES (internal_error included),
+    and README points to it."""
+    spec = (ROOT / "PROTOCOL.md").read_text()
+    section = spec.split("\n## Error codes\n", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE)
+    assert "internal_error" in ERROR_CODES
+    assert sorted(documented) == sorted(ERROR_CODES)
+    assert "PROTOCOL.md" in (ROOT / "README.md").read_text()
+
+
 def test_unknown_error_code_is_a_bug() -> None:
     """A code that is not in ERROR_CODES cannot be sent by mistake."""
     with pytest.raises(ValueError):
@@ -348,6 +360,7 @@ def test_gateway_close_codes_are_the_protocols() -> None:
     assert proxy.CLOSE_AGENT_LOST == protocol.CLOSE_AGENT_LOST
     assert proxy.CLOSE_GOING_AWAY == protocol.CLOSE_GOING_AWAY
     assert manager.CLOSE_SANDBOX_REMOVED == protocol.CLOSE_SANDBOX_REMOVED
+    assert manager.CLOSE_SANDBOX_GONE == protocol.CLOSE_AGENT_LOST
 
 
 # -- properties: the production encoder on whatever a client can send -----------------------
