@@ -462,3 +462,49 @@ def test_stdin_record_to_wire() -> None:
     assert parse({"type": "stdin", "request_id": "r", "data": "a\x00", "eof": True}) == Stdin(
         "r", "a\x00", True
     )
+
+
+def test_module_is_standard_library_only(tmp_path: Path) -> None:
+    """protocol.py imports only the standard library and works on a bare interpreter (no site
+    packages), as it must inside the sandbox image next to an empty twistedgw/__init__.py."""
+    import ast
+    import subprocess
+    import sys
+
+    source = (ROOT / "twistedgw" / "protocol.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported <= sys.stdlib_module_names | {"__future__"}, imported
+
+    package = tmp_path / "twistedgw"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "protocol.py").write_text(source)
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from twistedgw import protocol as p\n"
+        'm = p.parse_message(b\'{"command": "echo hi", "timeout": 5}\')\n'
+        "print(p.encode(m.to_wire()).decode())\n"
+        "try:\n"
+        '    p.parse_message(b\'{"command": "echo \\\\ud800"}\')\n'
+        "except p.ProtocolError as e:\n"
+        "    print(p.encode(e.reply()).decode())\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] not in sys.stdlib_module_names"
+        " and n.split('.')[0] not in ('twistedgw', '__main__')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.splitlines()
+    assert json.loads(out[0])["timeout"] == 5.0
+    assert json.loads(out[1])["error_code"] == "invalid_command"
+    assert out[2] == "[]"
