@@ -36,6 +36,22 @@ Rules this module makes the only ones (they used to differ between gateway and a
 * an error reply echoes at most ``MAX_ECHO_LENGTH`` characters of ``command`` (then adds
   ``command_truncated: true``); a result echoes the full command, as the seed does.
 
+Use, at either end (``send`` writes one text frame)::
+
+    limits = protocol.Limits(default_timeout=900.0, max_timeout=3600.0)  # this end's policy
+    try:
+        message = protocol.parse_message(payload, is_binary, limits)
+    except protocol.ProtocolError as e:
+        send(protocol.encode(e.reply()))
+        return
+    if isinstance(message, protocol.Command) and message.request_id in running:
+        # a check only this end can make: the message's own error, in the right shape
+        send(protocol.encode(message.error("duplicate_request_id", "...").reply()))
+    ...
+    send(protocol.encode(protocol.result_message(request_id, command, returncode, ...)))
+
+The gateway forwards ``message.to_wire()``; the agent acts on the record's fields.
+
 Adding a message type (attach, kill, pty, resize, ...): write a frozen record with ``TYPE``,
 ``request_id``, ``to_wire()`` and a ``_parse_<type>(obj)`` function, and add it to
 ``CONTROL_PARSERS``; nothing else changes.
