@@ -30,5 +30,4 @@ if [ -z "${TWISTEDGW_TOKENS:-}" ] && [[ " $* " != *" --tokens-file"* ]]; then
     log "WARNING: no API tokens (--tokens-file or \$TWISTEDGW_TOKENS) and listening on all"
     log "WARNING: interfaces: anyone who can reach port $port can create and drive sandboxes"
 fi
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 exec "$here/.venv/bin/twistd" --nodaemon --pidfile= sandboxgw --port "tcp:$port" "$@"

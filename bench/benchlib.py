@@ -431,7 +431,9 @@ class Gateway:
             if self.process.poll() is not None:
                 raise BenchError(f"gateway {self.instance} exited early:\n{self.tail()}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                health = requests.get(self.url + "/healthz", timeout=1)
+                # "ready": its sandboxes are recovered (sandbox routes answer 503 until then).
+                if health.status_code == 200 and health.json().get("ready", True):
                     return
             except requests.RequestException:
                 pass

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Build the sandbox image (default name: sandbox-websocket-image).
 #
-# Usage: sandbox-image/build.sh [--force]
+# Usage: sandbox-image/build.sh [--force | --print-mirror]
 #   --force   rebuild even when an image with the current content hash exists, without
 #             Docker's layer cache (picks up new Debian packages); the base image is kept
+#   --print-mirror  print the Debian mirror and security mirror an offline bootstrap would use
 # Env:
 #   SANDBOX_IMAGE   image name/tag to build (default: sandbox-websocket-image)
+#   DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR  Debian mirrors for an offline bootstrap (default:
+#                   the host's apt sources that serve bookworm, else deb.debian.org)
 #
 # The image carries the label org.twistedgw.image-hash = sha256 of the files that go into it
 # (Dockerfile, agent.py); when the existing image has the same hash, nothing is rebuilt.
@@ -19,20 +22,72 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SANDBOX_IMAGE=${SANDBOX_IMAGE:-sandbox-websocket-image}
 OFFICIAL_BASE=debian:bookworm-slim
 LOCAL_BASE=twistedgw-base:bookworm
-DEBIAN_MIRROR=http://deb.debian.org/debian
-DEBIAN_SECURITY=http://deb.debian.org/debian-security
+# Where apt's configuration lives (tests point it elsewhere).
+APT_ETC=${APT_ETC:-/etc/apt}
 HASH_LABEL=org.twistedgw.image-hash
 START=$SECONDS
 
 log() { printf '[build-image] [%3ds] %s\n' "$((SECONDS - START))" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-usage() { sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+
+# --- Debian mirror ------------------------------------------------------------------------
+# "URI SUITE..." for every enabled deb entry of the host's apt sources: one-line *.list files
+# and deb822 *.sources files.
+apt_source_entries() {
+    local f
+    for f in "$APT_ETC/sources.list" "$APT_ETC"/sources.list.d/*.list; do
+        [ -f "$f" ] || continue
+        # deb [options] URI SUITE COMPONENTS...
+        sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" | awk '$1 == "deb" && NF >= 3 {print $2, $3}'
+    done
+    for f in "$APT_ETC"/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        awk '
+            function flush() {
+                if (types ~ /(^| )deb( |$)/ && enabled != "no" && uris != "" && suites != "") {
+                    n = split(uris, u, " ")
+                    for (i = 1; i <= n; i++) print u[i], suites
+                }
+                types = ""; uris = ""; suites = ""; enabled = ""
+            }
+            /^#/ { next }
+            /^[ \t]*$/ { flush(); next }
+            /^[ \t]/ { value = $0 }
+            /^[^ \t]/ {
+                key = tolower($1); sub(/:.*/, "", key)
+                value = $0; sub(/^[^:]*:/, "", value)
+            }
+            {
+                if (key == "types") types = types " " value
+                else if (key == "uris") uris = uris " " value
+                else if (key == "suites") suites = suites " " value
+                else if (key == "enabled") enabled = tolower(value)
+                gsub(/^[ \t]+|[ \t]+$/, "", enabled)
+            }
+            END { flush() }
+        ' "$f"
+    done
+}
+
+# The first http(s) source serving SUITE (e.g. bookworm, bookworm-security), or nothing.
+host_mirror_for() {
+    apt_source_entries | awk -v want="$1" '
+        $1 ~ /^https?:\/\// { for (i = 2; i <= NF; i++) if ($i == want) { sub(/\/+$/, "", $1); print $1; exit } }
+    '
+}
+
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-$(host_mirror_for bookworm)}
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+DEBIAN_SECURITY=${DEBIAN_SECURITY_MIRROR:-$(host_mirror_for bookworm-security)}
+DEBIAN_SECURITY=${DEBIAN_SECURITY:-http://deb.debian.org/debian-security}
 
 FORCE=0
 for arg in "$@"; do
     case "$arg" in
         --force) FORCE=1 ;;
+        --print-mirror) printf '%s\n%s\n' "$DEBIAN_MIRROR" "$DEBIAN_SECURITY"; exit 0 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $arg" ;;
     esac

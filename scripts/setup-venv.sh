@@ -31,9 +31,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$venv/bin/python" -m pip install -q -e "$here[test]"
     echo "$want" >"$stamp"
 fi
-# The twisted/plugins dropin is found through PYTHONPATH (an editable install does not put it
-# on twisted.plugins' path); regenerate the dropin cache so `twistd --help` lists sandboxgw.
-PYTHONPATH="$here" "$venv/bin/python" -c \
-    'from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; list(getPlugins(IPlugin, twisted.plugins))' \
+# An editable install does not put the twisted/plugins dropin on twisted.plugins' path (a
+# plain `pip install .` copies it there): link it into the venv's twisted/plugins, so
+# `twistd sandboxgw` works without PYTHONPATH, and regenerate the dropin cache.
+plugins=$("$venv/bin/python" -c 'import os, twisted.plugins; print(os.path.dirname(twisted.plugins.__file__))')
+ln -sfn "$here/twisted/plugins/sandboxgw_plugin.py" "$plugins/sandboxgw_plugin.py"
+(cd / && env -u PYTHONPATH "$venv/bin/python" -c \
+    'from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; list(getPlugins(IPlugin, twisted.plugins))') \
     >/dev/null 2>&1 || true
+(cd / && env -u PYTHONPATH "$venv/bin/twistd" sandboxgw --help >/dev/null) \
+    || { log "ERROR: twistd does not find the sandboxgw plugin in $venv"; exit 1; }
 log "virtualenv ready: $venv"

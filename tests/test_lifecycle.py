@@ -4,6 +4,8 @@ lifetimes, removal reasons, events, and state across restarts."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -248,31 +250,48 @@ async def test_capacity_counts_creates_in_flight(clock: Clock) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_state_survives_restart(tmp_path: Path, runtime: FakeRuntime, clock: Clock) -> None:
-    """A restarted manager resumes idle clocks and lifetime extensions from the state file."""
-    state = StateFile(tmp_path / "state.json", clock)
+async def test_state_survives_restart(
+    tmp_path: Path, runtime: FakeRuntime, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown saves the state file through the real save path (last activity, that a client
+    attached, the lifetime as extended by keepalive, fsynced with its directory), and a
+    restarted manager resumes idle clocks and lifetime extensions from it."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_mode)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "state" / "default.json"
+    state = StateFile(path, clock, in_thread=False)
     first = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready, state=state)
+    first.startService()
     sandbox = await first.create(first.settings_for({"max_lifetime": 100}))
-    first.registry.attach(sandbox, Client(), first.now())
+    client = Client()
+    first.registry.attach(sandbox, client, first.now())
     clock.advance(30)
     first.keepalive(sandbox.sandbox_id, 500)
-    # Write synchronously for the test (the real save runs in a thread).
-    state._thd_write(
-        {
-            sandbox.sandbox_id: {
-                "last_activity": sandbox.last_activity,
-                "ever_connected": True,
-                "expires_at": sandbox.expires_at,
-            }
-        }
-    )
+    first.registry.detach(sandbox, client, first.now())
+    assert not path.exists()
+    await first.stopService()  # shutdown saves
+    saved = json.loads(path.read_text())["sandboxes"][sandbox.sandbox_id]
+    assert saved == {
+        "last_activity": sandbox.last_activity,
+        "ever_connected": True,
+        "expires_at": clock.seconds() + 500,
+    }
+    assert [stat.S_ISREG(m) for m in synced] == [True, False]  # the file, then its directory
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
     clock.advance(1000)  # the gateway was down for a while
     second = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready, state=state)
     second.startService()
     await second.reconcile()
     adopted = second.lookup(sandbox.sandbox_id)
     assert adopted.last_activity == sandbox.last_activity
-    assert adopted.status == "idle"
+    assert adopted.status == "idle" and adopted.state == "idle"
     assert adopted.expires_at == sandbox.expires_at
     assert adopted.idle_for(clock.seconds()) == pytest.approx(1000)
 

@@ -107,7 +107,7 @@ async def test_bad_messages_get_errors_and_connection_stays(gateway: Gateway) ->
 async def test_status_connected_then_idle(gateway: Gateway) -> None:
     """Status is connected while any client is attached and idle after the last leaves."""
     sandbox = await gateway.manager.create()
-    assert sandbox.status == "created"
+    assert sandbox.status == "idle"
     a = await gateway.client(sandbox.sandbox_id)
     b = await gateway.client(sandbox.sandbox_id)
     assert sandbox.status == "connected"

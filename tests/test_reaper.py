@@ -85,14 +85,24 @@ async def test_failing_sweep_does_not_stop_later_sweeps(
 async def test_docker_down_means_no_mass_delete(
     manager: SandboxManager, runtime: FakeRuntime, clock: Clock
 ) -> None:
-    """With the engine unreachable, a sweep neither forgets sandboxes nor stops the timer."""
+    """With the engine unreachable, sweeps neither forget sandboxes nor stop the timer: once
+    it is back, the next sweep reconciles again (a container removed meanwhile is noticed)."""
     busy = await manager.create()
+    gone = await manager.create()
     manager.registry.attach(busy, Client(), manager.now())
     runtime.available = False
-    reaper = Reaper(manager)
-    clock.advance(5)
-    await reaper.sweep()
-    assert busy.sandbox_id in manager.registry
+    service = make_reaper_service(Reaper(manager), 10, clock)
+    service.startService()
+    try:
+        clock.advance(30)  # sweeps at 0, 10, 20 and 30 s, each failing to reach Docker
+        assert service.running and service._loop.running
+        assert {s.sandbox_id for s in manager.registry} == {busy.sandbox_id, gone.sandbox_id}
+        runtime.available = True
+        del runtime.containers[gone.container_id]
+        clock.advance(10)
+        assert [s.sandbox_id for s in manager.registry] == [busy.sandbox_id]
+    finally:
+        service.stopService()
 
 
 @pytest_twisted.ensureDeferred

@@ -45,19 +45,23 @@ def test_ids_have_128_bits_and_validate() -> None:
 
 
 def test_status_words_follow_clients() -> None:
-    """created before any client, connected while one is attached, idle after."""
+    """The seed's words: idle before any client (as in the seed's example), connected while
+    one is attached, idle after; the finer state says created before any client."""
     registry = SandboxRegistry()
     sandbox = make_sandbox()
     registry.add(sandbox)
-    assert sandbox.status == "created"
+    assert (sandbox.status, sandbox.state) == ("idle", "created")
+    assert sandbox.to_json()["status"] == "idle"
+    assert sandbox.to_json(details=True)["state"] == "created"
     a, b = Client(), Client()
     registry.attach(sandbox, a, 110.0)
     registry.attach(sandbox, b, 111.0)
     assert sandbox.status == "connected"
     registry.detach(sandbox, a, 112.0)
     assert sandbox.status == "connected"
+    assert sandbox.state == "connected"
     registry.detach(sandbox, b, 113.0)
-    assert sandbox.status == "idle"
+    assert (sandbox.status, sandbox.state) == ("idle", "idle")
     assert sandbox.last_activity == 113.0
 
 
@@ -79,7 +83,7 @@ def test_seed_json_fields() -> None:
     sandbox = make_sandbox(now=1648371234.567)
     assert sandbox.to_json() == {
         "sandbox_id": sandbox.sandbox_id,
-        "status": "created",
+        "status": "idle",
         "created_at": 1648371234.567,
         "ip_address": "172.17.0.2",
     }

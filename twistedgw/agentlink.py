@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -118,7 +118,13 @@ def connect_agent(
     async def run() -> AgentSide:
         protocol = await endpoint.connect(factory)
         assert isinstance(protocol, AgentSide)
-        return await protocol.opened
+        try:
+            return await protocol.opened
+        except CancelledError:
+            # Timed out after TCP connected, mid-handshake: nobody will use this connection.
+            if not protocol.gone and protocol.transport is not None:
+                protocol.transport.abortConnection()  # type: ignore[attr-defined]
+            raise
 
     d = Deferred.fromCoroutine(run())
     d.addTimeout(timeout, reactor)

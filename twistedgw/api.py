@@ -25,6 +25,7 @@ from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.manager import (
     CapacityExceeded,
     InvalidSettings,
+    Recovering,
     SandboxManager,
     SandboxNotFound,
 )
@@ -134,6 +135,11 @@ class GatewayAPI:
         request.setHeader(b"Retry-After", b"5")
         return _json(request, 429, {"error": failure.getErrorMessage()})
 
+    @app.handle_errors(Recovering)
+    def _recovering(self, request: IRequest, failure: Failure) -> bytes:
+        request.setHeader(b"Retry-After", str(Recovering.retry_after).encode("ascii"))
+        return _json(request, 503, {"error": failure.getErrorMessage()})
+
     @app.handle_errors(RuntimeUnavailable)
     def _runtime_unavailable(self, request: IRequest, failure: Failure) -> bytes:
         self._log.warn("Docker unavailable: {error}", error=failure.getErrorMessage())
@@ -238,7 +244,9 @@ class GatewayAPI:
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
-        body: dict[str, Any] = {"status": "ok"}
+        # Answers from the first accepted connection; "ready" turns true once the sandboxes
+        # running before a restart are recovered (sandbox routes answer 503 until then).
+        body: dict[str, Any] = {"status": "ok", "ready": self.manager.recovered}
         if not self.authenticator.enabled:
             body["sandboxes"] = len(self.manager.registry)
             body["pool"] = self.manager.pool_status()

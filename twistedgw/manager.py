@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 from attrs import frozen
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -50,6 +51,9 @@ MAX_METADATA_VALUE = 256
 MAX_ENV_VALUE = 32 * 1024
 
 
+T = TypeVar("T")
+
+
 class SandboxNotFound(Exception):
     """No sandbox with that id (or not one this gateway may show)."""
 
@@ -65,6 +69,14 @@ class InvalidSettings(ValueError):
 
 class CapacityExceeded(Exception):
     """The gateway already runs its maximum number of sandboxes."""
+
+
+class Recovering(Exception):
+    """The gateway has started but not yet recovered its sandboxes from the runtime, so it
+    cannot tell whether a sandbox exists (answered as 503 with ``Retry-After``)."""
+
+    #: Seconds a client should wait before asking again.
+    retry_after = 1
 
 
 @frozen
@@ -153,7 +165,7 @@ class SandboxManager(Service):
         # must neither adopt nor remove those, and events about them are ours.
         self._in_flight: set[str] = set()
         # Creates in progress by idempotency key, so concurrent retries share one container.
-        self._creating: dict[str, _Shared] = {}
+        self._creating: dict[str, _Shared[Sandbox]] = {}
         self._cold_creates = 0
         # The warm pool: started, agent-ready containers nobody has asked for yet. They are
         # not in the registry (not listed, not reaped, not counted in --max-sandboxes).
@@ -162,6 +174,18 @@ class SandboxManager(Service):
         self._pool_filling = 0
         self._pool_failures = 0
         self._pool_retry: Any = None
+        self._backoff = backoffPolicy(initialDelay=1.0, maxDelay=30.0, factor=2.0)
+        # Between startService and the first successful reconcile the registry may miss
+        # running sandboxes: lookups and listings raise ``Recovering`` instead of answering
+        # a false "not found" or an incomplete list.
+        self.recovered = True
+        self._recovery_failures = 0
+        self._recovery_retry: Any = None
+        # The reconcile in progress (at most one at a time; later callers share it), and the
+        # sandbox ids something else touched since its listing began, about which that
+        # listing may be stale.
+        self._reconciling: _Shared[None] | None = None
+        self._touched: set[str] | None = None
 
     # -- Service ---------------------------------------------------------------------------
 
@@ -169,17 +193,38 @@ class SandboxManager(Service):
         super().startService()
         self._saved = self._state.load()
         self.runtime.watch(self._on_event)
-        d = Deferred.fromCoroutine(self.reconcile())
-        d.addErrback(
-            lambda f: self._log.failure(
-                "could not recover sandboxes at start-up; will retry on the next sweep", f
+        self.recovered = False
+        self._recover()
+
+    def _recover(self) -> None:
+        """Reconcile until one succeeds; only then is the registry complete."""
+        self._recovery_retry = None
+        if not self.running:
+            return
+        d = self.reconcile()
+
+        def failed(f: Failure) -> None:
+            self._recovery_failures += 1
+            delay = self._backoff(self._recovery_failures - 1)
+            self._log.failure(
+                "could not recover sandboxes at start-up; retrying in {delay:.1f} s",
+                f,
+                delay=delay,
             )
-        )
+            if self.running:
+                self._recovery_retry = self._reactor.callLater(delay, self._recover)
+
+        d.addErrback(failed)
+
+    def _check_recovered(self) -> None:
+        if not self.recovered:
+            raise Recovering("the gateway is still recovering its sandboxes from Docker")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._pool_retry is not None and self._pool_retry.active():
-            self._pool_retry.cancel()
+        for call in (self._pool_retry, self._recovery_retry):
+            if call is not None and call.active():
+                call.cancel()
         d = self.save_state()
         d.addErrback(lambda f: self._log.failure("could not save state at shutdown", f))
         return d
@@ -199,6 +244,7 @@ class SandboxManager(Service):
         """
         if not is_valid_sandbox_id(sandbox_id):
             raise SandboxNotFound(sandbox_id)
+        self._check_recovered()
         sandbox = self.registry.get(sandbox_id)
         if sandbox is None:
             tombstone = self.graveyard.get(sandbox_id, self.now())
@@ -210,7 +256,9 @@ class SandboxManager(Service):
         return sandbox
 
     def visible_to(self, owner: str | None) -> list[Sandbox]:
-        """The sandboxes ``owner`` may see (all of them in open mode)."""
+        """The sandboxes ``owner`` may see (all of them in open mode); raises ``Recovering``
+        until the registry is known to be complete."""
+        self._check_recovered()
         return [s for s in self.registry if owner is None or s.settings.owner == owner]
 
     def now(self) -> float:
@@ -272,6 +320,7 @@ class SandboxManager(Service):
         concurrent retries share one creation. The creation goes on even if the caller
         cancels its Deferred (a client that went away), so no half-made sandbox is left.
         """
+        self._check_recovered()  # the registry may miss the sandbox this key made
         settings = settings or SandboxSettings(idle_timeout=self.policy.idle_timeout)
         key = settings.idempotency_key
         if key is not None:
@@ -319,7 +368,7 @@ class SandboxManager(Service):
             agent_secret=new_agent_secret(),
             settings=settings,
         )
-        self._in_flight.add(sandbox_id)
+        self._begin(sandbox_id)
         self._cold_creates += 1
         try:
             started = self.now()
@@ -347,7 +396,7 @@ class SandboxManager(Service):
             )
             return sandbox
         finally:
-            self._in_flight.discard(sandbox_id)
+            self._end(sandbox_id)
             self._cold_creates -= 1
 
     # -- warm pool -------------------------------------------------------------------------
@@ -375,6 +424,7 @@ class SandboxManager(Service):
             expires_at=None if lifetime is None else now + lifetime,
             pooled=True,
         )
+        self._touch(sandbox.sandbox_id)
         self.registry.add(sandbox)
         self.refill_pool()
         try:
@@ -409,7 +459,7 @@ class SandboxManager(Service):
             settings=SandboxSettings(idle_timeout=self.policy.idle_timeout),
             pooled=True,
         )
-        self._in_flight.add(sandbox_id)
+        self._begin(sandbox_id)
         try:
             info = await self.runtime.create(spec)
             try:
@@ -420,18 +470,18 @@ class SandboxManager(Service):
             self._pool.append(self._sandbox_from(info))
             self._pool_failures = 0
         except Exception as e:
-            # Back off (1, 2, 4 ... 30 s) instead of hammering an engine that is in trouble.
+            # Back off (about 1, 2, 4 ... 30 s) instead of hammering an engine in trouble.
             self._pool_failures += 1
-            delay = min(30.0, 2.0 ** (self._pool_failures - 1))
+            delay = self._backoff(self._pool_failures - 1)
             self._log.warn(
-                "could not add to the warm pool ({error}); retrying in {delay:g} s",
+                "could not add to the warm pool ({error}); retrying in {delay:.1f} s",
                 error=str(e),
                 delay=delay,
             )
             if self._pool_retry is None and self.running:
                 self._pool_retry = self._reactor.callLater(delay, self._retry_refill)
         finally:
-            self._in_flight.discard(sandbox_id)
+            self._end(sandbox_id)
             self._pool_filling -= 1
 
     def _retry_refill(self) -> None:
@@ -451,11 +501,11 @@ class SandboxManager(Service):
         sandbox = self.lookup(sandbox_id, owner)
         if sandbox_id in self._in_flight:
             raise SandboxNotFound(sandbox_id)  # being removed right now
-        self._in_flight.add(sandbox_id)
+        self._begin(sandbox_id)
         try:
             await self.runtime.remove(sandbox.container_id, sandbox_id)
         finally:
-            self._in_flight.discard(sandbox_id)
+            self._end(sandbox_id)
         self._forget(sandbox, CLOSE_SANDBOX_REMOVED, reason)
         self._log.info(
             "removed sandbox {sandbox_id} (reason: {reason})", sandbox_id=sandbox_id, reason=reason
@@ -481,12 +531,50 @@ class SandboxManager(Service):
 
     # -- reconciliation --------------------------------------------------------------------
 
-    async def reconcile(self) -> None:
-        """Bring the registry in line with the runtime (the source of truth)."""
+    def reconcile(self) -> Deferred[None]:
+        """Bring the registry in line with the runtime (the source of truth).
+
+        One reconcile runs at a time: a call while one is in progress shares its outcome.
+        The first success after ``startService`` marks the registry as recovered.
+        """
+        if self._reconciling is None:
+            running = Deferred.fromCoroutine(self._reconcile())
+
+            def done(result: Any) -> Any:
+                self._reconciling = None
+                self._touched = None
+                if not isinstance(result, Failure) and not self.recovered:
+                    self.recovered = True
+                    self._recovery_failures = 0
+                    self._log.info(
+                        "recovered {count} sandboxes from Docker; serving them",
+                        count=len(self.registry),
+                    )
+                return result
+
+            running.addBoth(done)
+            if running.called:
+                return running
+            self._reconciling = _Shared(running)
+        return self._reconciling.follow()
+
+    async def _reconcile(self) -> None:
+        # Ids that anything else creates, hands out, removes or forgets from here on are
+        # left alone by this pass: its listing may predate the change.
+        touched: set[str] = set()
+        self._touched = touched
+        registered = {s.sandbox_id for s in self.registry}
+        pooled_before = {p.sandbox_id for p in self._pool}
         infos = await self.runtime.list_containers()
         seen: set[str] = set()
         for info in infos:
-            if not is_valid_sandbox_id(info.sandbox_id) or info.sandbox_id in self._in_flight:
+            sandbox_id = info.sandbox_id
+            if (
+                not is_valid_sandbox_id(sandbox_id)
+                or sandbox_id in self._in_flight
+                or sandbox_id in touched
+            ):
+                seen.add(sandbox_id)
                 continue
             seen.add(info.sandbox_id)
             known = self.registry.get(info.sandbox_id)
@@ -519,10 +607,18 @@ class SandboxManager(Service):
                         info.sandbox_id, REASON_EXITED, self.now(), detail, info.settings.owner
                     )
                 )
-        self._pool = [p for p in self._pool if p.sandbox_id in seen]
+        self._pool = [
+            p for p in self._pool if p.sandbox_id in seen or p.sandbox_id not in pooled_before
+        ]
         self.refill_pool()
         for sandbox in self.registry:
-            if sandbox.sandbox_id not in seen and sandbox.sandbox_id not in self._in_flight:
+            sandbox_id = sandbox.sandbox_id
+            if (
+                sandbox_id in registered
+                and sandbox_id not in seen
+                and sandbox_id not in self._in_flight
+                and sandbox_id not in touched
+            ):
                 self._log.warn(
                     "sandbox {sandbox_id}: container vanished; forgetting it",
                     sandbox_id=sandbox.sandbox_id,
@@ -581,11 +677,25 @@ class SandboxManager(Service):
             d.addErrback(lambda f: self._log.failure("removing a dead container failed", f))
 
     async def _remove_dead(self, sandbox_id: str, container_id: str) -> None:
-        self._in_flight.add(sandbox_id)
+        self._begin(sandbox_id)
         try:
             await self.runtime.remove(container_id, sandbox_id)
         finally:
-            self._in_flight.discard(sandbox_id)
+            self._end(sandbox_id)
+
+    def _begin(self, sandbox_id: str) -> None:
+        """A container operation on ``sandbox_id`` starts (reconciliation keeps off it)."""
+        self._in_flight.add(sandbox_id)
+        self._touch(sandbox_id)
+
+    def _end(self, sandbox_id: str) -> None:
+        self._in_flight.discard(sandbox_id)
+        self._touch(sandbox_id)
+
+    def _touch(self, sandbox_id: str) -> None:
+        """``sandbox_id`` changed outside a reconcile: its listing may be stale about it."""
+        if self._touched is not None:
+            self._touched.add(sandbox_id)
 
     # -- agents ----------------------------------------------------------------------------
 
@@ -614,6 +724,7 @@ class SandboxManager(Service):
     # -- internals -------------------------------------------------------------------------
 
     def _forget(self, sandbox: Sandbox, code: int, reason: str, detail: str = "") -> None:
+        self._touch(sandbox.sandbox_id)
         self.registry.remove(sandbox.sandbox_id)
         self.graveyard.bury(
             Tombstone(sandbox.sandbox_id, reason, self.now(), detail, sandbox.settings.owner)
@@ -670,7 +781,7 @@ async def _value(sandbox: Sandbox) -> Sandbox:
     return sandbox
 
 
-class _Shared:
+class _Shared(Generic[T]):
     """One operation's outcome handed to any number of followers.
 
     A follower's cancellation (a client that went away) does not cancel the operation.
@@ -678,10 +789,10 @@ class _Shared:
 
     _log = Logger()
 
-    def __init__(self, source: Deferred[Sandbox]) -> None:
+    def __init__(self, source: Deferred[T]) -> None:
         self._result: Any = None
         self._done = False
-        self._followers: list[Deferred[Sandbox]] = []
+        self._followers: list[Deferred[T]] = []
         source.addBoth(self._fire)
 
     def _fire(self, result: Any) -> None:
@@ -690,9 +801,9 @@ class _Shared:
         for follower in followers:
             self._deliver(follower)
         if isinstance(result, Failure) and not followers:
-            self._log.failure("sandbox creation failed with nobody waiting", result)
+            self._log.failure("an operation failed with nobody waiting", result)
 
-    def _deliver(self, follower: Deferred[Sandbox]) -> None:
+    def _deliver(self, follower: Deferred[T]) -> None:
         if follower.called:
             return  # cancelled by its caller
         if isinstance(self._result, Failure):
@@ -700,8 +811,8 @@ class _Shared:
         else:
             follower.callback(self._result)
 
-    def follow(self) -> Deferred[Sandbox]:
-        follower: Deferred[Sandbox] = Deferred()
+    def follow(self) -> Deferred[T]:
+        follower: Deferred[T] = Deferred()
         if self._done:
             self._deliver(follower)
         else:

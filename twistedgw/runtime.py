@@ -320,6 +320,9 @@ class DockerRuntime(Service):
         self.limits = limits
         self.socket_dir = socket_dir
         self._pool = _DockerThreadPool(minthreads=0, maxthreads=threads, name="docker")
+        # The health ping has a thread of its own: queued behind a burst of creates on the
+        # shared pool, its timeout would count the queue and call a busy engine down.
+        self._health_pool = _DockerThreadPool(minthreads=0, maxthreads=1, name="docker-health")
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._threads = threads
@@ -343,6 +346,7 @@ class DockerRuntime(Service):
     def startService(self) -> None:
         super().startService()
         self._pool.start()
+        self._health_pool.start()
         self._health.start(self._health_interval, now=True)
         if self._watchers:
             self._start_events_thread()
@@ -356,6 +360,7 @@ class DockerRuntime(Service):
         stopped: Deferred[None] = Deferred()
 
         def thd_stop() -> None:
+            self._health_pool.stop()
             self._pool.stop()
             self._reactor.callFromThread(lambda: None if stopped.called else stopped.callback(None))
 
@@ -388,8 +393,25 @@ class DockerRuntime(Service):
     # -- health ----------------------------------------------------------------------------
 
     def _check_health(self) -> Deferred[None]:
-        d = self._defer(self._thd_ping, admit_when_down=True, timeout=self._health_interval)
-        d.addErrback(lambda f: f.trap(RuntimeUnavailable))
+        """Ping the engine on the health thread; its answer time alone decides."""
+        d: Deferred[None] = deferToThreadPool(
+            self._reactor, self._health_pool, self._thd_guard, self._thd_ping
+        )
+        limit = self._health_interval
+        d.addTimeout(limit, self._reactor)
+
+        def settle(result: Any) -> None:
+            if not isinstance(result, Failure):
+                self._mark(True)
+            elif result.check(TimeoutError):
+                self._mark(False, f"Docker engine did not answer a ping within {limit:g} s")
+            elif result.check(RuntimeUnavailable):
+                self._mark(False, result.getErrorMessage())
+            else:
+                # The engine answered, if with an error: it is up.
+                self._log.failure("Docker health check failed", result)
+
+        d.addBoth(settle)
         return d
 
     def _thd_ping(self) -> None:

@@ -13,10 +13,12 @@ from typing import Any, Protocol
 
 from attrs import define, field, frozen
 
-#: Status words of the seed contract.
-CREATED = "created"
+#: Status words of the seed contract (GET answers ``idle`` or ``connected``).
 IDLE = "idle"
 CONNECTED = "connected"
+#: The finer ``state`` under ``?details=true``: ``created`` until a client first attaches,
+#: then ``connected`` while one is, ``idle`` after.
+CREATED = "created"
 
 #: Why a sandbox was removed (reported by GET for a while afterwards).
 REASON_DELETED = "deleted"
@@ -96,12 +98,16 @@ class Sandbox:
 
     @property
     def status(self) -> str:
-        """``connected`` while a client is attached, ``idle`` after, ``created`` before any."""
-        if self.clients > 0:
-            return CONNECTED
-        if self.ever_connected:
-            return IDLE
-        return CREATED
+        """The seed's word: ``connected`` while a client is attached, ``idle`` otherwise
+        (a new sandbox included, as in the seed's example)."""
+        return CONNECTED if self.clients > 0 else IDLE
+
+    @property
+    def state(self) -> str:
+        """The finer state: ``created`` before any client attached, else as ``status``."""
+        if self.clients == 0 and not self.ever_connected:
+            return CREATED
+        return self.status
 
     def idle_for(self, now: float) -> float:
         """Seconds without clients or command activity; 0 while a client is attached."""
@@ -133,6 +139,7 @@ class Sandbox:
             body["metadata"] = dict(self.settings.metadata)
         if details:
             body.update(
+                state=self.state,
                 clients=self.clients,
                 last_activity=self.last_activity,
                 idle_timeout=self.settings.idle_timeout,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.filepath import FilePath
 
 from twistedgw.sandbox import Sandbox, SandboxSettings
 
@@ -119,13 +119,27 @@ class StateFile:
         )
 
     def _thd_write(self, snapshot: Mapping[str, Any]) -> None:
+        """Write a temporary sibling, fsync it, rename it over the file, fsync the directory:
+        after a crash or power loss the file holds the old or the new state, never a mix."""
         assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
+        target = FilePath(str(self.path))
+        directory = target.parent()
+        if not directory.isdir():
+            directory.makedirs(ignoreExistingDirectory=True)
+        content = json.dumps({"version": 1, "sandboxes": snapshot}).encode("utf-8")
+        temporary = target.temporarySibling(".tmp")
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": 1, "sandboxes": snapshot}, f)
-            os.replace(tmp, self.path)
+            with temporary.open("w") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+            temporary.moveTo(target)
         except BaseException:
-            os.unlink(tmp)
+            if temporary.exists():
+                temporary.remove()
             raise
+        fd = os.open(directory.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

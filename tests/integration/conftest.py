@@ -79,7 +79,14 @@ class GatewayProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, ready: bool = True) -> None:
+        """Start the process and wait until /healthz answers and, with ``ready``, says the
+        gateway has recovered its sandboxes (sandbox routes answer 503 until then)."""
+        self.launch()
+        self.wait_ready(timeout, ready)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to answer."""
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         command = [
@@ -101,12 +108,17 @@ class GatewayProcess:
         self.process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env
         )
+
+    def wait_ready(self, timeout: float = 30.0, ready: bool = True) -> None:
+        """Wait until /healthz answers 200 (and, with ``ready``, says ``ready``)."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gateway exited early; see {self.log_path}:\n{self.tail()}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                health = requests.get(self.url + "/healthz", timeout=1)
+                if health.status_code == 200 and (health.json().get("ready", True) or not ready):
                     return
             except requests.RequestException:
                 pass
@@ -160,9 +172,9 @@ def make_gateway(docker_client: Any) -> Iterator[Any]:
     """Factory fixture: start gateways (own instance label each); stop and clean up after."""
     started: list[GatewayProcess] = []
 
-    def make(*args: str, instance: str | None = None) -> GatewayProcess:
+    def make(*args: str, instance: str | None = None, ready: bool = True) -> GatewayProcess:
         gateway = GatewayProcess(instance or f"it-{secrets.token_hex(4)}", *args)
-        gateway.start()
+        gateway.start(ready=ready)
         started.append(gateway)
         return gateway
 

@@ -72,15 +72,20 @@ def test_restart_recovers_sandboxes(make_gateway: Any) -> None:
 
 def test_unreachable_docker_is_503_json(make_gateway: Any) -> None:
     """With no engine at the configured address, create answers 503 JSON promptly and the
-    gateway keeps serving."""
-    gateway: GatewayProcess = make_gateway("--docker-url", "unix:///nonexistent/docker.sock")
+    gateway keeps serving. It cannot know which sandboxes exist, so the listing is a 503 with
+    Retry-After too (not an empty list), and /healthz says it is not ready."""
+    gateway: GatewayProcess = make_gateway(
+        "--docker-url", "unix:///nonexistent/docker.sock", ready=False
+    )
     started = time.monotonic()
     response = requests.post(gateway.url + "/sandboxes", timeout=30)
     assert time.monotonic() - started < 5
     assert response.status_code == 503
     assert "Docker" in response.json()["error"]
-    assert gateway.get("/sandboxes").json() == []
-    assert gateway.get("/healthz").status_code == 200
+    listing = gateway.get("/sandboxes")
+    assert listing.status_code == 503 and listing.headers["Retry-After"] == "1"
+    health = gateway.get("/healthz")
+    assert health.status_code == 200 and health.json()["ready"] is False
 
 
 def test_sigterm_closes_clients_with_going_away_and_exits_0(make_gateway: Any) -> None:

@@ -1,5 +1,5 @@
-"""One contract for every IContainerRuntime: the fake used by the fast tests and the real
-DockerRuntime must behave alike, or the fast tests prove nothing."""
+"""The runtime contract (``tests/runtime_contract.py``) on the real ``DockerRuntime`` (the fast
+suite runs it on the fake), plus what only Docker can show."""
 
 from __future__ import annotations
 
@@ -10,33 +10,25 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from zope.interface.verify import verifyObject
 
-from tests.fakes import FakeRuntime
 from tests.integration.conftest import IMAGE, remove_instance_containers
-from twistedgw.runtime import (
-    ContainerSpec,
-    DockerRuntime,
-    IContainerRuntime,
-    ImageMissing,
+from tests.runtime_contract import (
+    spec,
+    test_create_list_remove,
+    test_provides_the_interface,
+    test_remove_unknown_container_succeeds,
 )
-from twistedgw.sandbox import SandboxSettings, new_agent_secret, new_sandbox_id
+from twistedgw.runtime import DockerRuntime, ImageMissing
+
+__all__ = [
+    "test_create_list_remove",
+    "test_provides_the_interface",
+    "test_remove_unknown_container_succeeds",
+]
 
 
-def spec(**settings: Any) -> ContainerSpec:
-    return ContainerSpec(
-        sandbox_id=new_sandbox_id(),
-        created_at=1_700_000_000.5,
-        agent_secret=new_agent_secret(),
-        settings=SandboxSettings(idle_timeout=120, **settings),
-    )
-
-
-@pytest_twisted.async_yield_fixture(params=["fake", "docker"])
-async def runtime(request: Any, docker_client: Any) -> AsyncIterator[Any]:
-    if request.param == "fake":
-        yield FakeRuntime()
-        return
+@pytest_twisted.async_yield_fixture
+async def runtime(docker_client: Any) -> AsyncIterator[Any]:
     instance = f"contract-{secrets.token_hex(4)}"
     docker = DockerRuntime(reactor, IMAGE, instance=instance, threads=2)
     docker.startService()
@@ -45,38 +37,6 @@ async def runtime(request: Any, docker_client: Any) -> AsyncIterator[Any]:
     finally:
         await docker.stopService()
         remove_instance_containers(docker_client, instance)
-
-
-def test_provides_the_interface(runtime: Any) -> None:
-    """Both implement IContainerRuntime completely."""
-    assert verifyObject(IContainerRuntime, runtime)
-
-
-@pytest_twisted.ensureDeferred
-async def test_create_list_remove(runtime: Any) -> None:
-    """A created container is listed, running, with what the gateway needs; removing it
-    (twice) leaves nothing listed."""
-    wanted = spec(metadata={"team": "a"}, owner="o1", max_lifetime=60.0)
-    info = await runtime.create(wanted)
-    assert info.sandbox_id == wanted.sandbox_id
-    assert info.created_at == wanted.created_at
-    assert info.agent_secret == wanted.agent_secret
-    assert info.running
-    assert info.agent_port > 0 and info.agent_host == "127.0.0.1"
-    listed = {i.sandbox_id: i for i in await runtime.list_containers()}
-    assert listed[wanted.sandbox_id].settings.metadata == {"team": "a"}
-    assert listed[wanted.sandbox_id].settings.owner == "o1"
-    assert listed[wanted.sandbox_id].settings.max_lifetime == 60.0
-    assert listed[wanted.sandbox_id].settings.idle_timeout == 120
-    await runtime.remove(info.container_id, info.sandbox_id)
-    await runtime.remove(info.container_id, info.sandbox_id)  # idempotent
-    assert wanted.sandbox_id not in {i.sandbox_id for i in await runtime.list_containers()}
-
-
-@pytest_twisted.ensureDeferred
-async def test_remove_unknown_container_succeeds(runtime: Any) -> None:
-    """Removing a container that does not exist is not an error."""
-    await runtime.remove("0" * 64)
 
 
 @pytest_twisted.ensureDeferred

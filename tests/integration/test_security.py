@@ -11,6 +11,7 @@ import socket
 import string
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,12 @@ from websockets.sync.client import connect
 
 from tests.integration.conftest import GatewayProcess
 from tests.integration.helpers import recv, rss_kib, run, send, wait_for
+
+try:  # the gateway's validator: twistedgw.protocol once the protocol branch is merged
+    from twistedgw.protocol import ProtocolError as MessageError
+    from twistedgw.protocol import parse_message
+except ImportError:
+    from twistedgw.messages import MessageError, parse_message
 
 
 @pytest.fixture(scope="module")
@@ -283,23 +290,44 @@ def test_fuzzed_messages_never_crash_gateway_or_agent(
     hostile: GatewayProcess, docker_client: Any
 ) -> None:
     """Random field types, sizes, unicode and nesting, through the gateway and straight to the
-    agent: every message gets a JSON answer, and both keep working."""
+    agent: every answer is JSON; every message gets an answer (no message of this corpus
+    starts a command, so there is at least one per message); every message the gateway must
+    refuse gets an error reply with the code its validator gives it (counted per code); and
+    both keep working."""
     sandbox_id = hostile.create()
+    refusals: Counter[str] = Counter()
+    messages = list(fuzz_messages(1234, 400))
     with connect(f"{hostile.ws_url}/ws/{sandbox_id}", max_size=None) as ws:
-        for payload in fuzz_messages(1234, 400):
+        for payload in messages:
             try:
-                ws.send(payload.decode("utf-8"))
+                text = payload.decode("utf-8")
             except UnicodeDecodeError:
                 ws.send(payload)
+                refusals["binary_message"] += 1
+                continue
+            ws.send(text)
+            try:
+                parsed = parse_message(payload, False)
+            except MessageError as e:
+                refusals[e.code] += 1
+                continue
+            is_command = (
+                parsed.get("type", "command") == "command"
+                if isinstance(parsed, dict)
+                else type(parsed).__name__ == "Command"
+            )
+            assert not is_command, "the corpus changed: recount the answers"
         # Drain: every answer must be JSON; stop once quiet.
-        answers = 0
+        answers: list[dict[str, Any]] = []
         try:
             while True:
-                json.loads(ws.recv(timeout=5))
-                answers += 1
+                answers.append(json.loads(ws.recv(timeout=5)))
         except TimeoutError:
             pass
-        assert answers >= 300
+        errors = Counter(a.get("error_code") for a in answers if a.get("type") == "error")
+        missing = {code: n - errors[code] for code, n in refusals.items() if errors[code] < n}
+        assert not missing, f"refused messages without an error reply: {missing}"
+        assert len(answers) >= len(messages)
         assert run(ws, "echo survived")["output"] == "survived\n"
     # Straight to the agent, past the gateway's validation (as a compromised gateway might).
     attrs = docker_client.containers.get(f"twistedgw-{sandbox_id}").attrs

@@ -56,6 +56,7 @@ def test_seed_usage_flow(gateway: GatewayProcess, docker_client: Any) -> None:
     assert sandbox_id in [entry["sandbox_id"] for entry in listing]
     info = gateway.get(f"/sandboxes/{sandbox_id}").json()
     assert set(info) == {"sandbox_id", "status", "created_at", "ip_address"}
+    assert info["status"] == "idle"  # the seed's word for a sandbox nobody attached to yet
     assert abs(info["created_at"] - time.time()) < 120
     container = docker_client.containers.get(f"twistedgw-{sandbox_id}")
     assert info["ip_address"] == container.attrs["NetworkSettings"]["IPAddress"]

@@ -1,0 +1,23 @@
+"""The runtime contract (``tests/runtime_contract.py``) on ``FakeRuntime``: no Docker needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fakes import FakeRuntime
+from tests.runtime_contract import (
+    test_create_list_remove,
+    test_provides_the_interface,
+    test_remove_unknown_container_succeeds,
+)
+
+__all__ = [
+    "test_create_list_remove",
+    "test_provides_the_interface",
+    "test_remove_unknown_container_succeeds",
+]
+
+
+@pytest.fixture
+def runtime() -> FakeRuntime:
+    return FakeRuntime()
