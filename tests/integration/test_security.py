@@ -22,12 +22,8 @@ from websockets.sync.client import connect
 
 from tests.integration.conftest import GatewayProcess
 from tests.integration.helpers import recv, rss_kib, run, send, wait_for
-
-try:  # the gateway's validator: twistedgw.protocol once the protocol branch is merged
-    from twistedgw.protocol import ProtocolError as MessageError
-    from twistedgw.protocol import parse_message
-except ImportError:
-    from twistedgw.messages import MessageError, parse_message
+from twistedgw.protocol import ProtocolError as MessageError
+from twistedgw.protocol import parse_message
 
 
 @pytest.fixture(scope="module")
