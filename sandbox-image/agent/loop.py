@@ -120,6 +120,15 @@ class Loop:
         if self._signal_handlers.pop(signum, None) is not None:
             signal.signal(signum, signal.SIG_DFL)
 
+    def close(self) -> None:
+        """Undo the signal set-up and close the selector (tests run several loops)."""
+        for signum in list(self._signal_handlers):
+            self.remove_signal_handler(signum)
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
     def _on_wakeup(self) -> None:
         try:
             data = os.read(self._wake_r, 4096)
