@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -64,6 +66,22 @@ def run(ws: ClientConnection, command: str, **fields: Any) -> dict[str, Any]:
         reply = recv(ws)
         if reply.get("request_id") == rid and reply["type"] in ("result", "error"):
             return reply
+
+
+def test_the_agent_runs_on_the_image_python(server: AgentServer) -> None:
+    """The host runs of this suite stand for the image only on the image's Python: Debian
+    bookworm's 3.11 (the agent needs nothing but the standard library)."""
+    if server.where == "host":
+        version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    else:
+        assert server.container is not None
+        out = subprocess.run(
+            ["docker", "exec", server.container, "python3", "-c",
+             "import sys; print(*sys.version_info[:2], sep='.')"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        version = out.stdout.strip()
+    assert version == "3.11"
 
 
 # --- HTTP side --------------------------------------------------------------------------------
