@@ -20,7 +20,14 @@ from twistedgw.agentlink import AgentSide, AgentUnavailable
 from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.flow import pair_flow, unpair_flow
 from twistedgw.manager import SandboxManager, SandboxNotFound
-from twistedgw.protocol import DEFAULT_LIMITS, Limits, ProtocolError, encode, parse_message
+from twistedgw.protocol import (
+    DEFAULT_LIMITS,
+    Limits,
+    ProtocolError,
+    command_error,
+    encode,
+    parse_message,
+)
 from twistedgw.sandbox import Sandbox
 
 #: Close code and reason when the agent connection drops under a client.
@@ -119,6 +126,10 @@ class ClientSide(WebSocketServerProtocol):
             self._client_message(payload, isBinary)
         except Exception:
             self._log.failure("handling a client message failed")
+            # Every message gets a reply (PROTOCOL.md), a bug's included.
+            if self.state == WebSocketServerProtocol.STATE_OPEN:
+                reply = command_error(None, None, "internal gateway error", "internal_error")
+                self.sendMessage(encode(reply), isBinary=False)
 
     def _client_message(self, payload: bytes, is_binary: bool) -> None:
         manager = self.factory.manager
