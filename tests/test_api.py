@@ -22,6 +22,8 @@ def treq(manager: SandboxManager) -> StubTreq:
 
 
 async def call(treq: StubTreq, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    if "data" in kwargs:
+        kwargs.setdefault("headers", {"Content-Type": "application/json"})
     response = await treq.request(method, BASE + path, **kwargs)
     body = await response.content()
     assert response.headers.getRawHeaders(b"content-type") == [b"application/json"], body
