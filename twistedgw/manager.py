@@ -442,8 +442,14 @@ class SandboxManager(Service):
         if sandbox_id in self._in_flight:
             raise SandboxNotFound(sandbox_id)  # being removed right now
         self._in_flight.add(sandbox_id)
+        # Decided before the container goes: its agent link drops during the removal, and
+        # clients must see this reason, not a crash's 1011.
+        sandbox.closing = (CLOSE_SANDBOX_REMOVED, f"sandbox {reason}")
         try:
             await self.runtime.remove(sandbox.container_id, sandbox_id)
+        except BaseException:
+            sandbox.closing = None
+            raise
         finally:
             self._in_flight.discard(sandbox_id)
         self._forget(sandbox, CLOSE_SANDBOX_REMOVED, reason)
