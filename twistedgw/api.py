@@ -23,6 +23,7 @@ from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.edge import MAX_BODY_BYTES, EdgePolicy, GatewayChannel, GatewayRequest
 from twistedgw.manager import (
     CapacityExceeded,
+    IdempotencyConflict,
     InvalidSettings,
     SandboxManager,
     SandboxNotFound,
@@ -147,6 +148,10 @@ class GatewayAPI:
     def _unauthorized(self, request: IRequest, failure: Failure) -> bytes:
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="twistedgw"')
         return _json(request, 401, {"error": failure.getErrorMessage()})
+
+    @app.handle_errors(IdempotencyConflict)
+    def _idempotency_conflict(self, request: IRequest, failure: Failure) -> bytes:
+        return _json(request, 422, {"error": failure.getErrorMessage()})
 
     @app.handle_errors(InvalidSettings)
     def _invalid_settings(self, request: IRequest, failure: Failure) -> bytes:

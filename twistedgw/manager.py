@@ -63,6 +63,10 @@ class InvalidSettings(ValueError):
     """Creation options that are malformed or beyond the server's maxima."""
 
 
+class IdempotencyConflict(InvalidSettings):
+    """An Idempotency-Key was used again with other creation options."""
+
+
 class CapacityExceeded(Exception):
     """The gateway already runs its maximum number of sandboxes."""
 
@@ -267,6 +271,10 @@ class SandboxManager(Service):
         if key is not None:
             for sandbox in self.registry:
                 if sandbox.settings.idempotency_key == key:
+                    if sandbox.settings != settings:
+                        raise IdempotencyConflict(
+                            "Idempotency-Key already used with other creation options"
+                        )
                     return Deferred.fromCoroutine(_value(sandbox))
             if key in self._creating:
                 return self._creating[key].follow()
