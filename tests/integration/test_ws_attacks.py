@@ -256,3 +256,19 @@ def test_delete_closes_clients_with_4000(ws_gateway: GatewayProcess) -> None:
                     ws.recv(timeout=30)
             assert info.value.rcvd is not None
             assert (info.value.rcvd.code, info.value.rcvd.reason) == (4000, "sandbox deleted")
+
+
+def test_dev_shm_and_mqueue_are_bounded(
+    ws_gateway: GatewayProcess, sandbox_id: str, docker_client: Any
+) -> None:
+    """/dev/shm is a 64 MiB tmpfs mounted nosuid, nodev and noexec (set explicitly, not left
+    to Docker's default), and POSIX message queues are bounded by RLIMIT_MSGQUEUE."""
+    container = docker_client.containers.get(f"twistedgw-{sandbox_id}")
+    assert container.attrs["HostConfig"]["ShmSize"] == 64 * 1024 * 1024
+    mounts = container.exec_run(["cat", "/proc/mounts"], user="sandbox").output.decode()
+    shm = next(line for line in mounts.splitlines() if line.split()[1] == "/dev/shm")
+    assert {"nosuid", "nodev", "noexec"} <= set(shm.split()[3].split(",")), shm
+    assert "size=65536k" in shm
+    limits = container.exec_run(["cat", "/proc/self/limits"], user="sandbox").output.decode()
+    mqueue = next(line for line in limits.splitlines() if "msgqueue" in line)
+    assert int(mqueue.split()[-2]) <= 1024 * 1024, mqueue
