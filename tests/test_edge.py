@@ -15,7 +15,7 @@ from twisted.web.server import Site
 from tests.fakes import FakeRuntime
 from twistedgw.api import GatewayAPI, make_site
 from twistedgw.auth import Authenticator
-from twistedgw.edge import LOOPBACK_HOSTS, EdgePolicy, default_hosts
+from twistedgw.edge import LOOPBACK_HOSTS, EdgePolicy, default_hosts, fit_descriptors
 from twistedgw.manager import SandboxManager
 
 TOKEN = "t" * 32
@@ -354,3 +354,27 @@ def test_no_token_post_is_401_before_400_or_413(token_site: Site, clock: Clock) 
             )
         )
         assert conn.response()[0] == 401
+
+
+def test_connection_cap_fits_the_descriptor_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``ulimit -n 256`` and no room to raise it, the HTTP cap shrinks to fit (so
+    attackers meet 503s, not EMFILE); with room, the soft limit is raised instead."""
+    import resource
+
+    limits = {"soft": 256, "hard": 256}
+
+    def getrlimit(which: int) -> tuple[int, int]:
+        return limits["soft"], limits["hard"]
+
+    def setrlimit(which: int, value: tuple[int, int]) -> None:
+        if value[0] > limits["hard"]:
+            raise ValueError("over the hard limit")
+        limits["soft"] = value[0]
+
+    monkeypatch.setattr(resource, "getrlimit", getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    cap = fit_descriptors(1000, 20)
+    assert 8 <= cap and cap + 2 * 20 + 100 <= 256
+    limits.update(soft=256, hard=100_000)
+    assert fit_descriptors(1000, 1000) == 1000
+    assert limits["soft"] == 1000 + 2000 + 100

@@ -171,6 +171,45 @@ def default_hosts(interface: str | None, extra: Iterable[str] = ()) -> tuple[fro
     return frozenset(names), True
 
 
+def fit_descriptors(http: int, websockets: int, reserve: int = 100) -> int:
+    """The HTTP connection cap that fits this process's descriptor limit.
+
+    Every HTTP connection holds a descriptor, every WebSocket client two (its own and its
+    agent's), and the gateway needs some for Docker, state saving and logs (``reserve``). The
+    soft limit is raised towards the hard one when that is short; if it stays short, the HTTP
+    cap shrinks (with a warning), so an attacker meets 503s, not ``EMFILE`` everywhere.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = http + 2 * websockets + reserve
+    infinite = resource.RLIM_INFINITY
+    if soft != infinite and soft < needed:
+        target = needed if hard == infinite else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == infinite or soft >= needed:
+        return http
+    fitted = max(8, min(http, (soft - reserve) // 3))
+    _edge_log.warn(
+        "open file limit {soft} is short of {needed} (--max-http-connections {http} + 2 x "
+        "--max-connections {ws} + {reserve}): HTTP connections capped at {fitted}",
+        soft=soft,
+        needed=needed,
+        http=http,
+        ws=websockets,
+        reserve=reserve,
+        fitted=fitted,
+    )
+    return fitted
+
+
+_edge_log = Logger()
+
+
 class Refused(Exception):
     """The edge refuses a request: status and message for the JSON answer."""
 

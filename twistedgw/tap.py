@@ -19,7 +19,7 @@ from twisted.python import usage
 
 from twistedgw.api import GatewayAPI, make_site
 from twistedgw.auth import Authenticator, read_tokens
-from twistedgw.edge import EdgePolicy, default_hosts
+from twistedgw.edge import EdgePolicy, default_hosts, fit_descriptors
 from twistedgw.manager import LifecyclePolicy, SandboxManager
 from twistedgw.messages import MessagePolicy
 from twistedgw.proxy import CLOSE_GOING_AWAY, ProxyFactory, make_ws_resource
@@ -442,7 +442,9 @@ def edge_policy(options: Options, authenticator: Authenticator | None = None) ->
         ),
         header_timeout=options["open-handshake-timeout"],
         body_timeout=options["body-timeout"],
-        max_connections=options["max-http-connections"],
+        max_connections=fit_descriptors(
+            options["max-http-connections"], options["max-connections"]
+        ),
     )
 
 
