@@ -45,7 +45,7 @@ MAX_FRAMES_PER_MESSAGE = 1024
 #: Frames per second a client may send on average (control frames included), and the burst
 #: it may send at once. Each frame costs the reactor tens of microseconds.
 FRAME_RATE = 1000.0
-FRAME_BURST = 2000.0
+FRAME_BURST = 1000.0
 #: Bytes of the gateway's own replies (errors, pongs) a client may leave unread beyond its
 #: send buffer before it is dropped: agent output is paced, these are not.
 OWN_REPLY_BACKLOG = 1024 * 1024

@@ -104,12 +104,12 @@ class HealthProbe:
         self._thread.join(10)
 
     def assert_fast(self) -> None:
-        assert self.times, "no /healthz probe ran"
-        # The median and the 90th percentile, so one scheduler hiccup on a shared 2-core
-        # machine does not decide the test.
+        assert len(self.times) >= 5, f"too few /healthz probes: {self.times}"
+        # The median, so scheduler hiccups on a shared, loaded 2-core machine do not decide
+        # the test; and no probe may take a second (before the fix: about 4 s).
         ordered = sorted(self.times)
         assert ordered[len(ordered) // 2] < HEALTHZ_SECONDS, ordered
-        assert ordered[int(len(ordered) * 0.9)] < HEALTHZ_SECONDS, ordered
+        assert ordered[-1] < 1.0, ordered
 
 
 def raw(gateway: GatewayProcess) -> socket.socket:
@@ -143,27 +143,34 @@ def test_huge_bodies_are_refused_from_headers_and_never_spooled(
     edge_gateway: GatewayProcess,
 ) -> None:
     """Announced huge bodies (a create, a POST on /ws/{id}) get 413 from their headers, a huge
-    chunk size gets 413 once the cap passes, and pushing 50 MB at each leaves no temp file and
-    RSS within 40 MiB, while /healthz stays under 100 ms."""
+    chunk size gets 413 once the cap passes; pushing 50 MB at each, round after round for 2 s,
+    leaves no temp file and RSS within 40 MiB, while /healthz stays under 100 ms."""
     pid = pid_of(edge_gateway)
     rss_before = rss_kib(pid)
+    rounds = 0
+    attacks = (
+        (b"/sandboxes", b"Content-Type: application/json\r\nContent-Length: 1000000000000\r\n"),
+        (b"/ws/" + b"0" * 32, b"Content-Length: 400000000\r\n"),
+        (b"/sandboxes", b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"),
+    )
     with HealthProbe(edge_gateway) as probe:
-        for path, extra in (
-            (b"/sandboxes", b"Content-Type: application/json\r\nContent-Length: 1000000000000\r\n"),
-            (b"/ws/" + b"0" * 32, b"Content-Length: 400000000\r\n"),
-            (b"/sandboxes", b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"),
-        ):
-            sock = raw(edge_gateway)
-            sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"\r\n")
-            if b"chunked" in extra:
-                sock.sendall(b"FFFFFFFFFFFFFFFFFFFFFFFF\r\n")
-                push(sock, 200_000, 2)
-            else:
-                assert read_status(sock) == 413
-            push(sock, 50 * 1024 * 1024, 3)
-            if b"chunked" in extra:
-                assert read_status(sock) == 413
-            sock.close()
+        start = time.monotonic()
+        while not rounds or time.monotonic() - start < 2:
+            rounds += 1
+            for path, extra in attacks:
+                sock = raw(edge_gateway)
+                sock.sendall(
+                    b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"\r\n"
+                )
+                if b"chunked" in extra:
+                    sock.sendall(b"FFFFFFFFFFFFFFFFFFFFFFFF\r\n")
+                    push(sock, 200_000, 2)
+                else:
+                    assert read_status(sock) == 413
+                push(sock, 50 * 1024 * 1024, 3)
+                if b"chunked" in extra:
+                    assert read_status(sock) == 413
+                sock.close()
     probe.assert_fast()
     assert not [f for f in open_fds(pid) if "(deleted)" in f]
     assert rss_kib(pid) - rss_before < RSS_GROWTH_KIB
