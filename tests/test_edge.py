@@ -223,7 +223,8 @@ def test_http_connections_are_capped_with_503(manager: SandboxManager, clock: Cl
 
 
 def test_idle_timeout_is_seconds_not_hours(site: Site) -> None:
-    """twisted.web's 12-hour idle timeout is replaced by one of a minute."""
+    """The idle timeout is a minute (a guard: the installed Twisted's default is 60 s too; it
+    is an idle timer, which trickled bytes reset, hence the body deadline above)."""
     assert site.timeOut is not None and site.timeOut <= 60
 
 
