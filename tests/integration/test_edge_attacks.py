@@ -6,6 +6,7 @@ and time."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -254,3 +255,51 @@ def _served(gateway: GatewayProcess) -> bool:
         return requests.get(gateway.url + "/healthz", timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_browsers_cannot_drive_an_open_gateway(edge_gateway: GatewayProcess) -> None:
+    """On an open gateway bound to loopback: a rebinding Host gets 421, a foreign Origin
+    gets 403 on the WebSocket handshake (it got 101) and on REST, and a cross-site text/plain
+    POST gets 415 and creates nothing; the harness's own requests still work."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    listed = requests.get(edge_gateway.url + "/sandboxes", timeout=10).json()
+    sandbox_id = edge_gateway.create()
+    response = requests.get(
+        edge_gateway.url + "/sandboxes", headers={"Host": "rebound.example"}, timeout=10
+    )
+    assert response.status_code == 421 and "error" in response.json()
+    with pytest.raises(InvalidStatus) as info:
+        connect(f"{edge_gateway.ws_url}/ws/{sandbox_id}", origin="http://evil.example")
+    assert info.value.response.status_code == 403
+    response = requests.post(
+        edge_gateway.url + "/sandboxes",
+        data=b'{"idle_timeout": 60}',
+        headers={"Content-Type": "text/plain", "Origin": f"http://127.0.0.1:{edge_gateway.port}"},
+        timeout=10,
+    )
+    assert response.status_code == 415
+    after = requests.get(edge_gateway.url + "/sandboxes", timeout=10).json()
+    assert len(after) == len(listed) + 1
+    with connect(
+        f"{edge_gateway.ws_url}/ws/{sandbox_id}",
+        origin=f"http://127.0.0.1:{edge_gateway.port}",
+    ) as ws:
+        ws.send(json.dumps({"command": "echo same-origin"}))
+        assert "same-origin" in ws.recv(timeout=30)
+    edge_gateway.delete(sandbox_id)
+
+
+def test_undecodable_headers_are_400_without_traceback(edge_gateway: GatewayProcess) -> None:
+    """A non-UTF-8 Authorization or Idempotency-Key header gets 400 on every route but
+    /healthz, and leaves no traceback in the log."""
+    before = edge_gateway.log_path.read_text(errors="replace").count("Traceback")
+    for header in (b"Authorization: Bearer \xff\xfe", b"Idempotency-Key: \xff"):
+        for line in (b"GET /sandboxes", b"POST /sandboxes", b"GET /ws/" + b"0" * 32):
+            sock = raw(edge_gateway)
+            sock.sendall(line + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + header + b"\r\n\r\n")
+            assert read_status(sock) == 400, (header, line)
+            sock.close()
+    time.sleep(0.5)
+    assert edge_gateway.log_path.read_text(errors="replace").count("Traceback") == before
