@@ -259,10 +259,13 @@ class GatewayRequest(Request):
             return
         self._limit = rule.limit
         if rule.limit is None:
-            # Streamed: Twisted's own spooling file, unless the route takes the chunks.
-            super().gotLength(length)
+            # Streamed: the route's sink takes the chunks; without one, Twisted's own
+            # spooling file does.
+            self.content = BytesIO()
             if policy.on_streamed is not None:
                 policy.on_streamed(self)
+            if self.body_sink is None:
+                super().gotLength(length)
         else:
             self.content = BytesIO()
 
