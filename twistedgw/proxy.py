@@ -49,6 +49,8 @@ FRAME_BURST = 1000.0
 #: Bytes of the gateway's own replies (errors, pongs) a client may leave unread beyond its
 #: send buffer before it is dropped: agent output is paced, these are not.
 OWN_REPLY_BACKLOG = 1024 * 1024
+#: Seconds a client has to answer our close frame.
+CLOSE_HANDSHAKE_TIMEOUT = 5.0
 #: Bytes of partial (not yet complete) client messages all clients together may hold.
 MAX_BUFFERED_TOTAL = 256 * 1024 * 1024
 
@@ -358,7 +360,10 @@ class ProxyFactory(WebSocketServerFactory):
         self.max_buffered = max_buffered
         # failByDrop=False: protocol violations (an oversized message, say) get a close frame
         # with the proper code (1009, 1002, ...) instead of a bare TCP drop.
-        self.setProtocolOptions(**{"failByDrop": False, **options})
+        # closeHandshakeTimeout: our close frame may queue behind streamed output the client
+        # is still reading; Autobahn's 1 s would abort before the client ever sees it.
+        defaults = {"failByDrop": False, "closeHandshakeTimeout": CLOSE_HANDSHAKE_TIMEOUT}
+        self.setProtocolOptions(**{**defaults, **options})
 
     def close_all(self, code: int, reason: str) -> None:
         """Close every client (used on shutdown)."""
