@@ -22,6 +22,8 @@ def treq(manager: SandboxManager) -> StubTreq:
 
 
 async def call(treq: StubTreq, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    if "data" in kwargs:
+        kwargs.setdefault("headers", {"Content-Type": "application/json"})
     response = await treq.request(method, BASE + path, **kwargs)
     body = await response.content()
     assert response.headers.getRawHeaders(b"content-type") == [b"application/json"], body
@@ -126,3 +128,18 @@ async def test_ws_route_refuses_unknown_sandbox(treq: StubTreq) -> None:
     code, error = await call(treq, "GET", "/ws/" + "f" * 32)
     assert code == 404
     assert "not found" in error["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_integers_beyond_float_range_are_400(treq: StubTreq, runtime: FakeRuntime) -> None:
+    """``max_lifetime``, ``idle_timeout`` and keepalive's ``extend_by`` written as integers
+    beyond float range are a 400, not a 500."""
+    huge = b"1" + b"0" * 400
+    for field in (b"max_lifetime", b"idle_timeout"):
+        code, error = await call(treq, "POST", "/sandboxes", data=b'{"%s": %s}' % (field, huge))
+        assert code == 400 and "range" in error["error"], field
+    assert runtime.containers == {}
+    code, created = await call(treq, "POST", "/sandboxes")
+    path = f"/sandboxes/{created['sandbox_id']}/keepalive"
+    code, error = await call(treq, "POST", path, data=b'{"extend_by": %s}' % huge)
+    assert code == 400 and "range" in error["error"]

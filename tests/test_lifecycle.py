@@ -382,3 +382,18 @@ async def test_unrecorded_hand_out_falls_back_to_cold(
     assert sandbox.sandbox_id != pooled.sandbox_id and not sandbox.pooled
     assert pooled.container_id in runtime.removed
     assert [s.sandbox_id for s in manager.registry] == [sandbox.sandbox_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency_key_with_other_options_is_422(
+    treq: StubTreq, runtime: FakeRuntime
+) -> None:
+    """An Idempotency-Key reused with a different body is a 422, not the first sandbox."""
+    headers = {"Idempotency-Key": "same-key", "Content-Type": "application/json"}
+    code, first = await call(treq, "POST", "/sandboxes", json={"idle_timeout": 60}, headers=headers)
+    assert code == 200
+    code, again = await call(treq, "POST", "/sandboxes", json={"idle_timeout": 60}, headers=headers)
+    assert (code, again["sandbox_id"]) == (200, first["sandbox_id"])
+    code, error = await call(treq, "POST", "/sandboxes", json={"idle_timeout": 90}, headers=headers)
+    assert code == 422 and "Idempotency-Key" in error["error"]
+    assert len(runtime.containers) == 1

@@ -195,3 +195,25 @@ async def test_handshake_checks_token_and_owner(gateway: Gateway) -> None:
         await gateway.client(f"{sandbox.sandbox_id}?access_token={bravo}")
     client = await gateway.client(f"{sandbox.sandbox_id}?access_token={alpha}")
     assert (await client.command("echo ok"))["output"] == "ok\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_partial_messages_of_all_clients_are_bounded(gateway: Gateway) -> None:
+    """Partial messages count against one budget for all clients together: the client whose
+    fragment passes it is closed with 1013, and its bytes are released."""
+    gateway.factory.max_buffered = 40_000
+    sandbox = await gateway.manager.create()
+    first = await gateway.client(sandbox.sandbox_id)
+    second = await gateway.client(sandbox.sandbox_id)
+    first.beginMessage(isBinary=False)
+    first.sendMessageFrame(b'{"command": "echo ' + b"a" * 30_000, sync=True)
+    await _settle()
+    assert gateway.factory.buffered >= 30_000
+    second.beginMessage(isBinary=False)
+    second.sendMessageFrame(b'{"command": "echo ' + b"b" * 20_000, sync=True)
+    code, reason = await second.closed
+    assert code == 1013 and reason is not None and "busy" in reason
+    first.sendMessageFrame(b'"}', sync=True)
+    first.endMessage()
+    assert (await first.messages.get())["output"].startswith("a")
+    assert gateway.factory.buffered == 0

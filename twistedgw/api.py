@@ -11,10 +11,8 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Site
@@ -22,17 +20,16 @@ from werkzeug.exceptions import HTTPException
 
 from twistedgw.agentlink import AgentUnavailable
 from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
+from twistedgw.edge import MAX_BODY_BYTES, EdgePolicy, GatewayChannel, GatewayRequest
 from twistedgw.manager import (
     CapacityExceeded,
+    IdempotencyConflict,
     InvalidSettings,
     Recovering,
     SandboxManager,
     SandboxNotFound,
 )
 from twistedgw.runtime import ContainerFailed, ImageMissing, RuntimeUnavailable
-
-#: Largest request body read for JSON routes.
-MAX_BODY_BYTES = 64 * 1024
 
 
 class APIError(Exception):
@@ -51,8 +48,20 @@ def _json(request: IRequest, status: int, body: Any) -> bytes:
     return json.dumps(body).encode("utf-8")
 
 
+def _bounded_int(text: str) -> int:
+    """JSON integers must fit a float (every number field is seconds or a count): a larger
+    one would overflow wherever it meets a float."""
+    value = int(text)
+    if abs(value) > _FLOAT_MAX:
+        raise APIError(400, "a number in the request body is out of range")
+    return value
+
+
+_FLOAT_MAX = int(1.7976931348623157e308)
+
+
 def _read_json_body(request: IRequest) -> dict[str, Any] | None:
-    """The request's JSON object body, or None when it is empty; ``APIError`` 400/413
+    """The request's JSON object body, or None when it is empty; ``APIError`` 400/413/415
     otherwise (any JSON that is not an object is a 400 too)."""
     content = request.content
     if content is None:
@@ -62,13 +71,28 @@ def _read_json_body(request: IRequest) -> dict[str, Any] | None:
         raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
     if not raw.strip():
         return None
+    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
+    if content_type.lower() != b"application/json":
+        # Browsers send text/plain (and form types) across sites without asking first.
+        raise APIError(415, "request bodies must be application/json")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_int=_bounded_int)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     return body
+
+
+def _header_text(request: IRequest, name: bytes) -> str | None:
+    """A header as text; ``APIError`` 400 when it is not UTF-8."""
+    values = request.requestHeaders.getRawHeaders(name)
+    if not values:
+        return None
+    try:
+        return str(values[0].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise APIError(400, f"{name.decode()} header is not valid UTF-8") from None
 
 
 def _wants_details(request: IRequest) -> bool:
@@ -125,6 +149,10 @@ class GatewayAPI:
     def _unauthorized(self, request: IRequest, failure: Failure) -> bytes:
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="twistedgw"')
         return _json(request, 401, {"error": failure.getErrorMessage()})
+
+    @app.handle_errors(IdempotencyConflict)
+    def _idempotency_conflict(self, request: IRequest, failure: Failure) -> bytes:
+        return _json(request, 422, {"error": failure.getErrorMessage()})
 
     @app.handle_errors(InvalidSettings)
     def _invalid_settings(self, request: IRequest, failure: Failure) -> bytes:
@@ -185,9 +213,9 @@ class GatewayAPI:
 
     @app.route("/sandboxes", methods=["POST"])
     async def create_sandbox(self, request: IRequest) -> bytes:
-        body = _read_json_body(request)
         owner = self._owner(request)
-        key = request.getHeader("Idempotency-Key")
+        key = _header_text(request, b"idempotency-key")
+        body = _read_json_body(request)
         settings = self.manager.settings_for(body, key, owner)
         sandbox = await self.manager.create(settings)
         return _json(
@@ -234,12 +262,20 @@ class GatewayAPI:
             request, 200, {"message": f"Sandbox {sandbox.sandbox_id} successfully deleted"}
         )
 
-    @app.route("/ws/<string:sandbox_id>")
+    @app.route("/ws/<string:sandbox_id>", methods=["GET"])
     def websocket(self, request: IRequest, sandbox_id: str) -> IResource:
         # Refuse unknown ids with a JSON 404 before upgrading; ClientSide checks again.
         self.manager.lookup(sandbox_id, self._owner(request))
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade != b"websocket":
+            # Never Autobahn's HTML status page (nor its ?redirect=).
+            request.setHeader(b"Upgrade", b"websocket")
+            raise APIError(426, "this route takes WebSocket upgrades only")
         if self._ws_resource is None:
             raise APIError(503, "WebSocket proxy not configured")
+        handed_over = getattr(getattr(request, "channel", None), "handed_over", None)
+        if handed_over is not None:
+            handed_over()  # the proxy's own connection cap counts it from here on
         return self._ws_resource
 
     @app.route("/healthz", methods=["GET"])
@@ -257,7 +293,12 @@ def owner_of(authenticator: Authenticator, request: IRequest) -> str | None:
     """Authenticate a twisted.web request; the caller's owner id or ``Unauthorized``."""
     args = request.args or {}
     query = (args.get(QUERY_PARAMETER.encode()) or [b""])[0].decode("utf-8", "replace")
-    header = request.getHeader("Authorization")
+    try:
+        header = _header_text(request, b"authorization")
+    except APIError:
+        if authenticator.enabled:
+            raise Unauthorized("Authorization header is not valid UTF-8") from None
+        raise
     return authenticator.owner_for(header, query or None)
 
 
@@ -276,58 +317,22 @@ def access_log_line(timestamp: str, request: Any) -> str:
     )
 
 
-class HeaderDeadlineChannel(HTTPChannel):
-    """An ``HTTPChannel`` that drops clients who do not finish a request's headers within
-    ``header_timeout`` seconds of connecting (or of their previous request ending).
-
-    twisted.web's own timeout is an idle timeout, which a slowloris client resets with every
-    byte it trickles in; this one is a deadline.
-    """
-
-    header_timeout = 10.0
-    _deadline: Any = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._arm()
-
-    def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.callLater(self.header_timeout, self._expired)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
-    def _expired(self) -> None:
-        self._deadline = None
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def allHeadersReceived(self) -> None:
-        self._disarm()
-        super().allHeadersReceived()
-
-    def requestDone(self, request: Any) -> None:
-        super().requestDone(request)
-        if self.persistent and self.transport is not None and not self.requests:
-            self._arm()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._disarm()
-        super().connectionLost(reason)
-
-
-def make_site(api: GatewayAPI, header_timeout: float = 10.0) -> Site:
-    """A twisted.web ``Site`` serving ``api``: tracebacks hidden, tokens kept out of the
-    access log, and slow request headers cut off after ``header_timeout`` seconds."""
-    site = Site(api.resource(), logFormatter=access_log_line)
+def make_site(
+    api: GatewayAPI, header_timeout: float = 10.0, policy: EdgePolicy | None = None
+) -> Site:
+    """A twisted.web ``Site`` serving ``api`` behind the edge checks of ``policy``
+    (``twistedgw.edge``): tracebacks hidden, tokens kept out of the access log, slow or
+    oversized requests refused before they cost anything."""
+    if policy is None:
+        policy = EdgePolicy(authenticator=api.authenticator, header_timeout=header_timeout)
+    site = Site(api.resource(), logFormatter=access_log_line, timeout=policy.idle_timeout)
     site.displayTracebacks = False
+    site.requestFactory = GatewayRequest
+    site.http_channels = set()  # type: ignore[attr-defined]
 
-    class Channel(HeaderDeadlineChannel):
+    class Channel(GatewayChannel):
         pass
 
-    Channel.header_timeout = header_timeout
+    Channel.policy = policy
     site.protocol = Channel  # type: ignore[method-assign,assignment]
     return site

@@ -55,3 +55,9 @@ def unpair_flow(writer: Any) -> None:
     if isinstance(producer, PauseReading):
         producer.stopProducing()
         writer.unregisterProducer()
+
+
+def unsent_bytes(transport: Any) -> int:
+    """Bytes written to a Twisted TCP transport and not yet sent (0 if it cannot tell)."""
+    buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+    return max(0, buffered) + int(getattr(transport, "_tempDataLen", 0))

@@ -67,6 +67,10 @@ class InvalidSettings(ValueError):
     """Creation options that are malformed or beyond the server's maxima."""
 
 
+class IdempotencyConflict(InvalidSettings):
+    """An Idempotency-Key was used again with other creation options."""
+
+
 class CapacityExceeded(Exception):
     """The gateway already runs its maximum number of sandboxes."""
 
@@ -326,6 +330,10 @@ class SandboxManager(Service):
         if key is not None:
             for sandbox in self.registry:
                 if sandbox.settings.idempotency_key == key:
+                    if sandbox.settings != settings:
+                        raise IdempotencyConflict(
+                            "Idempotency-Key already used with other creation options"
+                        )
                     return Deferred.fromCoroutine(_value(sandbox))
             if key in self._creating:
                 return self._creating[key].follow()
@@ -502,8 +510,14 @@ class SandboxManager(Service):
         if sandbox_id in self._in_flight:
             raise SandboxNotFound(sandbox_id)  # being removed right now
         self._begin(sandbox_id)
+        # Decided before the container goes: its agent link drops during the removal, and
+        # clients must see this reason, not a crash's 1011.
+        sandbox.closing = (CLOSE_SANDBOX_REMOVED, f"sandbox {reason}")
         try:
             await self.runtime.remove(sandbox.container_id, sandbox_id)
+        except BaseException:
+            sandbox.closing = None
+            raise
         finally:
             self._end(sandbox_id)
         self._forget(sandbox, CLOSE_SANDBOX_REMOVED, reason)

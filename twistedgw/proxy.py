@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from twistedgw.agentlink import AgentSide, AgentUnavailable
 from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
-from twistedgw.flow import pair_flow, unpair_flow
+from twistedgw.flow import WRITE_BUFFER, pair_flow, unpair_flow, unsent_bytes
 from twistedgw.manager import SandboxManager, SandboxNotFound
 from twistedgw.protocol import (
     DEFAULT_LIMITS,
@@ -34,6 +34,25 @@ from twistedgw.sandbox import Sandbox
 CLOSE_AGENT_LOST = 1011
 #: Close code and reason when the gateway shuts down.
 CLOSE_GOING_AWAY = 1001
+#: Close code for a client abusing the framing (too many frames).
+CLOSE_POLICY = 1008
+#: Close code when the gateway holds too many partial messages overall (try again later).
+CLOSE_TRY_AGAIN = 1013
+
+#: Frames one message may be split into; an endless run of tiny continuation frames never
+#: grows the message, so the size limit (1009) alone never ends it.
+MAX_FRAMES_PER_MESSAGE = 1024
+#: Frames per second a client may send on average (control frames included), and the burst
+#: it may send at once. Each frame costs the reactor tens of microseconds.
+FRAME_RATE = 1000.0
+FRAME_BURST = 1000.0
+#: Bytes of the gateway's own replies (errors, pongs) a client may leave unread beyond its
+#: send buffer before it is dropped: agent output is paced, these are not.
+OWN_REPLY_BACKLOG = 1024 * 1024
+#: Seconds a client has to answer our close frame.
+CLOSE_HANDSHAKE_TIMEOUT = 5.0
+#: Bytes of partial (not yet complete) client messages all clients together may hold.
+MAX_BUFFERED_TOTAL = 256 * 1024 * 1024
 
 
 def close_connection(protocol: WebSocketServerProtocol, code: int, reason: str) -> None:
@@ -63,6 +82,12 @@ class ClientSide(WebSocketServerProtocol):
         self.agent: AgentSide | None = None
         self._attached = False
         self._lost = False
+        self._frames_in_message = 0
+        self._frame_tokens = FRAME_BURST
+        self._frame_stamp: float | None = None
+        self._own_backlog = 0
+        self._buffered = 0
+        self._discarding = False
 
     # -- handshake -------------------------------------------------------------------------
 
@@ -95,17 +120,20 @@ class ClientSide(WebSocketServerProtocol):
             )
             raise ConnectionDeny(503, "sandbox agent unreachable") from None
         if self._lost or sandbox.sandbox_id not in manager.registry:
-            # The client left, or the sandbox was deleted, while we were connecting.
+            # The client left, or the sandbox was deleted, while we were connecting. Deny
+            # either way: completing the handshake on a dead socket would start ping timers.
             agent.close()
-            if not self._lost:
-                raise ConnectionDeny(404, "sandbox not found")
-            return
+            raise ConnectionDeny(404, "sandbox not found")
         self.sandbox = sandbox
         self.agent = agent
         agent.listener = self
 
     def onOpen(self) -> None:
-        assert self.sandbox is not None
+        if self.sandbox is None or self._lost:
+            # Gone mid-handshake; nothing to attach.
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
         manager = self.factory.manager
         manager.registry.attach(self.sandbox, self, manager.now())
         self._attached = True
@@ -136,11 +164,11 @@ class ClientSide(WebSocketServerProtocol):
         try:
             message = parse_message(payload, is_binary, self.factory.policy)
         except ProtocolError as e:
-            self.sendMessage(encode(e.reply(datetime.now())), isBinary=False)
+            self._send_own(encode(e.reply(datetime.now())))
             return
         if self.agent is None or self.agent.gone:
             failure = message.error("agent_unavailable", "the sandbox agent connection is closed")
-            self.sendMessage(encode(failure.reply(datetime.now())), isBinary=False)
+            self._send_own(encode(failure.reply(datetime.now())))
             return
         if self.sandbox is not None:
             manager.registry.touch(self.sandbox, manager.now())
@@ -155,14 +183,127 @@ class ClientSide(WebSocketServerProtocol):
             self.sendMessage(payload, isBinary=is_binary)
 
     def agent_closed(self, code: int | None, reason: str | None) -> None:
-        """The agent connection dropped: the client cannot be served any more."""
+        """The agent connection dropped: the client cannot be served any more. When the
+        gateway is removing the sandbox (which is why the agent went), the reason it decided
+        on (4000 ``sandbox deleted``, say) wins over 1011."""
         self.agent = None
+        closing = self.sandbox.closing if self.sandbox is not None else None
+        if closing is not None:
+            close_connection(self, *closing)
+            return
         self._log.warn(
             "agent connection of sandbox {sandbox_id} closed (code={code}); closing client",
             sandbox_id=self.sandbox.sandbox_id if self.sandbox else None,
             code=code,
         )
         close_connection(self, CLOSE_AGENT_LOST, "sandbox agent connection lost")
+
+    # -- limits ----------------------------------------------------------------------------
+
+    def _send_own(self, payload: bytes) -> None:
+        """Send a reply the gateway makes itself (an error), minding the client's backlog."""
+        if self._own_reply_fits(len(payload)):
+            self.sendMessage(payload, isBinary=False)
+
+    def sendPong(self, payload: bytes | None = None) -> None:
+        if self._own_reply_fits(len(payload or b"") + 2):
+            super().sendPong(payload)
+
+    def _own_reply_fits(self, size: int) -> bool:
+        """Whether a reply of ``size`` may be queued: a client that leaves more than
+        ``OWN_REPLY_BACKLOG`` of them unread beyond its send buffer is dropped."""
+        if self.transport is None or self.state != WebSocketServerProtocol.STATE_OPEN:
+            return False
+        if unsent_bytes(self.transport) <= WRITE_BUFFER:
+            self._own_backlog = 0
+            return True
+        self._own_backlog += size
+        if self._own_backlog <= OWN_REPLY_BACKLOG:
+            return True
+        self._log.warn(
+            "client {peer} does not read its replies ({backlog} bytes unsent); dropping it",
+            peer=self.peer,
+            backlog=unsent_bytes(self.transport),
+        )
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+        return False
+
+    def onFrameBegin(self) -> None:
+        super().onFrameBegin()
+        if self.current_frame is None or self.state == WebSocketServerProtocol.STATE_CLOSED:
+            return
+        now = self.factory.reactor.seconds()
+        if self._frame_stamp is not None:
+            elapsed = max(0.0, now - self._frame_stamp)
+            self._frame_tokens = min(FRAME_BURST, self._frame_tokens + elapsed * FRAME_RATE)
+        self._frame_stamp = now
+        self._frame_tokens -= 1
+        if self.current_frame.opcode <= 7:
+            self._frames_in_message += 1
+        if self._frames_in_message > MAX_FRAMES_PER_MESSAGE:
+            self._abusive("too many frames in one message")
+        elif self._frame_tokens < 0:
+            self._abusive("too many frames per second")
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self._frames_in_message = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        self._buffered += len(payload)
+        self.factory.buffered += len(payload)
+        super().onMessageFrameData(payload)
+        if self.factory.buffered > self.factory.max_buffered:
+            self._log.warn(
+                "partial messages of all clients exceed {limit} bytes; closing {peer}",
+                limit=self.factory.max_buffered,
+                peer=self.peer,
+            )
+            self._shut(CLOSE_TRY_AGAIN, "gateway busy, try again later")
+
+    def onMessageEnd(self) -> None:
+        self._release_buffered()
+        super().onMessageEnd()
+
+    def _release_buffered(self) -> None:
+        self.factory.buffered -= self._buffered
+        self._buffered = 0
+
+    def _abusive(self, why: str) -> None:
+        self._log.warn("closing client {peer}: {why}", peer=self.peer, why=why)
+        self._shut(CLOSE_POLICY, why)
+
+    def _shut(self, code: int, reason: str) -> None:
+        """Close at once, without parsing another byte from this client: the close frame
+        goes out with a FIN, what the client still sends is discarded, and the socket is
+        aborted two seconds later if the client has not closed it by then. (Closing a socket
+        with unread input would send a reset that destroys the close frame.)"""
+        self._release_buffered()
+        close_connection(self, code, reason)
+        self._discarding = True
+        self.state = WebSocketServerProtocol.STATE_CLOSED  # stops Autobahn's parsing loop
+        lose_write = getattr(self.transport, "loseWriteConnection", None)
+        if lose_write is not None:
+            lose_write()
+        self.factory.reactor.callLater(2.0, self._abort_transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        super().dataReceived(data)
+
+    def dropConnection(self, abort: bool = False) -> None:
+        if abort and self.transport is not None and unsent_bytes(self.transport) > 0:
+            # Autobahn aborts right after answering a close frame, which discards the answer
+            # (1002 for an invalid close code, say) and sends a reset: let it go out first.
+            super().dropConnection(abort=False)
+            self.factory.reactor.callLater(2.0, self._abort_transport)
+            return
+        super().dropConnection(abort)
+
+    def _abort_transport(self) -> None:
+        if self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -172,6 +313,7 @@ class ClientSide(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._lost = True
+        self._release_buffered()
         if self.transport is not None:
             unpair_flow(self.transport)
         if self.agent is not None:
@@ -203,6 +345,7 @@ class ProxyFactory(WebSocketServerFactory):
         reactor: Any,
         policy: Limits = DEFAULT_LIMITS,
         authenticator: Authenticator | None = None,
+        max_buffered: int = MAX_BUFFERED_TOTAL,
         **options: Any,
     ) -> None:
         super().__init__(reactor=reactor)
@@ -210,9 +353,15 @@ class ProxyFactory(WebSocketServerFactory):
         self.policy = policy
         self.authenticator = authenticator or Authenticator.from_tokens([])
         self.clients: set[ClientSide] = set()
+        #: Bytes of partial client messages held now, and the most allowed.
+        self.buffered = 0
+        self.max_buffered = max_buffered
         # failByDrop=False: protocol violations (an oversized message, say) get a close frame
         # with the proper code (1009, 1002, ...) instead of a bare TCP drop.
-        self.setProtocolOptions(**{"failByDrop": False, **options})
+        # closeHandshakeTimeout: our close frame may queue behind streamed output the client
+        # is still reading; Autobahn's 1 s would abort before the client ever sees it.
+        defaults = {"failByDrop": False, "closeHandshakeTimeout": CLOSE_HANDSHAKE_TIMEOUT}
+        self.setProtocolOptions(**{**defaults, **options})
 
     def close_all(self, code: int, reason: str) -> None:
         """Close every client (used on shutdown)."""

@@ -102,6 +102,9 @@ class ContainerLimits:
     tmp_size: str = "128m"
     log_size: str = "10m"
     runtime: str | None = None
+    #: Size of /dev/shm (a tmpfs Docker mounts nosuid, nodev, noexec; it counts towards the
+    #: memory limit). /dev/mqueue is bounded by the kernel's per-user RLIMIT_MSGQUEUE.
+    shm_size: str = "64m"
 
     def run_options(self) -> dict[str, Any]:
         """``containers.run`` keyword arguments for these limits (less the Ulimit objects)."""
@@ -111,6 +114,7 @@ class ContainerLimits:
             "memswap_limit": self.memory,
             "nano_cpus": int(self.cpus * 1e9),
             "pids_limit": self.pids,
+            "shm_size": self.shm_size,
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "log_config": {

@@ -90,6 +90,9 @@ class Sandbox:
     ever_connected: bool = False
     #: Came from the warm pool: its settings live in the state file, not in its labels.
     pooled: bool = False
+    #: Set while the gateway removes the sandbox: the close code and reason its clients
+    #: get, even when the agent link drops first.
+    closing: tuple[int, str] | None = field(default=None, repr=False, eq=False)
 
     @property
     def clients(self) -> int:

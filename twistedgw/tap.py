@@ -19,6 +19,7 @@ from twisted.python import usage
 
 from twistedgw.api import GatewayAPI, make_site
 from twistedgw.auth import Authenticator, read_tokens
+from twistedgw.edge import EdgePolicy, default_hosts, fit_descriptors
 from twistedgw.manager import LifecyclePolicy, SandboxManager
 from twistedgw.protocol import Limits
 from twistedgw.proxy import CLOSE_GOING_AWAY, ProxyFactory, make_ws_resource
@@ -239,6 +240,35 @@ class Options(usage.Options):
             _positive_int("--max-connections"),
         ],
         [
+            "max-http-connections",
+            None,
+            1000,
+            "Most plain HTTP connections at once (WebSockets count against --max-connections); "
+            "connections beyond it get HTTP 503.",
+            _positive_int("--max-http-connections"),
+        ],
+        [
+            "body-timeout",
+            None,
+            30.0,
+            "Seconds a client has to send a request body once its headers are in (HTTP 408).",
+            _positive_float("--body-timeout"),
+        ],
+        [
+            "allowed-hosts",
+            None,
+            "",
+            "Extra Host names the gateway answers to, comma separated (besides loopback names "
+            "and, when bound to all interfaces, IP addresses and this machine's names).",
+        ],
+        [
+            "allowed-origins",
+            None,
+            "",
+            "Browser origins (scheme://host[:port]) allowed besides the gateway's own, comma "
+            "separated.",
+        ],
+        [
             "ping-interval",
             None,
             30.0,
@@ -384,11 +414,38 @@ def makeService(options: Options) -> IService:
     api = GatewayAPI(manager, make_ws_resource(factory), authenticator)
     endpoint = serverFromString(reactor, options["port"])
     web = StreamServerEndpointService(
-        endpoint, make_site(api, header_timeout=options["open-handshake-timeout"])
+        endpoint, make_site(api, policy=edge_policy(options, authenticator))
     )
     web.setName("http")
     web.setServiceParent(root)
     return root
+
+
+def _listed(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def edge_policy(options: Options, authenticator: Authenticator | None = None) -> EdgePolicy:
+    """The HTTP edge's limits and allowed hosts and origins, from the options."""
+    # An endpoint string escapes colons in values with a backslash (tcp6:80:interface=\:\:1).
+    match = re.search(r"interface=((?:\\.|[^:])*)", options["port"])
+    interface = match.group(1).replace("\\", "") if match else None
+    if options["port"].startswith("unix:"):
+        interface = "localhost"
+    hosts, any_ip = default_hosts(interface, _listed(options["allowed-hosts"]))
+    return EdgePolicy(
+        authenticator=authenticator or Authenticator.from_tokens(options["tokens"]),
+        allowed_hosts=hosts,
+        any_ip_host=any_ip,
+        allowed_origins=frozenset(
+            o.lower().rstrip("/") for o in _listed(options["allowed-origins"])
+        ),
+        header_timeout=options["open-handshake-timeout"],
+        body_timeout=options["body-timeout"],
+        max_connections=fit_descriptors(
+            options["max-http-connections"], options["max-connections"]
+        ),
+    )
 
 
 class ProxyService(Service):

@@ -414,7 +414,12 @@ def test_many_threads_of_garbage_do_not_stop_service(hostile: GatewayProcess) ->
 
     def junk() -> None:
         for body in (b"[", b"null", b'{"idle_timeout": "x"}', b"\xff" * 100):
-            response = requests.post(hostile.url + "/sandboxes", data=body, timeout=30)
+            response = requests.post(
+                hostile.url + "/sandboxes",
+                data=body,
+                headers={"Content-Type": "application/json"},
+                timeout=30,
+            )
             if response.status_code != 400:
                 errors.append(f"{body!r}: {response.status_code}")
         response = requests.request("PATCH", hostile.url + "/sandboxes", timeout=30)

@@ -100,7 +100,12 @@ def test_errors_are_json(gateway: GatewayProcess) -> None:
         response = gateway.get(path)
         assert response.status_code == 404
         assert "error" in response.json()
-    response = requests.post(gateway.url + "/sandboxes", data=b"{broken", timeout=10)
+    response = requests.post(
+        gateway.url + "/sandboxes",
+        data=b"{broken",
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
     assert response.status_code == 400
     assert "error" in response.json()
     with pytest.raises(InvalidStatus) as info:
