@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """twistedgw sandbox agent: runs shell commands for the gateway over a WebSocket.
 
-Runs inside the sandbox container (as the unprivileged ``sandbox`` user, under tini) and
-serves, on TCP ``0.0.0.0:$AGENT_PORT`` (default 8765):
+Runs inside the sandbox container under its supervisor (``supervise``, under tini), as the
+user ``agent`` with only the SETUID, SETGID and KILL capabilities, and starts every command and
+session shell as the unprivileged user ``sandbox`` (see ``spawn``).  It serves, on TCP
+``0.0.0.0:$AGENT_PORT`` (default 8765):
 
 * ``GET /healthz``  -> ``200 ok`` (no auth), for readiness probes;
 * ``/agent``        -> a WebSocket.  The opening handshake must carry
@@ -339,13 +341,136 @@ def _fd_open(fd: int) -> bool:
     return True
 
 
+#: The user that runs commands and session shells. When the agent has a uid of its own (the
+#: image's ``agent``, set up by its supervisor with the SETUID, SETGID and KILL capabilities),
+#: every user process is started through setpriv, which changes to this user's uid and gid,
+#: drops the supplementary groups and clears the inheritable and ambient capabilities before
+#: it execs the command: user code runs with no capability at all and cannot signal, ptrace
+#: or read the /proc entries of the agent.
+SANDBOX_USER = "sandbox"
+SETPRIV_CANDIDATES = ("/usr/bin/setpriv", "/bin/setpriv")
+#: oom_score_adj of user processes (the agent keeps its own, normally 0): when the sandbox
+#: hits its memory limit, the kernel's OOM killer picks user code, not the agent.
+USER_OOM_SCORE_ADJ = 500
+OOM_SCORE_ADJ_PATH = "/proc/self/oom_score_adj"
+#: Capability bits (linux/capability.h) the agent needs to start processes as another user.
+CAP_SETGID, CAP_SETUID = 6, 7
+
+
+@dataclass(frozen=True)
+class UserSpawn:
+    """How user processes are started: as whom (an argv prefix) and how OOM-killable."""
+
+    #: ``setpriv ... --`` when user processes change uid; empty when they run as the agent's.
+    prefix: tuple[str, ...] = ()
+    #: Given to user processes: the agent raises its own for the moment of the spawn (no
+    #: capability needed to raise it, nor to go back down to where it started), and the
+    #: child inherits it.
+    oom_score_adj: int | None = USER_OOM_SCORE_ADJ
+    #: The agent's own value, restored after each spawn.
+    agent_oom_score_adj: int = 0
+
+    @classmethod
+    def detect(cls) -> tuple[UserSpawn, pwd.struct_passwd | None]:
+        """The spawn settings for this process, and the user that user processes run as.
+
+        Raises ConfigError when the agent runs under another uid than ``sandbox`` but cannot
+        change to it (no setpriv, or no SETUID/SETGID capability).
+        """
+        oom = _read_oom_score_adj()
+        try:
+            sandbox = pwd.getpwnam(SANDBOX_USER)
+        except KeyError:
+            sandbox = None
+        if sandbox is None or sandbox.pw_uid == os.getuid():
+            try:
+                own = pwd.getpwuid(os.getuid())
+            except KeyError:
+                own = None
+            return cls(agent_oom_score_adj=oom or 0, oom_score_adj=_raised(oom)), own
+        setpriv = next((p for p in SETPRIV_CANDIDATES if os.access(p, os.X_OK)), None)
+        if setpriv is None:
+            raise ConfigError(f"setpriv is missing: cannot start processes as {SANDBOX_USER}")
+        if not _has_capabilities(CAP_SETUID, CAP_SETGID):
+            raise ConfigError(
+                f"the agent (uid {os.getuid()}) lacks CAP_SETUID/CAP_SETGID to start processes "
+                f"as {SANDBOX_USER}; start the image as root (its supervisor drops privileges)"
+            )
+        prefix = (
+            setpriv,
+            f"--reuid={sandbox.pw_uid}",
+            f"--regid={sandbox.pw_gid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--",
+        )
+        return cls(prefix, _raised(oom), oom or 0), sandbox
+
+
+def _read_oom_score_adj() -> int | None:
+    try:
+        with open(OOM_SCORE_ADJ_PATH) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _raised(agent_value: int | None) -> int | None:
+    """What user processes get: USER_OOM_SCORE_ADJ, never less than the agent's own."""
+    if agent_value is None:
+        return None
+    return max(USER_OOM_SCORE_ADJ, agent_value)
+
+
+def _write_oom_score_adj(value: int) -> bool:
+    try:
+        with open(OOM_SCORE_ADJ_PATH, "w") as f:
+            f.write(str(value))
+        return True
+    except OSError:
+        return False
+
+
+def _has_capabilities(*bits: int) -> bool:
+    """Whether this process has these capabilities in its effective set."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    effective = int(line.split()[1], 16)
+                    return all(effective & (1 << bit) for bit in bits)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def spawn(
-    reactor: Any, proto: Any, argv: list[str], env: dict[str, str], path: str, use_posix_spawn: bool
+    reactor: Any,
+    proto: Any,
+    argv: list[str],
+    env: dict[str, str],
+    path: str,
+    use_posix_spawn: bool,
+    user: UserSpawn | None = None,
 ) -> Any:
-    """Start ``argv`` in a new session with ``proto`` attached; returns the transport."""
-    if use_posix_spawn:
-        return SpawnedProcess(reactor, argv[0], argv, env, path, proto)
-    return reactor.spawnProcess(proto, argv[0], argv, env=env, path=path)
+    """Start ``argv`` as a user process, in a new session, with ``proto`` attached; returns
+    the transport.
+
+    Every process the agent starts for the user (commands, session shells) comes through
+    here: ``user`` says as whom (see UserSpawn) and with which oom_score_adj.
+    """
+    user = user or UserSpawn(oom_score_adj=None)
+    if user.prefix:
+        argv = [*user.prefix, *argv]
+    raised = user.oom_score_adj is not None and _write_oom_score_adj(user.oom_score_adj)
+    try:
+        if use_posix_spawn:
+            return SpawnedProcess(reactor, argv[0], argv, env, path, proto)
+        return reactor.spawnProcess(proto, argv[0], argv, env=env, path=path)
+    finally:
+        if raised:
+            _write_oom_score_adj(user.agent_oom_score_adj)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +501,7 @@ class AgentConfig:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     unix_socket: str | None = None
     use_posix_spawn: bool = False
+    user_spawn: UserSpawn = field(default_factory=UserSpawn)
 
     def __repr__(self) -> str:  # never show the secret
         return (
@@ -429,10 +555,10 @@ class AgentConfig:
         except InvalidLogLevelError:
             raise ConfigError(f"AGENT_LOG_LEVEL={level_name!r} is not a log level") from None
 
-        try:
-            pw = pwd.getpwuid(os.getuid())
+        user_spawn, pw = UserSpawn.detect()
+        if pw is not None:
             user, home = pw.pw_name, pw.pw_dir
-        except KeyError:
+        else:
             user, home = str(os.getuid()), environ.get("HOME", "/")
         cwd = home if os.path.isdir(home) else "/"
         shell = "/bin/bash" if os.access("/bin/bash", os.X_OK) else "/bin/sh"
@@ -479,6 +605,7 @@ class AgentConfig:
             max_sessions=max_sessions,
             unix_socket=environ.get("AGENT_UNIX_SOCKET") or None,
             use_posix_spawn=posix_spawn_works() and environ.get("AGENT_SPAWN") != "fork",
+            user_spawn=user_spawn,
         )
 
 
@@ -1210,7 +1337,8 @@ class CommandRun(RunBase, ProcessProtocol):
         env = dict(config.child_env)
         env.update(self.spec.env)
         self._begin()
-        spawn(self.reactor, self, argv, env, self.spec.cwd or config.cwd, config.use_posix_spawn)
+        cwd = self.spec.cwd or config.cwd
+        spawn(self.reactor, self, argv, env, cwd, config.use_posix_spawn, config.user_spawn)
         self.pid = self.transport.pid
         if self.owner is not None and self.owner.output_paused:
             self.set_paused(True)
@@ -1366,6 +1494,8 @@ class SessionRun(RunBase):
         if self.spec.stdin is not None:
             fd, path = tempfile.mkstemp(prefix=".agent-stdin-")
             self.stdin_path = path
+            # The shell reads it as the sandbox user (the agent may have a uid of its own).
+            os.fchmod(fd, 0o644)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(self.spec.stdin)
@@ -1486,6 +1616,7 @@ class Session:
             dict(self.config.child_env),
             self.config.cwd,
             self.config.use_posix_spawn,
+            self.config.user_spawn,
         )
         self.shell = shell
         self.pid = shell.transport.pid

@@ -8,7 +8,7 @@
 #   SANDBOX_IMAGE   image name/tag to build (default: sandbox-websocket-image)
 #
 # The image carries the label org.twistedgw.image-hash = sha256 of the files that go into it
-# (Dockerfile, agent.py); when the existing image has the same hash, nothing is rebuilt.
+# (Dockerfile, agent.py, supervise); when the existing image has the same hash, nothing is rebuilt.
 #
 # Base image: debian:bookworm-slim if it is present locally or can be pulled; otherwise a local
 # twistedgw-base:bookworm; otherwise one is bootstrapped offline from Debian's package mirror
@@ -44,7 +44,7 @@ docker info >/dev/null 2>&1 || die "no Docker engine answers 'docker info' (star
 # --- content hash -------------------------------------------------------------------------
 hash_inputs() {
     local f
-    for f in Dockerfile agent.py; do
+    for f in Dockerfile agent.py supervise; do
         [ -f "$SCRIPT_DIR/$f" ] || die "missing $SCRIPT_DIR/$f"
         printf '%s\0' "$f"
         sha256sum <"$SCRIPT_DIR/$f" | cut -d' ' -f1
