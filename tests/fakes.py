@@ -123,6 +123,13 @@ class _FakeAgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         message = json.loads(payload)
         self.factory.received.append(message)
+        if message.get("type") == "list_sessions":
+            sessions = [{"session": name} for name in sorted(self.factory.sessions)]
+            reply = {"type": "sessions", "request_id": message["request_id"], "sessions": sessions}
+            self._send(reply)
+            return
+        if message.get("session"):
+            self.factory.sessions.add(message["session"])
         command: str = message["command"]
         result = {
             "request_id": message["request_id"],
@@ -158,6 +165,8 @@ class _FakeAgentFactory(WebSocketServerFactory):  # type: ignore[misc]
         self.secrets: set[str] = set()
         self.received: list[dict[str, Any]] = []
         self.connections: set[_FakeAgentProtocol] = set()
+        #: Names of the sessions commands were sent to (forgotten by a restart).
+        self.sessions: set[str] = set()
 
 
 class FakeAgent:
@@ -184,6 +193,19 @@ class FakeAgent:
         """Drop every agent connection abruptly (as if the container died)."""
         for proto in list(self.factory.connections):
             proto.transport.abortConnection()
+
+    def restart(self) -> None:
+        """Die and come back at once, as the image's supervisor restarts a killed agent: every
+        connection drops and the sessions are gone."""
+        self.drop_all()
+        self.factory.sessions.clear()
+
+    async def vanish(self) -> None:
+        """Die for good (as in a container that stopped): connections drop, nobody listens."""
+        self.drop_all()
+        port, self.port = self.port, None
+        if port is not None:
+            await port.stopListening()
 
     async def stop(self) -> None:
         self.drop_all()

@@ -88,6 +88,13 @@ class Sandbox:
     ever_connected: bool = False
     #: Came from the warm pool: its settings live in the state file, not in its labels.
     pooled: bool = False
+    #: Session names clients used and did not close, as far as this gateway saw them.
+    sessions: set[str] = field(factory=set, repr=False, eq=False)
+    #: Sessions lost when the agent was lost and came back, until a command for one of them
+    #: has been told so (``session_lost``).
+    lost_sessions: set[str] = field(factory=set, repr=False, eq=False)
+    #: How often this gateway saw the agent lost and back (killed and restarted in place).
+    agent_restarts: int = 0
 
     @property
     def clients(self) -> int:
@@ -137,6 +144,8 @@ class Sandbox:
                 last_activity=self.last_activity,
                 idle_timeout=self.settings.idle_timeout,
                 expires_at=self.expires_at,
+                agent_restarts=self.agent_restarts,
+                lost_sessions=sorted(self.lost_sessions),
             )
         return body
 
