@@ -369,6 +369,25 @@ class UserSpawn:
     oom_score_adj: int | None = USER_OOM_SCORE_ADJ
     #: The agent's own value, restored after each spawn.
     agent_oom_score_adj: int = 0
+    #: The user's uid and gid, when they are not the agent's.
+    uid: int | None = None
+    gid: int | None = None
+
+    def readlink(self, path: str) -> str:
+        """``os.readlink`` with the user's filesystem uid and gid, for the /proc links of
+        user processes (``/proc/PID/cwd``), which another uid may not read."""
+        if self.uid is None or self.gid is None:
+            return os.readlink(path)
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        old_gid = libc.setfsgid(self.gid)
+        old_uid = libc.setfsuid(self.uid)
+        try:
+            return os.readlink(path)
+        finally:
+            libc.setfsuid(old_uid)
+            libc.setfsgid(old_gid)
 
     @classmethod
     def detect(cls) -> tuple[UserSpawn, pwd.struct_passwd | None]:
@@ -405,7 +424,7 @@ class UserSpawn:
             "--ambient-caps=-all",
             "--",
         )
-        return cls(prefix, _raised(oom), oom or 0), sandbox
+        return cls(prefix, _raised(oom), oom or 0, sandbox.pw_uid, sandbox.pw_gid), sandbox
 
 
 def _read_oom_score_adj() -> int | None:
@@ -1808,7 +1827,7 @@ class Session:
         cwd: str | None = None
         if self.pid:
             try:
-                cwd = os.readlink(f"/proc/{self.pid}/cwd")
+                cwd = self.config.user_spawn.readlink(f"/proc/{self.pid}/cwd")
             except OSError:
                 cwd = None
         return {

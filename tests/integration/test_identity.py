@@ -121,6 +121,18 @@ def test_agent_is_out_of_reach_of_user_code(
         assert run(ws, FIND_AGENT)["output"].strip() == pid
 
 
+def test_session_listing_shows_the_cwd_of_shells_of_another_uid(
+    gateway: GatewayProcess, sandbox: str
+) -> None:
+    """The agent (uid agent) still reads where a session's shell (uid sandbox) is."""
+    with connect(f"{gateway.ws_url}/ws/{sandbox}") as ws:
+        assert run(ws, "cd /tmp", session="where")["success"]
+        send(ws, {"type": "list_sessions", "request_id": "ls"})
+        listing = recv(ws)
+        cwd = {entry["session"]: entry["cwd"] for entry in listing["sessions"]}
+        assert cwd["where"] == "/tmp"
+
+
 def test_memory_hog_dies_and_the_agent_lives(
     gateway: GatewayProcess, docker_client: Any, sandbox: str
 ) -> None:
