@@ -179,6 +179,7 @@ class FakeAgent:
         root.putChild(b"agent", WebSocketResource(self.factory))
         self.site = Site(root)
         self.port: Any = None
+        self.port_number = 0
 
     @property
     def received(self) -> list[dict[str, Any]]:
@@ -187,7 +188,8 @@ class FakeAgent:
     def listen(self, reactor: Any) -> int:
         self.factory.doStart()
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
-        return int(self.port.getHost().port)
+        self.port_number = int(self.port.getHost().port)
+        return self.port_number
 
     def drop_all(self) -> None:
         """Drop every agent connection abruptly (as if the container died)."""
@@ -206,6 +208,11 @@ class FakeAgent:
         port, self.port = self.port, None
         if port is not None:
             await port.stopListening()
+
+    def come_back(self, reactor: Any) -> None:
+        """Listen again on the same port after ``vanish`` (a slow restart)."""
+        self.factory.sessions.clear()
+        self.port = reactor.listenTCP(self.port_number, self.site, interface="127.0.0.1")
 
     async def stop(self) -> None:
         self.drop_all()

@@ -39,7 +39,7 @@ async def gateway() -> AsyncIterator[Gateway]:
     agent_port = agent.listen(reactor)
     runtime = FakeRuntime(agent=agent, agent_port=agent_port)
     manager = SandboxManager(
-        SandboxRegistry(), runtime, reactor, agent_ready_timeout=5, agent_recovery_timeout=1
+        SandboxRegistry(), runtime, reactor, agent_ready_timeout=5, agent_recovery_timeout=3
     )
     factory = ProxyFactory(manager, reactor, maxMessagePayloadSize=64 * 1024)
     factory.doStart()
@@ -184,6 +184,20 @@ async def test_agent_restart_is_reported_then_client_closed_4001(gateway: Gatewa
     assert (await again.command("echo back", session="main"))["output"] == "back\n"
     assert (await again.command("echo plain"))["output"] == "plain\n"
     assert sandbox.lost_sessions == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_arriving_during_a_restart_waits_for_the_agent(gateway: Gateway) -> None:
+    """A handshake that finds the agent down while it restarts waits for it (instead of 503)
+    and is served once it is back."""
+    from twisted.internet.task import deferLater
+
+    sandbox = await gateway.manager.create()
+    await gateway.agent.vanish()
+    deferLater(reactor, 0.3, lambda: None).addCallback(lambda _: gateway.agent.come_back(reactor))
+    client = await gateway.client(sandbox.sandbox_id)
+    assert (await client.command("echo served"))["output"] == "served\n"
+    assert sandbox.agent_restarts == 1
 
 
 @pytest_twisted.ensureDeferred
