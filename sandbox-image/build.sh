@@ -8,7 +8,10 @@
 #   SANDBOX_IMAGE   image name/tag to build (default: sandbox-websocket-image)
 #
 # The image carries the label org.twistedgw.image-hash = sha256 of the files that go into it
-# (Dockerfile, agent.py, supervise); when the existing image has the same hash, nothing is rebuilt.
+# (the whole build context: Dockerfile, supervise, agent/*.py, twistedgw/__init__.py,
+# twistedgw/protocol.py); when the existing image has the same hash, nothing is rebuilt.  The context is assembled in a
+# temporary directory, because Docker cannot COPY the repository's twistedgw/protocol.py from
+# outside sandbox-image/; the image gets an EMPTY twistedgw/__init__.py.
 #
 # Base image: debian:bookworm-slim if it is present locally or can be pulled; otherwise a local
 # twistedgw-base:bookworm; otherwise one is bootstrapped offline from Debian's package mirror
@@ -41,15 +44,35 @@ done
 command -v docker >/dev/null 2>&1 || die "the docker CLI is not installed"
 docker info >/dev/null 2>&1 || die "no Docker engine answers 'docker info' (start one, e.g. scripts/ensure-docker.sh)"
 
-# --- content hash -------------------------------------------------------------------------
+# --- build context and content hash -------------------------------------------------------
+REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
+CONTEXT=$(mktemp -d "${TMPDIR:-/tmp}/twistedgw-image-context.XXXXXX")
+trap 'rm -rf "$CONTEXT"' EXIT
+assemble_context() {
+    local f
+    [ -f "$SCRIPT_DIR/Dockerfile" ] || die "missing $SCRIPT_DIR/Dockerfile"
+    [ -f "$REPO_DIR/twistedgw/protocol.py" ] || die "missing $REPO_DIR/twistedgw/protocol.py"
+    cp "$SCRIPT_DIR/Dockerfile" "$CONTEXT/Dockerfile"
+    [ -f "$SCRIPT_DIR/supervise" ] || die "missing $SCRIPT_DIR/supervise"
+    cp "$SCRIPT_DIR/supervise" "$CONTEXT/supervise"
+    chmod 0755 "$CONTEXT/supervise"
+    mkdir -p "$CONTEXT/agent" "$CONTEXT/twistedgw"
+    for f in "$SCRIPT_DIR"/agent/*.py; do
+        cp "$f" "$CONTEXT/agent/"
+    done
+    [ -f "$CONTEXT/agent/__main__.py" ] || die "missing $SCRIPT_DIR/agent/__main__.py"
+    cp "$REPO_DIR/twistedgw/protocol.py" "$CONTEXT/twistedgw/protocol.py"
+    : >"$CONTEXT/twistedgw/__init__.py"
+}
+# Every file of the context, by relative path, in a stable order: what goes into the image.
 hash_inputs() {
     local f
-    for f in Dockerfile agent.py supervise; do
-        [ -f "$SCRIPT_DIR/$f" ] || die "missing $SCRIPT_DIR/$f"
-        printf '%s\0' "$f"
-        sha256sum <"$SCRIPT_DIR/$f" | cut -d' ' -f1
+    (cd "$CONTEXT" && find . -type f -print | LC_ALL=C sort) | while read -r f; do
+        printf '%s\0' "${f#./}"
+        sha256sum <"$CONTEXT/$f" | cut -d' ' -f1
     done
 }
+assemble_context
 IMAGE_HASH=$(hash_inputs | sha256sum | cut -d' ' -f1)
 log "content hash $IMAGE_HASH"
 
@@ -86,7 +109,8 @@ cleanup_rootfs() {
     fi
     ROOTFS=""
 }
-trap cleanup_rootfs EXIT
+cleanup() { cleanup_rootfs; rm -rf "$CONTEXT"; }
+trap cleanup EXIT
 
 url_reachable() {
     if command -v curl >/dev/null 2>&1; then
@@ -180,7 +204,7 @@ log "docker build ${build_opts[*]:+${build_opts[*]} }-t $SANDBOX_IMAGE (base $BA
 if ! docker build "${build_opts[@]}" \
         --build-arg "BASE=$BASE" \
         --build-arg "IMAGE_HASH=$IMAGE_HASH" \
-        -t "$SANDBOX_IMAGE" "$SCRIPT_DIR" >&2; then
+        -t "$SANDBOX_IMAGE" "$CONTEXT" >&2; then
     die "docker build of $SANDBOX_IMAGE failed (see the output above)"
 fi
 new_id=$(docker image inspect -f '{{ .Id }}' "$SANDBOX_IMAGE" 2>/dev/null || true)

@@ -29,6 +29,7 @@ from twistedgw.agentlink import (
     list_sessions,
     wait_for_agent,
 )
+from twistedgw.protocol import ProtocolError, validate_env
 from twistedgw.runtime import ContainerEvent, ContainerInfo, ContainerSpec, IContainerRuntime
 from twistedgw.sandbox import (
     REASON_DELETED,
@@ -50,10 +51,9 @@ CLOSE_SANDBOX_GONE = 1011
 CLOSE_SANDBOX_REMOVED = 4000
 
 METADATA_KEY_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
-ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 MAX_METADATA = 32
 MAX_METADATA_VALUE = 256
-MAX_ENV = 128
+#: The gateway's own cap on a creation ``env`` value (names and entries: ``protocol``).
 MAX_ENV_VALUE = 32 * 1024
 
 
@@ -130,6 +130,16 @@ def _string_map(
                 f"'{key}' value of {name!r} must be a string of at most {longest} characters"
             )
     return dict(value)
+
+
+def _creation_env(value: Any) -> dict[str, str]:
+    """The creation body's ``env``: the protocol's one env rule, plus the value cap."""
+    if value is None:
+        return {}
+    try:
+        return validate_env(value, max_value_length=MAX_ENV_VALUE)
+    except ProtocolError as e:
+        raise InvalidSettings(e.message) from None
 
 
 class SandboxManager(Service):
@@ -276,7 +286,7 @@ class SandboxManager(Service):
             metadata=_string_map(
                 body, "metadata", METADATA_KEY_RE, MAX_METADATA, MAX_METADATA_VALUE
             ),
-            env=_string_map(body, "env", ENV_NAME_RE, MAX_ENV, MAX_ENV_VALUE),
+            env=_creation_env(body.get("env")),
             idempotency_key=key,
             owner=owner,
             network=network,

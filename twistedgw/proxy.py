@@ -2,7 +2,7 @@
 
 A client's handshake completes only once the gateway's own connection to the sandbox's agent is
 up (``onConnect`` returns a Deferred), so an accepted client can send at once. Client messages
-are validated (``messages.parse_message``) and forwarded; agent results go back verbatim.
+are validated (``protocol.parse_message``) and forwarded; agent results go back verbatim.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from twistedgw.agentlink import AgentSide, AgentUnavailable
 from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.flow import pair_flow, unpair_flow
 from twistedgw.manager import AgentRecovery, SandboxManager, SandboxNotFound
-from twistedgw.messages import (
-    DEFAULT_POLICY,
-    MessageError,
-    MessagePolicy,
+from twistedgw.protocol import (
+    CLOSE_AGENT_RESTARTED,
+    DEFAULT_LIMITS,
+    CloseSession,
+    Command,
+    Limits,
+    Message,
+    ProtocolError,
     encode,
-    error_reply,
     parse_message,
 )
 from twistedgw.sandbox import Sandbox
@@ -36,11 +39,10 @@ from twistedgw.sandbox import Sandbox
 CLOSE_AGENT_LOST = 1011
 #: Close code and reason when the gateway shuts down.
 CLOSE_GOING_AWAY = 1001
-#: Close code when the agent connection dropped and the agent answers again (it was killed
-#: and its supervisor restarted it in place): the sandbox and its files are there, commands
-#: in flight and sessions are lost (and listed in an ``agent_restarted`` message before the
-#: close); reconnecting works at once.
-CLOSE_AGENT_RESTARTED = 4001
+#: With close code 4001 (protocol.CLOSE_AGENT_RESTARTED): the agent connection dropped and
+#: the agent answers again (it was killed and its supervisor restarted it in place): the
+#: sandbox and its files are there, commands in flight and sessions are lost (and listed in an
+#: ``agent_restarted`` message before the close); reconnecting works at once.
 REASON_AGENT_RESTARTED = "sandbox agent restarted: reconnect"
 
 #: Streamed output chunks, the bulk of what agents send, as the agent encodes them.
@@ -174,52 +176,43 @@ class ClientSide(WebSocketServerProtocol):
         manager = self.factory.manager
         try:
             message = parse_message(payload, is_binary, self.factory.policy)
-        except MessageError as e:
-            self.sendMessage(encode(error_reply(e, datetime.now())), isBinary=False)
+        except ProtocolError as e:
+            self.sendMessage(encode(e.reply(datetime.now())), isBinary=False)
             return
         if self.agent is None or self.agent.gone:
-            failure = MessageError(
-                "agent_unavailable",
-                "the sandbox agent connection is closed",
-                message.get("request_id"),
-                message.get("command"),
-                control="type" in message,
-            )
-            self.sendMessage(encode(error_reply(failure, datetime.now())), isBinary=False)
+            failure = message.error("agent_unavailable", "the sandbox agent connection is closed")
+            self.sendMessage(encode(failure.reply(datetime.now())), isBinary=False)
             return
         sandbox = self.sandbox
         if sandbox is not None:
             manager.registry.touch(sandbox, manager.now())
             if not self._track(sandbox, message):
                 return
-        self.agent.send_json(encode(message))
+        self.agent.send_json(encode(message.to_wire()))
 
-    def _track(self, sandbox: Sandbox, message: dict[str, Any]) -> bool:
+    def _track(self, sandbox: Sandbox, message: Message) -> bool:
         """Note commands in flight and session names; False (after an error reply) for a
         command in a session the agent lost since it was last used."""
-        kind = message.get("type", "command")
-        session = message.get("session")
-        if kind == "close_session":
-            sandbox.sessions.discard(session)
-            sandbox.lost_sessions.discard(session)
+        if isinstance(message, CloseSession):
+            sandbox.sessions.discard(message.session)
+            sandbox.lost_sessions.discard(message.session)
             return True
-        if kind != "command":
+        if not isinstance(message, Command):
             return True
+        session = message.session
         if session is not None:
             if session in sandbox.lost_sessions:
                 # Said once: the next command of that name starts a new, empty session.
                 sandbox.lost_sessions.discard(session)
-                failure = MessageError(
+                failure = message.error(
                     "session_lost",
                     f"session {session!r} was lost when the sandbox agent restarted (its shell, "
                     "variables and running commands are gone); send again to start it anew",
-                    message.get("request_id"),
-                    message.get("command"),
                 )
-                self.sendMessage(encode(error_reply(failure, datetime.now())), isBinary=False)
+                self.sendMessage(encode(failure.reply(datetime.now())), isBinary=False)
                 return False
             sandbox.sessions.add(session)
-        self.in_flight[message["request_id"]] = message.get("command")
+        self.in_flight[message.request_id] = message.command
         return True
 
     def agent_message(self, payload: bytes, is_binary: bool) -> None:
@@ -279,8 +272,8 @@ class ClientSide(WebSocketServerProtocol):
         in_flight, self.in_flight = self.in_flight, {}
         now = datetime.now()
         for request_id, command in in_flight.items():
-            failure = MessageError(code, text, request_id, command)
-            self.sendMessage(encode(error_reply(failure, now)), isBinary=False)
+            failure = ProtocolError(code, text, request_id, command)
+            self.sendMessage(encode(failure.reply(now)), isBinary=False)
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -321,7 +314,7 @@ class ProxyFactory(WebSocketServerFactory):
         self,
         manager: SandboxManager,
         reactor: Any,
-        policy: MessagePolicy = DEFAULT_POLICY,
+        policy: Limits = DEFAULT_LIMITS,
         authenticator: Authenticator | None = None,
         **options: Any,
     ) -> None:

@@ -20,7 +20,7 @@ from twisted.python import usage
 from twistedgw.api import GatewayAPI, make_site
 from twistedgw.auth import Authenticator, read_tokens
 from twistedgw.manager import LifecyclePolicy, SandboxManager
-from twistedgw.messages import MessagePolicy
+from twistedgw.protocol import Limits
 from twistedgw.proxy import CLOSE_GOING_AWAY, ProxyFactory, make_ws_resource
 from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.runtime import ContainerLimits, DockerRuntime
@@ -369,7 +369,7 @@ def makeService(options: Options) -> IService:
         manager,
         reactor,
         authenticator=authenticator,
-        policy=MessagePolicy(options["default-timeout"], options["max-timeout"]),
+        policy=Limits(options["default-timeout"], options["max-timeout"]),
         maxMessagePayloadSize=options["max-message-size"],
         maxFramePayloadSize=options["max-message-size"],
         openHandshakeTimeout=options["open-handshake-timeout"],

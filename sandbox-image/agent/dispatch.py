@@ -1,0 +1,193 @@
+"""The protocol over the process model: one Connection per WebSocket, no socket in sight.
+
+``Connection.handle(payload, is_binary)`` takes one WebSocket message and answers through the
+``send`` callable it was given (encoded JSON text); ``set_output_paused`` is backpressure from
+the socket, ``lost`` is the end of the connection.  ``Agent`` holds what connections share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from agent import log
+from agent.child import Reaper
+from agent.config import AgentConfig
+from agent.runs import CommandRun, RunBase, resolve_cwd
+from agent.sessions import SessionManager, SessionRun
+from twistedgw import protocol
+
+
+class Agent:
+    """What all connections share: config, loop, reaper, sessions, open connections."""
+
+    def __init__(self, config: AgentConfig, loop: Any, reaper: Reaper | None = None) -> None:
+        self.config = config
+        self.loop = loop
+        self.reaper = reaper if reaper is not None else Reaper(loop)
+        self.limits = protocol.Limits(
+            default_timeout=config.default_timeout, max_timeout=config.max_timeout
+        )
+        self.sessions = SessionManager(config, loop, self.reaper)
+        self.connections: set[Connection] = set()
+
+    def connect(self, send: Callable[[bytes], None], peer: str = "?") -> Connection:
+        conn = Connection(self, send, peer)
+        self.connections.add(conn)
+        return conn
+
+    def kill_all(self) -> None:
+        """Kill every running command and every session shell (at shutdown)."""
+        for conn in list(self.connections):
+            for run in list(conn.runs.values()):
+                if isinstance(run, CommandRun):
+                    run.kill()
+        self.sessions.kill_all()
+
+
+class Connection:
+    """One gateway connection: runs the commands it sends, replies with their results."""
+
+    def __init__(self, agent: Agent, send: Callable[[bytes], None], peer: str) -> None:
+        self.agent = agent
+        self._send = send
+        self.peer = peer
+        self.runs: dict[str, RunBase] = {}
+        self.open = True
+        self.output_paused = False
+
+    # from the socket ------------------------------------------------------------------------
+
+    def handle(self, payload: bytes, is_binary: bool) -> None:
+        """Handle one message; never raises, always answers what it cannot run."""
+        try:
+            message = protocol.parse_message(payload, is_binary, self.agent.limits)
+        except protocol.ProtocolError as e:
+            self.send_message(e.reply())
+            return
+        try:
+            if isinstance(message, protocol.Command):
+                self._command(message)
+            elif isinstance(message, protocol.Cancel):
+                self._cancel(message)
+            elif isinstance(message, protocol.Stdin):
+                self._stdin(message)
+            elif isinstance(message, protocol.ListSessions):
+                self.send_message(
+                    protocol.sessions_message(message.request_id, self.agent.sessions.describe())
+                )
+            else:
+                self._close_session(message)
+        except protocol.ProtocolError as e:
+            self.send_message(e.reply())
+        except Exception:
+            log.exception("error while handling a message from %s", self.peer)
+            self.send_message(
+                protocol.command_error(
+                    getattr(message, "request_id", None),
+                    getattr(message, "command", None),
+                    "internal agent error handling the message",
+                    "internal_error",
+                )
+            )
+
+    def set_output_paused(self, paused: bool) -> None:
+        """Backpressure: the socket's send buffer is full (True) or drained (False)."""
+        if paused == self.output_paused:
+            return
+        self.output_paused = paused
+        for run in list(self.runs.values()):
+            run.set_paused(paused)
+
+    def lost(self) -> None:
+        """The connection closed: kill its plain commands, leave its session commands."""
+        if not self.open:
+            return
+        self.open = False
+        self.agent.connections.discard(self)
+        runs = list(self.runs.values())
+        self.runs.clear()
+        for run in runs:
+            run.detach()
+            if isinstance(run, CommandRun):
+                run.kill()
+        log.info("connection closed from %s, killed %d", self.peer, len(runs))
+
+    # messages -------------------------------------------------------------------------------
+
+    def _command(self, spec: protocol.Command) -> None:
+        config = self.agent.config
+        rid = spec.request_id
+        if rid in self.runs:
+            raise spec.error("duplicate_request_id", f"request_id {rid!r} is already running")
+        if len(self.runs) >= config.max_running:
+            raise spec.error(
+                "too_many_commands",
+                f"too many commands on this connection (limit {config.max_running})",
+            )
+        try:
+            cwd = resolve_cwd(config, spec.cwd)
+        except ValueError as e:
+            raise spec.error("invalid_cwd", str(e)) from None
+        if spec.session is not None:
+            run = SessionRun(spec, self, self.agent.loop, config, cwd if spec.cwd else None)
+            self.runs[rid] = run
+            if not self.agent.sessions.submit(spec.session, run):
+                self.runs.pop(rid, None)
+                raise spec.error(
+                    "too_many_sessions", f"too many sessions (limit {config.max_sessions})"
+                )
+            return
+        command = CommandRun(spec, self, self.agent.loop, config, self.agent.reaper, cwd)
+        self.runs[rid] = command
+        try:
+            command.start(self.agent.loop)
+        except OSError as e:
+            command.owner = None
+            command.finished = True
+            command.stop_timers()
+            self.runs.pop(rid, None)
+            raise spec.error("spawn_failed", f"could not start command: {e}") from None
+        log.debug("started %s pid=%s", rid, command.pid)
+
+    def _find(self, message: protocol.Cancel | protocol.Stdin) -> RunBase:
+        run = self.runs.get(message.request_id)
+        if run is None:
+            raise message.error(
+                "unknown_request", f"no running command with request_id {message.request_id!r}"
+            )
+        return run
+
+    def _cancel(self, message: protocol.Cancel) -> None:
+        self._find(message).cancel()
+
+    def _stdin(self, message: protocol.Stdin) -> None:
+        run = self._find(message)
+        if not isinstance(run, CommandRun) or not run.spec.interactive:
+            raise message.error("not_interactive", "the command was not started with 'interactive'")
+        if not run.stdin_open:
+            if message.data or not message.eof:
+                raise message.error("stdin_closed", "stdin is already closed")
+            return
+        if message.data:
+            run.write_stdin(message.data.encode("utf-8"))
+        if message.eof:
+            run.close_stdin()
+
+    def _close_session(self, message: protocol.CloseSession) -> None:
+        if not self.agent.sessions.close(message.session):
+            raise message.error("unknown_session", f"no session {message.session!r}")
+        log.info("session %s closed by %s", message.session, self.peer)
+        self.send_message(protocol.session_closed_message(message.request_id, message.session))
+
+    # RunOwner -------------------------------------------------------------------------------
+
+    def run_done(self, run: RunBase, message: dict[str, Any]) -> None:
+        if self.runs.get(run.request_id) is run:
+            del self.runs[run.request_id]
+        self.send_message(message)
+
+    def send_message(self, message: dict[str, Any]) -> None:
+        """Send one JSON text message, if the connection is still open."""
+        if self.open:
+            self._send(protocol.encode(message))

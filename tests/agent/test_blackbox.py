@@ -1,0 +1,358 @@
+"""Black-box protocol suite: a real agent process on a Unix socket, driven over WebSocket.
+
+Written against PROTOCOL.md (and the agent behaviour its package docstring documents), not
+against the implementation: it talks to the socket with the ``websockets`` library (or raw
+frames), and looks at the process only from outside (/proc).  Every test runs against the agent
+on this host's Python ("host") and once more inside the real sandbox image ("image",
+integration: needs Docker and the image).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, unix_connect
+
+from tests.agent.blackbox import AgentServer, RawClient, http_get
+
+MAX_TIMEOUT = 120
+
+
+@pytest.fixture(
+    scope="module", params=["host", pytest.param("image", marks=pytest.mark.integration)]
+)
+def server(request: pytest.FixtureRequest) -> Iterator[AgentServer]:
+    srv = AgentServer(request.param, AGENT_MAX_TIMEOUT=str(MAX_TIMEOUT), AGENT_MAX_SESSIONS="4")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def ws(server: AgentServer) -> Iterator[ClientConnection]:
+    with unix_connect(
+        server.socket,
+        "ws://localhost/agent",
+        additional_headers={"Authorization": f"Bearer {server.secret}"},
+        max_size=None,
+        open_timeout=10,
+    ) as conn:
+        yield conn
+    assert server.alive()
+
+
+def send(ws: ClientConnection, message: Any) -> None:
+    ws.send(json.dumps(message))
+
+
+def recv(ws: ClientConnection, timeout: float = 15.0) -> dict[str, Any]:
+    reply = json.loads(ws.recv(timeout=timeout))
+    assert isinstance(reply, dict)
+    return reply
+
+
+def run(ws: ClientConnection, command: str, **fields: Any) -> dict[str, Any]:
+    """Send a command and return its final message (result or error)."""
+    rid = fields.pop("request_id", f"r{time.monotonic_ns()}")
+    send(ws, {"request_id": rid, "command": command, **fields})
+    while True:
+        reply = recv(ws)
+        if reply.get("request_id") == rid and reply["type"] in ("result", "error"):
+            return reply
+
+
+# --- HTTP side --------------------------------------------------------------------------------
+
+
+def test_healthz_answers_ok_without_auth(server: AgentServer) -> None:
+    response = http_get(server.socket, "/healthz")
+    assert response.startswith(b"HTTP/1.1 200")
+    assert response.endswith(b"\r\n\r\nok")
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic x"])
+def test_a_handshake_without_the_secret_is_refused_with_401(
+    server: AgentServer, auth: str | None
+) -> None:
+    headers = {"Authorization": auth} if auth else {}
+    with pytest.raises(InvalidStatus) as err:
+        unix_connect(server.socket, "ws://localhost/agent", additional_headers=headers)
+    assert err.value.response.status_code == 401
+
+
+def test_unknown_paths_are_404(server: AgentServer) -> None:
+    assert http_get(server.socket, "/nope").startswith(b"HTTP/1.1 404")
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def test_a_command_result_has_the_protocol_fields(ws: ClientConnection) -> None:
+    result = run(ws, "echo out; echo err >&2; exit 3", request_id="r-fields")
+    assert result["type"] == "result"
+    assert result["request_id"] == "r-fields"
+    assert result["command"] == "echo out; echo err >&2; exit 3"
+    assert (result["output"], result["error"], result["returncode"]) == ("out\n", "err\n", 3)
+    assert result["success"] is False
+    assert result["timed_out"] is False and result["cancelled"] is False
+    assert result["truncated"] is False
+    assert isinstance(result["duration_ms"], float)
+    assert isinstance(result["timestamp"], str)
+
+
+def test_a_command_without_request_id_gets_one(ws: ClientConnection) -> None:
+    send(ws, {"command": "true"})
+    result = recv(ws)
+    assert result["type"] == "result"
+    assert isinstance(result["request_id"], str) and result["request_id"]
+
+
+def test_commands_get_a_clean_environment_and_the_request_env(ws: ClientConnection) -> None:
+    result = run(ws, "env", env={"FOO": "bar"})
+    names = {line.split("=", 1)[0] for line in result["output"].splitlines()}
+    assert "FOO" in names
+    assert "SANDBOX_AGENT_SECRET" not in names
+    assert not any(name.startswith("AGENT_") for name in names)
+
+
+def test_stdin_text_is_fed_and_closed(ws: ClientConnection) -> None:
+    assert run(ws, "cat; echo done", stdin="hello\n")["output"] == "hello\ndone\n"
+
+
+def test_cwd_is_relative_to_home(ws: ClientConnection) -> None:
+    home = run(ws, "pwd")["output"].strip()
+    run(ws, "mkdir -p bb-dir")
+    assert run(ws, "pwd", cwd="bb-dir")["output"].strip() == f"{home}/bb-dir"
+
+
+def test_streamed_output_arrives_in_order_before_the_result(ws: ClientConnection) -> None:
+    send(ws, {"request_id": "s", "command": "seq 1 3000; echo end >&2", "stream": True})
+    out, err = [], []
+    while True:
+        msg = recv(ws)
+        if msg["type"] == "output":
+            assert msg["request_id"] == "s"
+            (out if msg["stream"] == "stdout" else err).append(msg["data"])
+            continue
+        assert msg["type"] == "result"
+        break
+    assert "".join(out) == "".join(f"{i}\n" for i in range(1, 3001))
+    assert "".join(err) == "end\n"
+    assert (msg["output"], msg["error"], msg["success"]) == ("", "", True)
+
+
+def test_a_timeout_kills_the_whole_process_group(ws: ClientConnection) -> None:
+    started = time.monotonic()
+    result = run(ws, "sleep 60 & sleep 60", timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert result["timed_out"] is True
+    assert result["returncode"] == -9
+    assert result["success"] is False
+
+
+def test_a_timeout_above_the_maximum_is_an_error_not_clamped(ws: ClientConnection) -> None:
+    """Drift item: the old agent silently clamped it and ran the command."""
+    result = run(ws, "echo ran", timeout=MAX_TIMEOUT + 1)
+    assert result["type"] == "error"
+    assert result["error_code"] == "invalid_timeout"
+    assert result["output"] == ""
+
+
+def test_cancel_kills_the_command(ws: ClientConnection) -> None:
+    send(ws, {"request_id": "c", "command": "sleep 60"})
+    time.sleep(0.2)
+    send(ws, {"type": "cancel", "request_id": "c"})
+    result = recv(ws)
+    assert (result["request_id"], result["cancelled"], result["returncode"]) == ("c", True, -9)
+
+
+def test_interactive_stdin_messages_feed_the_command(ws: ClientConnection) -> None:
+    send(ws, {"request_id": "i", "command": "cat", "interactive": True})
+    send(ws, {"type": "stdin", "request_id": "i", "data": "one "})
+    send(ws, {"type": "stdin", "request_id": "i", "data": "two", "eof": True})
+    result = recv(ws)
+    assert (result["request_id"], result["output"]) == ("i", "one two")
+
+
+def test_stdin_after_eof_is_an_error(ws: ClientConnection) -> None:
+    send(ws, {"request_id": "e", "command": "sleep 0.5; cat", "interactive": True})
+    send(ws, {"type": "stdin", "request_id": "e", "eof": True})
+    send(ws, {"type": "stdin", "request_id": "e", "data": "late"})
+    assert recv(ws)["error_code"] == "stdin_closed"
+    assert recv(ws)["type"] == "result"
+
+
+def test_a_background_holder_of_the_pipes_does_not_delay_the_result(
+    ws: ClientConnection,
+) -> None:
+    started = time.monotonic()
+    result = run(ws, "sleep 30 & echo x")
+    assert result["output"] == "x\n"
+    assert time.monotonic() - started < 5
+
+
+def test_duplicate_request_ids_are_refused(ws: ClientConnection) -> None:
+    send(ws, {"request_id": "d", "command": "sleep 0.5"})
+    send(ws, {"request_id": "d", "command": "true"})
+    first = recv(ws)
+    assert (first["type"], first["error_code"]) == ("error", "duplicate_request_id")
+    assert recv(ws)["type"] == "result"
+
+
+# --- sessions ---------------------------------------------------------------------------------
+
+
+def test_a_session_keeps_cwd_and_variables_and_can_be_closed(ws: ClientConnection) -> None:
+    assert run(ws, "cd /tmp && X=42", session="bb")["session"] == "bb"
+    result = run(ws, 'pwd; echo "$X"', session="bb")
+    assert result["output"] == "/tmp\n42\n"
+    send(ws, {"type": "list_sessions", "request_id": "l"})
+    listing = recv(ws)
+    assert listing["type"] == "sessions" and listing["request_id"] == "l"
+    assert [s["session"] for s in listing["sessions"]] == ["bb"]
+    send(ws, {"type": "close_session", "session": "bb", "request_id": "x"})
+    assert recv(ws) == {"type": "session_closed", "session": "bb", "request_id": "x"}
+    send(ws, {"type": "close_session", "session": "bb"})
+    assert recv(ws)["error_code"] == "unknown_session"
+
+
+def test_a_session_timeout_keeps_the_shell(ws: ClientConnection) -> None:
+    run(ws, "Y=kept", session="bt")
+    result = run(ws, "sleep 60", session="bt", timeout=0.5)
+    assert result["timed_out"] is True
+    assert run(ws, 'echo "$Y"', session="bt")["output"] == "kept\n"
+    send(ws, {"type": "close_session", "session": "bt"})
+    assert recv(ws)["type"] == "session_closed"
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("[]", "invalid_message"),
+        ("{not json", "invalid_json"),
+        ('{"type": "nope"}', "unknown_type"),
+        ("{}", "missing_command"),
+        ('{"command": 5}', "invalid_command"),
+        ('{"command": "true", "timeout": -1}', "invalid_timeout"),
+        ('{"command": "true", "env": {"A=B": "x"}}', "invalid_env"),
+        ('{"command": "true", "cwd": "/no/such/dir"}', "invalid_cwd"),
+        ('{"command": "true", "stream": "yes"}', "invalid_stream"),
+        ('{"command": "true", "session": "a b"}', "invalid_session"),
+        ('{"command": "true", "session": "s", "interactive": true}', "unsupported"),
+        ('{"type": "cancel", "request_id": "nobody"}', "unknown_request"),
+        ('{"type": "stdin", "request_id": "nobody", "data": "x"}', "unknown_request"),
+    ],
+)
+def test_malformed_messages_get_an_error_reply(
+    ws: ClientConnection, message: str, code: str
+) -> None:
+    ws.send(message)
+    reply = recv(ws)
+    assert (reply["type"], reply["error_code"]) == ("error", code)
+    assert run(ws, "echo still")["output"] == "still\n"
+
+
+def test_a_binary_message_gets_an_error_reply(ws: ClientConnection) -> None:
+    ws.send(b'{"command": "true"}')
+    assert recv(ws)["error_code"] == "binary_message"
+
+
+# --- WebSocket conformance (raw frames) -------------------------------------------------------
+
+
+def test_a_text_frame_that_is_not_utf8_gets_a_json_reply(server: AgentServer) -> None:
+    client = RawClient(server)
+    client.send_frame(0x1, b'{"command": "\xff"}')
+    assert client.recv_json()["error_code"] == "invalid_json"
+    client.send_frame(0x1, b'{"command": "echo ok"}')
+    assert client.recv_json()["output"] == "ok\n"
+    client.close()
+
+
+def test_a_fragmented_message_is_one_command(server: AgentServer) -> None:
+    client = RawClient(server)
+    client.send_frame(0x1, b'{"command": "ec', fin=False)
+    client.send_frame(0x9, b"ping!")
+    client.send_frame(0x0, b'ho frag"}')
+    assert client.recv_frame() == (0xA, b"ping!")
+    assert client.recv_json()["output"] == "frag\n"
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([(0x1, b'{"command": "true"}', True, False)], 1002),  # unmasked
+        ([(0x8, struct.pack("!H", 999), True, True)], 1002),  # invalid close code
+        ([(0x8, struct.pack("!H", 1005), True, True)], 1002),  # reserved close code
+        ([(0x0, b"x", True, True)], 1002),  # continuation without a message
+        ([(0x8, struct.pack("!H", 4001) + b"bye", True, True)], 4001),  # echoed
+    ],
+    ids=["unmasked", "close-999", "close-1005", "orphan-continuation", "close-4001"],
+)
+def test_protocol_violations_and_closes_get_the_right_close_code(
+    server: AgentServer, frames: list[tuple[int, bytes, bool, bool]], code: int
+) -> None:
+    client = RawClient(server)
+    for opcode, payload, fin, mask in frames:
+        client.send_frame(opcode, payload, fin=fin, mask=mask)
+    opcode, payload = client.recv_frame()
+    assert opcode == 0x8
+    assert struct.unpack("!H", payload[:2])[0] == code
+    client.close()
+    assert server.alive()
+
+
+def test_an_oversize_frame_closes_with_1009_without_reading_it(server: AgentServer) -> None:
+    client = RawClient(server)
+    client.sock.sendall(struct.pack("!BBQ", 0x81, 0x80 | 127, 65 * 1024 * 1024) + b"mask")
+    opcode, payload = client.recv_frame()
+    assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, 1009)
+    client.close()
+    assert server.alive()
+
+
+def test_ping_gets_a_pong(ws: ClientConnection) -> None:
+    assert ws.ping(b"are you there").wait(10)
+
+
+# --- backpressure -----------------------------------------------------------------------------
+
+
+def test_a_slow_reader_holds_back_a_streamed_command(
+    server: AgentServer, ws: ClientConnection
+) -> None:
+    """The agent stops reading the pipes while its send buffer is full: its memory stays
+    flat while 40 MB are produced, and nothing is lost once the reader catches up."""
+    size = 40_000_000
+    before = server.rss_kib()
+    send(
+        ws,
+        {"request_id": "bp", "command": f"head -c {size} /dev/zero | tr '\\0' a", "stream": True},
+    )
+    time.sleep(2.0)  # not reading
+    grown_mib = (server.rss_kib() - before) / 1024
+    assert grown_mib < 16, f"agent grew by {grown_mib:.1f} MiB while the reader slept"
+    received = 0
+    while True:
+        msg = recv(ws, timeout=60)
+        if msg["type"] == "result":
+            break
+        received += len(msg["data"])
+    assert received == size
+    assert msg["success"] is True
+
+
+@pytest.mark.parametrize("name", ["1BAD", "a-b", "x y", "é"])
+def test_env_names_must_be_variable_names(ws: ClientConnection, name: str) -> None:
+    """Drift item: the old agent accepted any key without '=' (the gateway did not)."""
+    result = run(ws, "true", env={name: "v"})
+    assert (result["type"], result["error_code"]) == ("error", "invalid_env")

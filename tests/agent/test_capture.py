@@ -1,0 +1,104 @@
+"""Output capture: the head+tail cap and the coalescing of streamed chunks."""
+
+from __future__ import annotations
+
+from agent.capture import (
+    STREAM_FLUSH_BYTES,
+    STREAM_FLUSH_DELAY,
+    ChunkStream,
+    OutputBuffer,
+    StreamCapture,
+)
+
+from tests.agent.fakeclock import FakeClock
+
+
+def test_output_buffer_keeps_head_and_tail_within_the_cap() -> None:
+    buf = OutputBuffer(10)
+    for chunk in (b"abc", b"defgh", b"ijklmnop", b"qrstuvwxyz"):
+        buf.write(chunk)
+    assert buf.getvalue() == b"abcde" + b"vwxyz"
+    assert buf.kept == 10
+    assert buf.total == 26
+    assert buf.truncated
+
+
+def test_output_buffer_under_the_cap_is_not_truncated() -> None:
+    buf = OutputBuffer(100)
+    buf.write(b"hello ")
+    buf.write(b"world")
+    assert buf.getvalue() == b"hello world"
+    assert not buf.truncated
+
+
+def test_output_buffer_text_replaces_undecodable_bytes() -> None:
+    buf = OutputBuffer(100)
+    buf.write(b"ok \xff")
+    assert buf.text() == "ok \ufffd"
+
+
+def test_chunks_are_coalesced_until_the_delay() -> None:
+    clock = FakeClock()
+    sent: list[tuple[str, str]] = []
+    stream = ChunkStream("stdout", lambda name, text: sent.append((name, text)), clock)
+    stream.write(b"a")
+    stream.write(b"b")
+    assert sent == []
+    clock.advance(STREAM_FLUSH_DELAY)
+    assert sent == [("stdout", "ab")]
+    assert clock.pending == 0
+
+
+def test_chunks_flush_at_the_size_threshold_without_waiting() -> None:
+    clock = FakeClock()
+    sent: list[str] = []
+    stream = ChunkStream("stdout", lambda name, text: sent.append(text), clock)
+    stream.write(b"x" * STREAM_FLUSH_BYTES)
+    assert sent == ["x" * STREAM_FLUSH_BYTES]
+    assert clock.pending == 0
+
+
+def test_a_character_split_across_reads_stays_whole() -> None:
+    clock = FakeClock()
+    sent: list[str] = []
+    stream = ChunkStream("stdout", lambda name, text: sent.append(text), clock)
+    euro = "\u20ac".encode()
+    stream.write(euro[:1])
+    clock.advance(STREAM_FLUSH_DELAY)
+    stream.write(euro[1:])
+    stream.flush(final=True)
+    assert "".join(sent) == "\u20ac"
+
+
+def test_a_truncated_character_at_the_end_becomes_a_replacement() -> None:
+    clock = FakeClock()
+    sent: list[str] = []
+    stream = ChunkStream("stdout", lambda name, text: sent.append(text), clock)
+    stream.write("\u20ac".encode()[:2])
+    stream.flush(final=True)
+    assert sent == ["\ufffd"]
+
+
+def test_buffered_capture_calls_the_limit_once_past_the_kill_size() -> None:
+    hits: list[int] = []
+    capture = StreamCapture("stdout", 8, 20, lambda: hits.append(1))
+    for _ in range(10):
+        capture.write(b"0123456789")
+    assert hits == [1]
+    assert capture.truncated
+    assert len(capture.text()) == 8
+
+
+def test_streamed_capture_has_no_limit_and_no_text() -> None:
+    clock = FakeClock()
+    sent: list[str] = []
+    hits: list[int] = []
+    capture = StreamCapture(
+        "stderr", 8, 20, lambda: hits.append(1), lambda n, t: sent.append(t), clock
+    )
+    capture.write(b"y" * 100)
+    capture.finish()
+    assert hits == []
+    assert "".join(sent) == "y" * 100
+    assert capture.text() == ""
+    assert not capture.truncated

@@ -1,0 +1,177 @@
+"""The agent's RFC 6455 pieces: handshake, framing, unmasking, fragmentation, close codes."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from agent import wsproto
+from agent.wsproto import FrameParser, WebSocketError
+
+
+def masked(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0) -> bytes:
+    """A client frame (masked), as a browser would send it."""
+    mask = os.urandom(4)
+    first = (0x80 if fin else 0) | rsv | opcode
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", first, 0x80 | n)
+    elif n < 1 << 16:
+        head = struct.pack("!BBH", first, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, 0x80 | 127, n)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + body
+
+
+def test_accept_key_matches_the_rfc_example() -> None:
+    assert wsproto.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_parse_request_reads_method_path_and_headers_case_insensitively() -> None:
+    req = wsproto.parse_request(
+        b"GET /agent?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nX-A: 1\r\nx-a: 2"
+    )
+    assert (req.method, req.path) == ("GET", "/agent?x=1")
+    assert req.header("upgrade") == "WebSocket"
+    assert req.header("X-A") == "1, 2"
+
+
+@pytest.mark.parametrize("head", [b"GET /", b"GET / HTTP/1.1\r\nno colon", b"GET / SPDY/3"])
+def test_parse_request_refuses_garbage(head: bytes) -> None:
+    with pytest.raises(ValueError):
+        wsproto.parse_request(head)
+
+
+def handshake(**override: str) -> wsproto.Request:
+    headers = {
+        "upgrade": "websocket",
+        "connection": "keep-alive, Upgrade",
+        "sec-websocket-version": "13",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    headers.update(override)
+    return wsproto.Request("GET", "/agent", "HTTP/1.1", headers)
+
+
+def test_a_valid_handshake_has_no_problem() -> None:
+    assert wsproto.handshake_problem(handshake()) is None
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"upgrade": "h2c"},
+        {"connection": "close"},
+        {"sec-websocket-version": "8"},
+        {"sec-websocket-key": "short"},
+    ],
+)
+def test_invalid_handshakes_are_named(override: dict[str, str]) -> None:
+    assert wsproto.handshake_problem(handshake(**override)) is not None
+
+
+def test_a_masked_text_frame_is_unmasked() -> None:
+    parser = FrameParser(1024)
+    [event] = parser.feed(masked(wsproto.OP_TEXT, b"hello"))
+    assert (event.opcode, event.payload) == (wsproto.OP_TEXT, b"hello")
+
+
+def test_frames_split_at_every_byte_are_reassembled() -> None:
+    data = masked(wsproto.OP_TEXT, b"x" * 300) + masked(wsproto.OP_BINARY, b"yz")
+    parser = FrameParser(1024)
+    events = []
+    for i in range(len(data)):
+        events += parser.feed(data[i : i + 1])
+    assert [(e.opcode, e.payload) for e in events] == [
+        (wsproto.OP_TEXT, b"x" * 300),
+        (wsproto.OP_BINARY, b"yz"),
+    ]
+
+
+def test_fragments_with_a_ping_in_between_make_one_message() -> None:
+    parser = FrameParser(1024)
+    events = parser.feed(
+        masked(wsproto.OP_TEXT, b"he", fin=False)
+        + masked(wsproto.OP_PING, b"p")
+        + masked(wsproto.OP_CONT, b"ll", fin=False)
+        + masked(wsproto.OP_CONT, b"o")
+    )
+    assert [(e.opcode, e.payload) for e in events] == [
+        (wsproto.OP_PING, b"p"),
+        (wsproto.OP_TEXT, b"hello"),
+    ]
+
+
+def test_an_unmasked_client_frame_is_a_protocol_error() -> None:
+    with pytest.raises(WebSocketError) as err:
+        FrameParser(1024).feed(wsproto.frame(wsproto.OP_TEXT, b"hi"))
+    assert err.value.code == wsproto.CLOSE_PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        masked(wsproto.OP_TEXT, b"x", rsv=0x40),
+        masked(0x3, b"x"),
+        masked(wsproto.OP_CONT, b"x"),
+        masked(wsproto.OP_PING, b"x", fin=False),
+        masked(wsproto.OP_PING, b"x" * 126),
+        masked(wsproto.OP_TEXT, b"a", fin=False) + masked(wsproto.OP_TEXT, b"b"),
+    ],
+    ids=["rsv", "opcode", "orphan-cont", "fragmented-ping", "long-ping", "nested-message"],
+)
+def test_protocol_violations_close_with_1002(data: bytes) -> None:
+    with pytest.raises(WebSocketError) as err:
+        FrameParser(1024).feed(data)
+    assert err.value.code == wsproto.CLOSE_PROTOCOL_ERROR
+
+
+def test_an_oversize_frame_is_refused_from_its_header_alone() -> None:
+    header = struct.pack("!BBQ", 0x81, 0x80 | 127, 10**6) + b"mask"
+    with pytest.raises(WebSocketError) as err:
+        FrameParser(1000).feed(header)
+    assert err.value.code == wsproto.CLOSE_TOO_BIG
+
+
+def test_an_oversize_fragmented_message_is_refused() -> None:
+    parser = FrameParser(10)
+    parser.feed(masked(wsproto.OP_TEXT, b"x" * 6, fin=False))
+    with pytest.raises(WebSocketError) as err:
+        parser.feed(masked(wsproto.OP_CONT, b"x" * 6))
+    assert err.value.code == wsproto.CLOSE_TOO_BIG
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1011, 3000, 4999])
+def test_valid_close_codes_are_accepted(code: int) -> None:
+    assert wsproto.parse_close(struct.pack("!H", code) + b"bye") == (code, "bye")
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 2999, 5000])
+def test_invalid_close_codes_are_protocol_errors(code: int) -> None:
+    with pytest.raises(WebSocketError) as err:
+        wsproto.parse_close(struct.pack("!H", code))
+    assert err.value.code == wsproto.CLOSE_PROTOCOL_ERROR
+
+
+def test_close_without_code_and_bad_close_payloads() -> None:
+    assert wsproto.parse_close(b"") == (1005, "")
+    with pytest.raises(WebSocketError):
+        wsproto.parse_close(b"\x03")
+    with pytest.raises(WebSocketError) as err:
+        wsproto.parse_close(struct.pack("!H", 1000) + b"\xff")
+    assert err.value.code == wsproto.CLOSE_INVALID_DATA
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_server_frames_encode_every_length_form(size: int) -> None:
+    data = wsproto.frame(wsproto.OP_TEXT, b"z" * size)
+    assert data[0] == 0x81
+    assert data.endswith(b"z" * size)
+    assert len(data) - size == (2 if size < 126 else 4 if size < 65536 else 10)
+
+
+def test_unmask_is_its_own_inverse() -> None:
+    payload = os.urandom(1001)
+    assert wsproto.unmask(wsproto.unmask(payload, b"abcd"), b"abcd") == payload
