@@ -103,7 +103,9 @@ def test_every_container_is_hardened(hostile: GatewayProcess, docker_client: Any
         attrs = container.attrs
         host = attrs["HostConfig"]
         assert attrs["Config"]["User"] in ("", "root", "0")  # only until the supervisor drops
-        assert attrs["Config"]["Entrypoint"] == ["/usr/bin/tini", "--", "/opt/agent/supervise"]
+        entrypoint = attrs["Config"]["Entrypoint"]
+        assert entrypoint[:3] == ["/usr/bin/tini", "--", "/usr/bin/setpriv"]
+        assert entrypoint[-2:] == ["--", "/opt/agent/supervise"]
         assert host["CapDrop"] == ["ALL"]
         assert sorted(host["CapAdd"]) == ["KILL", "SETGID", "SETUID"]
         assert "no-new-privileges" in host["SecurityOpt"]
@@ -134,7 +136,8 @@ def test_every_container_is_hardened(hostile: GatewayProcess, docker_client: Any
                     break
                 time.sleep(0.1)
             supervisor = next(k for k in table if k.startswith("/bin/sh /opt/agent/supervise"))
-            assert table["/usr/bin/tini -- /opt/agent/supervise python3 -u -m agent"][0] == "0"
+            tini = next(k for k in table if k.startswith("/usr/bin/tini -- /usr/bin/setpriv"))
+            assert table[tini][0] == "0"
             assert table[supervisor][:3] == ("999", AGENT_CAPS, AGENT_CAPS)
             assert table["python3 -u -m agent"] == ("999", AGENT_CAPS, AGENT_CAPS, "0")
             command = table["sleep 30"]
