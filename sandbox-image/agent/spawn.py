@@ -9,13 +9,15 @@ agent's memory the way fork() does; ``AGENT_SPAWN=fork`` selects fork+exec inste
 
 Changes to how user processes start (another uid, ``oom_score_adj``, ...) belong here.
 
-Identity: when the agent has a uid of its own (the image's ``agent``, set up by its supervisor
-with the SETUID, SETGID and KILL capabilities), every user process is started through
-``setpriv``, which changes to the ``sandbox`` user's uid and gid, drops the supplementary
-groups and clears the inheritable and ambient capabilities before it execs the command: user
-code runs with no capability at all and cannot signal, ptrace or read the /proc entries of the
-agent.  And every user process gets ``oom_score_adj`` ``USER_OOM_SCORE_ADJ`` (the agent keeps
-its own, normally 0), so that at the sandbox's memory limit the kernel's OOM killer picks user
+Identity: when the agent has a uid of its own (the image's ``agent``, started with the SETUID,
+SETGID and KILL capabilities), every user process is started through the image's ``runas``
+(``sandbox-image/runas.c``, a small static binary; ``setpriv`` where it is missing), which
+changes to the ``sandbox`` user's uid and gid, drops the supplementary groups and clears every
+capability set before it execs the command: user code runs with no capability at all and
+cannot signal, ptrace or read the /proc entries of the agent.
+
+And every user process gets ``oom_score_adj`` ``USER_OOM_SCORE_ADJ`` (the agent keeps its own,
+normally 0), so that at the sandbox's memory limit the kernel's OOM killer picks user
 code, not the agent: the agent raises its own value for the moment of the spawn (raising needs
 no capability, nor does going back down to where it started) and the child inherits it.
 """
@@ -28,6 +30,9 @@ from dataclasses import dataclass
 
 #: The user that runs commands and session shells.
 SANDBOX_USER = "sandbox"
+#: The image's exec wrapper (runas UID GID PROGRAM ARG...): a static binary, cheaper to exec
+#: than setpriv, which is the fallback.
+RUNAS = "/opt/agent/runas"
 SETPRIV_CANDIDATES = ("/usr/bin/setpriv", "/bin/setpriv")
 #: oom_score_adj of user processes.
 USER_OOM_SCORE_ADJ = 500
@@ -89,25 +94,33 @@ def user_identity() -> tuple[UserIdentity, pwd.struct_passwd | None]:
         except KeyError:
             own = None
         return UserIdentity(oom_score_adj=raised, agent_oom_score_adj=oom or 0), own
-    setpriv = next((p for p in SETPRIV_CANDIDATES if os.access(p, os.X_OK)), None)
-    if setpriv is None:
-        raise IdentityError(f"setpriv is missing: cannot start processes as {SANDBOX_USER}")
     if not _has_capabilities(CAP_SETUID, CAP_SETGID):
         raise IdentityError(
             f"the agent (uid {os.getuid()}) lacks CAP_SETUID/CAP_SETGID to start processes as "
             f"{SANDBOX_USER}; start the image as root (its supervisor drops privileges)"
         )
-    prefix = (
+    prefix = wrapper_prefix(sandbox.pw_uid, sandbox.pw_gid)
+    identity = UserIdentity(prefix, raised, oom or 0, sandbox.pw_uid, sandbox.pw_gid)
+    return identity, sandbox
+
+
+def wrapper_prefix(uid: int, gid: int, runas: str = RUNAS) -> tuple[str, ...]:
+    """The argv prefix that execs a command as ``uid``/``gid`` without capabilities: the
+    image's runas, else setpriv."""
+    if os.access(runas, os.X_OK):
+        return (runas, str(uid), str(gid))
+    setpriv = next((p for p in SETPRIV_CANDIDATES if os.access(p, os.X_OK)), None)
+    if setpriv is None:
+        raise IdentityError(f"neither runas nor setpriv: cannot start processes as uid {uid}")
+    return (
         setpriv,
-        f"--reuid={sandbox.pw_uid}",
-        f"--regid={sandbox.pw_gid}",
+        f"--reuid={uid}",
+        f"--regid={gid}",
         "--clear-groups",
         "--inh-caps=-all",
         "--ambient-caps=-all",
         "--",
     )
-    identity = UserIdentity(prefix, raised, oom or 0, sandbox.pw_uid, sandbox.pw_gid)
-    return identity, sandbox
 
 
 def _read_oom_score_adj() -> int | None:

@@ -7,8 +7,13 @@ image does with its SETUID/SETGID capabilities.
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
+import pytest
 from agent import spawn
+
+RUNAS_C = Path(__file__).resolve().parents[2] / "sandbox-image" / "runas.c"
 
 
 def run(argv: list[str], user: spawn.UserIdentity) -> str:
@@ -38,24 +43,27 @@ def test_user_processes_get_a_higher_oom_score_adj_and_the_caller_keeps_its_own(
     assert own_oom_score_adj() == before
 
 
-def test_setpriv_prefix_starts_the_process_as_another_user_without_capabilities() -> None:
-    """With the prefix user_identity() builds, the process runs under the target uid and gid,
-    without supplementary groups and with empty capability sets."""
-    assert os.getuid() == 0, "these tests change uid, which needs root (or SETUID/SETGID)"
-    setpriv = next(p for p in spawn.SETPRIV_CANDIDATES if os.access(p, os.X_OK))
-    user = spawn.UserIdentity(
-        prefix=(
-            setpriv,
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--ambient-caps=-all",
-            "--",
-        ),
-        uid=65534,
-        gid=65534,
+def runas_binary(tmp_path: Path) -> str:
+    """sandbox-image/runas.c compiled here (as the image build does)."""
+    binary = tmp_path / "runas"
+    subprocess.run(
+        ["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(RUNAS_C)], check=True
     )
+    return str(binary)
+
+
+@pytest.mark.parametrize("wrapper", ["runas", "setpriv"])
+def test_wrapper_starts_the_process_as_another_user_without_capabilities(
+    wrapper: str, tmp_path: Path
+) -> None:
+    """With either prefix wrapper_prefix() builds (the image's runas, or setpriv), the process
+    runs under the target uid and gid, without supplementary groups and with empty capability
+    sets."""
+    assert os.getuid() == 0, "these tests change uid, which needs root (or SETUID/SETGID)"
+    runas = runas_binary(tmp_path) if wrapper == "runas" else str(tmp_path / "absent")
+    prefix = spawn.wrapper_prefix(65534, 65534, runas=runas)
+    assert prefix[0] == runas if wrapper == "runas" else prefix[0].endswith("setpriv")
+    user = spawn.UserIdentity(prefix=prefix, uid=65534, gid=65534)
     status = run(
         ["/bin/grep", "-E", "^(Uid|Gid|Groups|CapEff|CapAmb|CapPrm):", "/proc/self/status"], user
     )
@@ -102,6 +110,20 @@ def test_user_identity_runs_as_itself_without_a_sandbox_user_of_another_uid() ->
         assert identity.prefix == ()
         assert passwd is not None and passwd.pw_uid == os.getuid()
     else:
-        assert identity.prefix[0].endswith("setpriv")
+        assert identity.prefix[0] in (spawn.RUNAS, *spawn.SETPRIV_CANDIDATES)
     assert identity.oom_score_adj is not None
     assert identity.oom_score_adj >= spawn.USER_OOM_SCORE_ADJ
+
+
+def test_runas_refuses_root_and_relative_programs(tmp_path: Path) -> None:
+    """runas never runs anything as uid or gid 0, nor a program found by PATH search."""
+    runas = runas_binary(tmp_path)
+    for argv in (
+        [runas, "0", "65534", "/bin/true"],
+        [runas, "65534", "0", "/bin/true"],
+        [runas, "65534", "65534", "true"],
+        [runas, "x", "65534", "/bin/true"],
+    ):
+        assert subprocess.run(argv, capture_output=True).returncode == 126, argv
+    missing = subprocess.run([runas, "65534", "65534", "/nonexistent"], capture_output=True)
+    assert missing.returncode == 127
