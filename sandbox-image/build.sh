@@ -11,8 +11,8 @@
 #                   the host's apt sources that serve bookworm, else deb.debian.org)
 #
 # The image carries the label org.twistedgw.image-hash = sha256 of the files that go into it
-# (the whole build context: Dockerfile, agent/*.py, twistedgw/__init__.py, twistedgw/protocol.py);
-# when the existing image has the same hash, nothing is rebuilt.  The context is assembled in a
+# (the whole build context: Dockerfile, supervise, runas.c, agent/*.py, twistedgw/__init__.py,
+# twistedgw/protocol.py); when the existing image has the same hash, nothing is rebuilt.  The context is assembled in a
 # temporary directory, because Docker cannot COPY the repository's twistedgw/protocol.py from
 # outside sandbox-image/; the image gets an EMPTY twistedgw/__init__.py.
 #
@@ -108,6 +108,11 @@ assemble_context() {
     [ -f "$SCRIPT_DIR/Dockerfile" ] || die "missing $SCRIPT_DIR/Dockerfile"
     [ -f "$REPO_DIR/twistedgw/protocol.py" ] || die "missing $REPO_DIR/twistedgw/protocol.py"
     cp "$SCRIPT_DIR/Dockerfile" "$CONTEXT/Dockerfile"
+    [ -f "$SCRIPT_DIR/supervise" ] || die "missing $SCRIPT_DIR/supervise"
+    cp "$SCRIPT_DIR/supervise" "$CONTEXT/supervise"
+    chmod 0755 "$CONTEXT/supervise"
+    [ -f "$SCRIPT_DIR/runas.c" ] || die "missing $SCRIPT_DIR/runas.c"
+    cp "$SCRIPT_DIR/runas.c" "$CONTEXT/runas.c"
     mkdir -p "$CONTEXT/agent" "$CONTEXT/twistedgw"
     for f in "$SCRIPT_DIR"/agent/*.py; do
         cp "$f" "$CONTEXT/agent/"

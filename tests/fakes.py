@@ -123,6 +123,13 @@ class _FakeAgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         message = json.loads(payload)
         self.factory.received.append(message)
+        if message.get("type") == "list_sessions":
+            sessions = [{"session": name} for name in sorted(self.factory.sessions)]
+            reply = {"type": "sessions", "request_id": message["request_id"], "sessions": sessions}
+            self._send(reply)
+            return
+        if message.get("session"):
+            self.factory.sessions.add(message["session"])
         command: str = message["command"]
         result = {
             "request_id": message["request_id"],
@@ -158,6 +165,8 @@ class _FakeAgentFactory(WebSocketServerFactory):  # type: ignore[misc]
         self.secrets: set[str] = set()
         self.received: list[dict[str, Any]] = []
         self.connections: set[_FakeAgentProtocol] = set()
+        #: Names of the sessions commands were sent to (forgotten by a restart).
+        self.sessions: set[str] = set()
 
 
 class FakeAgent:
@@ -170,6 +179,7 @@ class FakeAgent:
         root.putChild(b"agent", WebSocketResource(self.factory))
         self.site = Site(root)
         self.port: Any = None
+        self.port_number = 0
 
     @property
     def received(self) -> list[dict[str, Any]]:
@@ -178,12 +188,31 @@ class FakeAgent:
     def listen(self, reactor: Any) -> int:
         self.factory.doStart()
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
-        return int(self.port.getHost().port)
+        self.port_number = int(self.port.getHost().port)
+        return self.port_number
 
     def drop_all(self) -> None:
         """Drop every agent connection abruptly (as if the container died)."""
         for proto in list(self.factory.connections):
             proto.transport.abortConnection()
+
+    def restart(self) -> None:
+        """Die and come back at once, as the image's supervisor restarts a killed agent: every
+        connection drops and the sessions are gone."""
+        self.drop_all()
+        self.factory.sessions.clear()
+
+    async def vanish(self) -> None:
+        """Die for good (as in a container that stopped): connections drop, nobody listens."""
+        self.drop_all()
+        port, self.port = self.port, None
+        if port is not None:
+            await port.stopListening()
+
+    def come_back(self, reactor: Any) -> None:
+        """Listen again on the same port after ``vanish`` (a slow restart)."""
+        self.factory.sessions.clear()
+        self.port = reactor.listenTCP(self.port_number, self.site, interface="127.0.0.1")
 
     async def stop(self) -> None:
         self.drop_all()

@@ -361,6 +361,7 @@ def test_gateway_close_codes_are_the_protocols() -> None:
     assert proxy.CLOSE_GOING_AWAY == protocol.CLOSE_GOING_AWAY
     assert manager.CLOSE_SANDBOX_REMOVED == protocol.CLOSE_SANDBOX_REMOVED
     assert manager.CLOSE_SANDBOX_GONE == protocol.CLOSE_AGENT_LOST
+    assert proxy.CLOSE_AGENT_RESTARTED == protocol.CLOSE_AGENT_RESTARTED == 4001
 
 
 # -- properties: the production encoder on whatever a client can send -----------------------

@@ -14,7 +14,7 @@ from tests.fakes import FakeAgent, FakeRuntime
 from tests.wsclient import TestClient, connect
 from twistedgw.api import GatewayAPI, make_site
 from twistedgw.manager import SandboxManager
-from twistedgw.proxy import ProxyFactory, make_ws_resource
+from twistedgw.proxy import ProxyFactory, finished_request, make_ws_resource
 from twistedgw.sandbox import SandboxRegistry
 
 
@@ -38,7 +38,9 @@ async def gateway() -> AsyncIterator[Gateway]:
     agent = FakeAgent(reactor)
     agent_port = agent.listen(reactor)
     runtime = FakeRuntime(agent=agent, agent_port=agent_port)
-    manager = SandboxManager(SandboxRegistry(), runtime, reactor, agent_ready_timeout=5)
+    manager = SandboxManager(
+        SandboxRegistry(), runtime, reactor, agent_ready_timeout=5, agent_recovery_timeout=3
+    )
     factory = ProxyFactory(manager, reactor, maxMessagePayloadSize=64 * 1024)
     factory.doStart()
     site = make_site(GatewayAPI(manager, make_ws_resource(factory)))
@@ -131,15 +133,107 @@ async def test_unknown_sandbox_handshake_refused(gateway: Gateway) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_agent_death_closes_client_with_reason(gateway: Gateway) -> None:
-    """If the agent connection drops (container died), the client gets 1011 and a reason."""
+    """If the agent connection drops and the agent does not come back (container died), the
+    command in flight gets an error reply, then the client gets 1011 and a reason."""
     sandbox = await gateway.manager.create()
     client = await gateway.client(sandbox.sandbox_id)
-    gateway.agent.drop_all()
+    client.send_json({"command": "sleep 10", "request_id": "slow"})
+    await _until(lambda: any(m.get("request_id") == "slow" for m in gateway.agent.received))
+    await gateway.agent.vanish()
+    reply = await client.messages.get()
+    assert (reply["request_id"], reply["command"]) == ("slow", "sleep 10")
+    assert (reply["success"], reply["error_code"]) == (False, "agent_unavailable")
     code, reason = await client.closed
     assert code == 1011
     assert reason is not None and "agent" in reason
     await _settle()
     assert sandbox.status == "idle"
+    assert sandbox.agent_restarts == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_restart_is_reported_then_client_closed_4001(gateway: Gateway) -> None:
+    """The agent dies and its supervisor brings it back: the command in flight gets an
+    ``agent_restarted`` error, an ``agent_restarted`` message lists the lost request and
+    session, and the client is closed with 4001; a new client works at once, and the first
+    command for the lost session is told ``session_lost`` instead of silently getting a new
+    shell."""
+    sandbox = await gateway.manager.create()
+    client = await gateway.client(sandbox.sandbox_id)
+    assert (await client.command("echo hi", session="main"))["output"] == "hi\n"
+    client.send_json({"command": "sleep 10", "request_id": "slow"})
+    await _until(lambda: any(m.get("request_id") == "slow" for m in gateway.agent.received))
+    gateway.agent.restart()
+    reply = await client.messages.get()
+    assert (reply["type"], reply["request_id"], reply["error_code"]) == (
+        "error",
+        "slow",
+        "agent_restarted",
+    )
+    assert reply["success"] is False and reply["command"] == "sleep 10"
+    notice = await client.messages.get()
+    assert notice["type"] == "agent_restarted"
+    assert (notice["lost_requests"], notice["lost_sessions"]) == (["slow"], ["main"])
+    assert await client.closed == (4001, "sandbox agent restarted: reconnect")
+    assert sandbox.agent_restarts == 1 and sandbox.lost_sessions == {"main"}
+
+    again = await gateway.client(sandbox.sandbox_id)
+    lost = await again.command("echo back", session="main")
+    assert (lost["error_code"], lost["success"]) == ("session_lost", False)
+    assert "main" in lost["error"]
+    assert (await again.command("echo back", session="main"))["output"] == "back\n"
+    assert (await again.command("echo plain"))["output"] == "plain\n"
+    assert sandbox.lost_sessions == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_arriving_during_a_restart_waits_for_the_agent(gateway: Gateway) -> None:
+    """A handshake that finds the agent down while it restarts waits for it (instead of 503)
+    and is served once it is back."""
+    from twisted.internet.task import deferLater
+
+    sandbox = await gateway.manager.create()
+    await gateway.agent.vanish()
+    deferLater(reactor, 0.3, lambda: None).addCallback(lambda _: gateway.agent.come_back(reactor))
+    client = await gateway.client(sandbox.sandbox_id)
+    assert (await client.command("echo served"))["output"] == "served\n"
+    assert sandbox.agent_restarts == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_commands_are_not_reported_lost(gateway: Gateway) -> None:
+    """Only commands whose result has not come back are reported after a restart."""
+    sandbox = await gateway.manager.create()
+    client = await gateway.client(sandbox.sandbox_id)
+    assert (await client.command("echo done", request_id="done"))["output"] == "done\n"
+    gateway.agent.restart()
+    notice = await client.messages.get()
+    assert notice == {**notice, "type": "agent_restarted", "lost_requests": []}
+    assert (await client.closed)[0] == 4001
+
+
+def test_finished_request_reads_results_but_not_output_or_control_replies() -> None:
+    """The in-flight bookkeeping ends a command on its result or error reply only."""
+    import json
+
+    def encoded(message: dict[str, Any]) -> bytes:
+        return json.dumps(message, ensure_ascii=False).encode()
+
+    big = "x" * 100_000
+    assert finished_request(
+        encoded({"type": "result", "request_id": 'a"\u00e9', "command": big})
+    ) == ('a"\u00e9')
+    assert finished_request(encoded({"type": "result", "request_id": "a", "command": "c"})) == "a"
+    assert finished_request(encoded({"request_id": "seed", "command": "c"})) == "seed"
+    error = {"type": "error", "request_id": "e", "command": "c", "error_code": "spawn_failed"}
+    assert finished_request(encoded(error)) == "e"
+    control = {"type": "error", "request_id": "e", "error": "x", "error_code": "stdin_closed"}
+    assert finished_request(encoded(control)) is None
+    chunk = {"type": "output", "request_id": "a", "stream": "stdout", "data": "x"}
+    assert finished_request(encoded(chunk)) is None
+    listing = {"type": "sessions", "request_id": "a", "sessions": []}
+    assert finished_request(encoded(listing)) is None
+    assert finished_request(b"not json") is None
 
 
 @pytest_twisted.ensureDeferred
@@ -178,6 +272,21 @@ async def _settle() -> Any:
     from twisted.internet.task import deferLater
 
     await deferLater(reactor, 0.05, lambda: None)
+
+
+async def _until(predicate: Any, timeout: float = 5.0) -> None:
+    """Let the reactor run until ``predicate()`` holds."""
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await _settle_briefly()
+    raise AssertionError("condition not reached in time")
+
+
+async def _settle_briefly() -> Any:
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, 0.01, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

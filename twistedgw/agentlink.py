@@ -6,6 +6,8 @@ secret as a bearer token on the handshake; the agent refuses anyone else.
 
 from __future__ import annotations
 
+import json
+import secrets
 from typing import Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -169,3 +171,50 @@ async def wait_for_agent(
         agent.close()
         return
     raise AgentUnavailable(f"agent not ready after {timeout:.0f} s: {last}")
+
+
+class _SessionListing:
+    """An ``AgentListener`` waiting for the reply to one ``list_sessions`` request."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.done: Deferred[set[str]] = Deferred()
+
+    def agent_message(self, payload: bytes, is_binary: bool) -> None:
+        if self.done.called:
+            return
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return
+        if (
+            isinstance(message, dict)
+            and message.get("type") == "sessions"
+            and message.get("request_id") == self.request_id
+            and isinstance(message.get("sessions"), list)
+        ):
+            names = {
+                entry["session"]
+                for entry in message["sessions"]
+                if isinstance(entry, dict) and isinstance(entry.get("session"), str)
+            }
+            self.done.callback(names)
+
+    def agent_closed(self, code: int | None, reason: str | None) -> None:
+        if not self.done.called:
+            self.done.errback(AgentUnavailable(f"agent closed while listing sessions ({code})"))
+
+
+async def list_sessions(reactor: Any, agent: AgentSide, timeout: float = 2.0) -> set[str]:
+    """The names of the sessions an agent has now (a ``list_sessions`` round trip)."""
+    listing = _SessionListing(f"gateway-{secrets.token_hex(8)}")
+    agent.listener = listing
+    request = {"type": "list_sessions", "request_id": listing.request_id}
+    agent.send_json(json.dumps(request).encode())
+    listing.done.addTimeout(timeout, reactor)
+    try:
+        return await listing.done
+    except TimeoutError:
+        raise AgentUnavailable(f"agent did not list its sessions within {timeout:g} s") from None
+    finally:
+        agent.listener = None

@@ -19,10 +19,17 @@ from attrs import frozen
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistedgw.agentlink import AgentSide, AgentUnavailable, connect_agent, wait_for_agent
+from twistedgw.agentlink import (
+    AgentSide,
+    AgentUnavailable,
+    connect_agent,
+    list_sessions,
+    wait_for_agent,
+)
 from twistedgw.protocol import ProtocolError, validate_env
 from twistedgw.runtime import ContainerEvent, ContainerInfo, ContainerSpec, IContainerRuntime
 from twistedgw.sandbox import (
@@ -52,6 +59,18 @@ MAX_ENV_VALUE = 32 * 1024
 
 
 T = TypeVar("T")
+
+
+@frozen
+class AgentRecovery:
+    """What became of a sandbox's agent after a connection to it dropped."""
+
+    #: The agent answers again (normally: it died and its supervisor restarted it in place).
+    back: bool
+    #: Sessions clients had used that the agent no longer has.
+    lost_sessions: tuple[str, ...] = ()
+    #: Why it is not back, when it is not.
+    detail: str = ""
 
 
 class SandboxNotFound(Exception):
@@ -153,6 +172,7 @@ class SandboxManager(Service):
         policy: LifecyclePolicy = DEFAULT_LIFECYCLE,
         state: StateFile | None = None,
         pool_size: int = 0,
+        agent_recovery_timeout: float = 5.0,
     ) -> None:
         self.registry = registry
         self.runtime = runtime
@@ -170,6 +190,10 @@ class SandboxManager(Service):
         self._in_flight: set[str] = set()
         # Creates in progress by idempotency key, so concurrent retries share one container.
         self._creating: dict[str, _Shared[Sandbox]] = {}
+        # Agents being waited for after a dropped connection, by sandbox id: every client of
+        # the sandbox (and new ones) follows one recovery.
+        self._recoveries: dict[str, _Shared[AgentRecovery]] = {}
+        self._agent_recovery_timeout = agent_recovery_timeout
         self._cold_creates = 0
         # The warm pool: started, agent-ready containers nobody has asked for yet. They are
         # not in the registry (not listed, not reaped, not counted in --max-sandboxes).
@@ -713,17 +737,101 @@ class SandboxManager(Service):
 
     # -- agents ----------------------------------------------------------------------------
 
-    def open_agent(self, sandbox: Sandbox) -> Deferred[AgentSide]:
-        """Open a new agent connection for one client of ``sandbox``."""
+    async def open_agent(self, sandbox: Sandbox) -> AgentSide:
+        """Open a new agent connection for one client of ``sandbox``.
+
+        While the agent is being restarted (a recovery is under way, or this connection
+        fails), the recovery is waited for and the connection tried once more.
+        """
+        if self.recovering(sandbox):
+            await self.agent_lost(sandbox)
+        try:
+            return await self._connect(sandbox)
+        except AgentUnavailable:
+            if self.registry.get(sandbox.sandbox_id) is not sandbox:
+                raise
+            recovery = await self.agent_lost(sandbox)
+            if not recovery.back:
+                raise
+            return await self._connect(sandbox)
+
+    def _connect(self, sandbox: Sandbox, timeout: float | None = None) -> Deferred[AgentSide]:
         return connect_agent(
             self._reactor,
             sandbox.agent_host,
             sandbox.agent_port,
             sandbox.agent_secret,
-            timeout=self._agent_connect_timeout,
+            timeout=self._agent_connect_timeout if timeout is None else timeout,
             max_message_size=self._max_message_size,
             unix_socket=sandbox.agent_socket,
         )
+
+    def recovering(self, sandbox: Sandbox) -> bool:
+        """Whether the gateway is waiting for this sandbox's agent to come back."""
+        return sandbox.sandbox_id in self._recoveries
+
+    def agent_lost(self, sandbox: Sandbox) -> Deferred[AgentRecovery]:
+        """A connection to the sandbox's agent dropped: wait (at most the recovery timeout)
+        for the agent to answer again, and find which sessions it lost.
+
+        The agent's supervisor restarts a dead agent in place, within a second, and the
+        container with its files lives on; a restarted agent has none of the old sessions.
+        Concurrent callers share one recovery.
+        """
+        shared = self._recoveries.get(sandbox.sandbox_id)
+        if shared is None:
+            recovery = Deferred.fromCoroutine(self._recover_agent(sandbox))
+
+            def done(result: Any) -> Any:
+                self._recoveries.pop(sandbox.sandbox_id, None)
+                return result
+
+            recovery.addBoth(done)
+            shared = _Shared(recovery)
+            if not recovery.called:
+                self._recoveries[sandbox.sandbox_id] = shared
+        return shared.follow()
+
+    async def _recover_agent(self, sandbox: Sandbox) -> AgentRecovery:
+        started = self.now()
+        deadline = started + self._agent_recovery_timeout
+        last = "no answer"
+        while self.now() < deadline:
+            if self.registry.get(sandbox.sandbox_id) is not sandbox:
+                return AgentRecovery(False, detail="sandbox removed")
+            remaining = max(0.2, deadline - self.now())
+            try:
+                agent = await self._connect(sandbox, timeout=min(2.0, remaining))
+            except AgentUnavailable as e:
+                last = str(e)
+                await deferLater(self._reactor, 0.05, lambda: None)
+                continue
+            try:
+                present = await list_sessions(self._reactor, agent, timeout=min(2.0, remaining))
+            except AgentUnavailable as e:
+                last = str(e)
+                continue
+            finally:
+                agent.close()
+            lost = tuple(sorted(sandbox.sessions - present))
+            sandbox.sessions -= set(lost)
+            sandbox.lost_sessions |= set(lost)
+            sandbox.agent_restarts += 1
+            self._log.warn(
+                "sandbox {sandbox_id}: agent connection lost; the agent answers again after "
+                "{ms:.0f} ms; sessions lost: {lost}",
+                sandbox_id=sandbox.sandbox_id,
+                ms=(self.now() - started) * 1000,
+                lost=", ".join(lost) or "none",
+            )
+            return AgentRecovery(True, lost)
+        self._log.warn(
+            "sandbox {sandbox_id}: agent did not come back within {timeout:g} s: {error}",
+            sandbox_id=sandbox.sandbox_id,
+            timeout=self._agent_recovery_timeout,
+            error=last,
+        )
+        return AgentRecovery(False, detail=last)
 
     async def _wait_for_agent(self, info: ContainerInfo) -> None:
         await wait_for_agent(
@@ -815,7 +923,7 @@ class _Shared(Generic[T]):
         for follower in followers:
             self._deliver(follower)
         if isinstance(result, Failure) and not followers:
-            self._log.failure("an operation failed with nobody waiting", result)
+            self._log.failure("a shared operation failed with nobody waiting", result)
 
     def _deliver(self, follower: Deferred[T]) -> None:
         if follower.called:

@@ -160,6 +160,9 @@ ERROR_CODES: Mapping[str, str] = MappingProxyType(
         "unknown_session": "no session of that name",
         # either end
         "agent_unavailable": "the gateway's connection to the sandbox agent is closed",
+        "agent_restarted": "the sandbox agent restarted while the command was in flight; "
+        "its result is lost",
+        "session_lost": "the session was lost when the sandbox agent restarted (said once)",
         "internal_error": "a bug while handling the message (logged with a traceback)",
     }
 )
@@ -169,6 +172,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_AGENT_LOST = 1011
 CLOSE_SANDBOX_REMOVED = 4000
+CLOSE_AGENT_RESTARTED = 4001
 
 # ------------------------------------------------------------------------------------------
 # errors

@@ -7,6 +7,8 @@ are validated (``protocol.parse_message``) and forwarded; agent results go back 
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import datetime
 from typing import Any
 
@@ -19,10 +21,14 @@ from twisted.logger import Logger
 from twistedgw.agentlink import AgentSide, AgentUnavailable
 from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.flow import WRITE_BUFFER, pair_flow, unpair_flow, unsent_bytes
-from twistedgw.manager import SandboxManager, SandboxNotFound
+from twistedgw.manager import AgentRecovery, SandboxManager, SandboxNotFound
 from twistedgw.protocol import (
+    CLOSE_AGENT_RESTARTED,
     DEFAULT_LIMITS,
+    CloseSession,
+    Command,
     Limits,
+    Message,
     ProtocolError,
     command_error,
     encode,
@@ -53,6 +59,44 @@ OWN_REPLY_BACKLOG = 1024 * 1024
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 #: Bytes of partial (not yet complete) client messages all clients together may hold.
 MAX_BUFFERED_TOTAL = 256 * 1024 * 1024
+
+#: With close code 4001 (protocol.CLOSE_AGENT_RESTARTED): the agent connection dropped and
+#: the agent answers again (it was killed and its supervisor restarted it in place): the
+#: sandbox and its files are there, commands in flight and sessions are lost (and listed in an
+#: ``agent_restarted`` message before the close); reconnecting works at once.
+REASON_AGENT_RESTARTED = "sandbox agent restarted: reconnect"
+
+#: Streamed output chunks, the bulk of what agents send, as the agent encodes them.
+_OUTPUT_PREFIXES = (b'{"type": "output"', b'{"type":"output"')
+#: The head of a command's result or error reply as the agent encodes them (type, request_id,
+#: command first): read without parsing the whole (possibly large) message.
+_RESULT_HEAD = re.compile(
+    rb'\{"type": ?"(?:result|error)", ?"request_id": ?("(?:[^"\\]|\\.)*"), ?"command"'
+)
+
+
+def finished_request(payload: bytes) -> str | None:
+    """The ``request_id`` of the command a message from the agent finishes (its result, or
+    the error reply to it), or None for anything else (output chunks, control replies)."""
+    if payload.startswith(_OUTPUT_PREFIXES):
+        return None
+    head = _RESULT_HEAD.match(payload, 0, 1024)
+    if head is not None:
+        try:
+            request_id = json.loads(head.group(1))
+        except ValueError:
+            return None
+        return request_id if isinstance(request_id, str) else None
+    try:
+        message = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or "command" not in message:
+        return None  # control replies (errors included) carry no command
+    if message.get("type", "result") not in ("result", "error"):
+        return None
+    request_id = message.get("request_id")
+    return request_id if isinstance(request_id, str) else None
 
 
 def close_connection(protocol: WebSocketServerProtocol, code: int, reason: str) -> None:
@@ -88,6 +132,9 @@ class ClientSide(WebSocketServerProtocol):
         self._own_backlog = 0
         self._buffered = 0
         self._discarding = False
+        #: Commands sent to the agent whose result has not come back: request_id -> command.
+        #: If the agent is lost, each gets an error reply instead of silence.
+        self.in_flight: dict[str, str | None] = {}
 
     # -- handshake -------------------------------------------------------------------------
 
@@ -157,7 +204,7 @@ class ClientSide(WebSocketServerProtocol):
             # Every message gets a reply (PROTOCOL.md), a bug's included.
             if self.state == WebSocketServerProtocol.STATE_OPEN:
                 reply = command_error(None, None, "internal gateway error", "internal_error")
-                self.sendMessage(encode(reply), isBinary=False)
+                self._send_own(encode(reply))
 
     def _client_message(self, payload: bytes, is_binary: bool) -> None:
         manager = self.factory.manager
@@ -170,33 +217,103 @@ class ClientSide(WebSocketServerProtocol):
             failure = message.error("agent_unavailable", "the sandbox agent connection is closed")
             self._send_own(encode(failure.reply(datetime.now())))
             return
-        if self.sandbox is not None:
-            manager.registry.touch(self.sandbox, manager.now())
+        sandbox = self.sandbox
+        if sandbox is not None:
+            manager.registry.touch(sandbox, manager.now())
+            if not self._track(sandbox, message):
+                return
         self.agent.send_json(encode(message.to_wire()))
+
+    def _track(self, sandbox: Sandbox, message: Message) -> bool:
+        """Note commands in flight and session names; False (after an error reply) for a
+        command in a session the agent lost since it was last used."""
+        if isinstance(message, CloseSession):
+            sandbox.sessions.discard(message.session)
+            sandbox.lost_sessions.discard(message.session)
+            return True
+        if not isinstance(message, Command):
+            return True
+        session = message.session
+        if session is not None:
+            if session in sandbox.lost_sessions:
+                # Said once: the next command of that name starts a new, empty session.
+                sandbox.lost_sessions.discard(session)
+                failure = message.error(
+                    "session_lost",
+                    f"session {session!r} was lost when the sandbox agent restarted (its shell, "
+                    "variables and running commands are gone); send again to start it anew",
+                )
+                self._send_own(encode(failure.reply(datetime.now())))
+                return False
+            sandbox.sessions.add(session)
+        self.in_flight[message.request_id] = message.command
+        return True
 
     def agent_message(self, payload: bytes, is_binary: bool) -> None:
         """A message from the agent: forward it unchanged."""
         if self.sandbox is not None:
             manager = self.factory.manager
             manager.registry.touch(self.sandbox, manager.now())
+        if self.in_flight:
+            finished = finished_request(payload)
+            if finished is not None:
+                self.in_flight.pop(finished, None)
         if self.state == WebSocketServerProtocol.STATE_OPEN:
             self.sendMessage(payload, isBinary=is_binary)
 
     def agent_closed(self, code: int | None, reason: str | None) -> None:
-        """The agent connection dropped: the client cannot be served any more. When the
-        gateway is removing the sandbox (which is why the agent went), the reason it decided
-        on (4000 ``sandbox deleted``, say) wins over 1011."""
+        """The agent connection dropped. When the gateway is removing the sandbox (which is
+        why the agent went), the reason it decided on (4000 ``sandbox deleted``, say) wins over
+        1011; otherwise find out whether the agent comes back (restarted by its supervisor),
+        then tell the client what was lost and close it."""
         self.agent = None
-        closing = self.sandbox.closing if self.sandbox is not None else None
+        sandbox = self.sandbox
+        closing = sandbox.closing if sandbox is not None else None
         if closing is not None:
             close_connection(self, *closing)
             return
         self._log.warn(
-            "agent connection of sandbox {sandbox_id} closed (code={code}); closing client",
-            sandbox_id=self.sandbox.sandbox_id if self.sandbox else None,
+            "agent connection of sandbox {sandbox_id} closed (code={code})",
+            sandbox_id=sandbox.sandbox_id if sandbox else None,
             code=code,
         )
-        close_connection(self, CLOSE_AGENT_LOST, "sandbox agent connection lost")
+        if sandbox is None or self.state != WebSocketServerProtocol.STATE_OPEN:
+            close_connection(self, CLOSE_AGENT_LOST, "sandbox agent connection lost")
+            return
+        d = self.factory.manager.agent_lost(sandbox)
+        d.addCallback(self._agent_recovered)
+        d.addErrback(lambda f: self._log.failure("waiting for a lost agent failed", f))
+        d.addErrback(lambda _: self.disconnect(CLOSE_AGENT_LOST, "sandbox agent connection lost"))
+
+    def _agent_recovered(self, recovery: AgentRecovery) -> None:
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return  # gone meanwhile (the client left, or the sandbox was removed)
+        if not recovery.back:
+            self.disconnect(CLOSE_AGENT_LOST, "sandbox agent connection lost")
+            return
+        lost_requests = sorted(self.in_flight)
+        self._fail_in_flight(
+            "agent_restarted",
+            "the sandbox agent restarted; this command's result is lost (it may have run)",
+        )
+        notice = {
+            "type": "agent_restarted",
+            "lost_requests": lost_requests,
+            "lost_sessions": list(recovery.lost_sessions),
+            "timestamp": datetime.now().isoformat(),
+        }
+        self._send_own(encode(notice))
+        close_connection(self, CLOSE_AGENT_RESTARTED, REASON_AGENT_RESTARTED)
+
+    def _fail_in_flight(self, code: str, text: str) -> None:
+        """An error reply for each command in flight, whose result will never come."""
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        in_flight, self.in_flight = self.in_flight, {}
+        now = datetime.now()
+        for request_id, command in in_flight.items():
+            failure = ProtocolError(code, text, request_id, command)
+            self._send_own(encode(failure.reply(now)))
 
     # -- limits ----------------------------------------------------------------------------
 
@@ -308,7 +425,9 @@ class ClientSide(WebSocketServerProtocol):
     # -- closing ---------------------------------------------------------------------------
 
     def disconnect(self, code: int, reason: str) -> None:
-        """Close this client (the sandbox was deleted or died, or the gateway stops)."""
+        """Close this client (the sandbox was deleted or died, the agent is lost, or the
+        gateway stops); commands in flight get an error reply first."""
+        self._fail_in_flight("agent_unavailable", f"no result: {reason}")
         close_connection(self, code, reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:

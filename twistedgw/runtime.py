@@ -49,8 +49,16 @@ LABEL_NETWORK = "org.twistedgw.network"
 #: Where a network-less sandbox's socket directory is mounted, and the agent's socket in it.
 SOCKET_MOUNT = "/run/twistedgw"
 SOCKET_NAME = "agent.sock"
-#: The image's unprivileged user, who must be able to create the agent's socket.
+#: The image's unprivileged user, who runs the user's code.
 SANDBOX_UID = 1000
+#: The image's agent user, who must be able to create the agent's socket (and no one else).
+AGENT_UID = 999
+
+#: The only capabilities a sandbox keeps (everything else is dropped): the image starts as
+#: root only for its supervisor to change to the agent user at once, keeping these three for
+#: the agent: SETUID and SETGID to start user processes as the sandbox user, KILL to signal
+#: them (they have another uid). User processes get none (SECURITY.md).
+AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL")
 
 #: Environment variable carrying the per-sandbox agent secret into the container.
 SECRET_ENV = "SANDBOX_AGENT_SECRET"
@@ -116,6 +124,7 @@ class ContainerLimits:
             "pids_limit": self.pids,
             "shm_size": self.shm_size,
             "cap_drop": ["ALL"],
+            "cap_add": list(AGENT_CAPABILITIES),
             "security_opt": ["no-new-privileges"],
             "log_config": {
                 "type": "json-file",
@@ -580,7 +589,8 @@ class DockerRuntime(Service):
         directory.mkdir(parents=True, exist_ok=True)
         self.socket_dir.chmod(0o711)  # others may pass through, not list
         try:
-            os.chown(directory, SANDBOX_UID, SANDBOX_UID)
+            # Only the agent gets in: sandbox code cannot even reach the socket.
+            os.chown(directory, AGENT_UID, AGENT_UID)
             directory.chmod(0o700)
         except PermissionError:
             directory.chmod(0o777)  # a gateway not running as root

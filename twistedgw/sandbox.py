@@ -93,6 +93,13 @@ class Sandbox:
     #: Set while the gateway removes the sandbox: the close code and reason its clients
     #: get, even when the agent link drops first.
     closing: tuple[int, str] | None = field(default=None, repr=False, eq=False)
+    #: Session names clients used and did not close, as far as this gateway saw them.
+    sessions: set[str] = field(factory=set, repr=False, eq=False)
+    #: Sessions lost when the agent was lost and came back, until a command for one of them
+    #: has been told so (``session_lost``).
+    lost_sessions: set[str] = field(factory=set, repr=False, eq=False)
+    #: How often this gateway saw the agent lost and back (killed and restarted in place).
+    agent_restarts: int = 0
 
     @property
     def clients(self) -> int:
@@ -147,6 +154,8 @@ class Sandbox:
                 last_activity=self.last_activity,
                 idle_timeout=self.settings.idle_timeout,
                 expires_at=self.expires_at,
+                agent_restarts=self.agent_restarts,
+                lost_sessions=sorted(self.lost_sessions),
             )
         return body
 

@@ -1,8 +1,10 @@
 """twistedgw sandbox agent: runs shell commands for the gateway over a WebSocket.
 
-Runs inside the sandbox container (as the unprivileged ``sandbox`` user, under tini), started
-as ``python3 -m agent``, and serves, on TCP ``0.0.0.0:$AGENT_PORT`` (default 8765) or on the
-Unix socket ``$AGENT_UNIX_SOCKET``:
+Runs inside the sandbox container under its supervisor (``supervise``, under tini), as the
+user ``agent`` with only the SETUID, SETGID and KILL capabilities, and starts every command
+and session shell as the unprivileged user ``sandbox`` with a raised ``oom_score_adj`` (see
+``spawn``).  Started as ``python3 -m agent``, it serves, on TCP ``0.0.0.0:$AGENT_PORT``
+(default 8765) or on the Unix socket ``$AGENT_UNIX_SOCKET``:
 
 * ``GET /healthz``  -> ``200 ok`` (no auth), for readiness probes;
 * ``/agent``        -> a WebSocket.  The opening handshake must carry

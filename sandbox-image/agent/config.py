@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import pwd
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
+from agent.spawn import IdentityError, UserIdentity, user_identity
 from twistedgw import protocol
 
 DEFAULT_PORT = 8765
@@ -44,6 +44,8 @@ class AgentConfig:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     log_level: int = LOG_LEVELS["info"]
     spawn_method: str = "posix_spawn"
+    #: Who user processes run as, and their oom_score_adj (see agent.spawn).
+    user: UserIdentity = field(default_factory=UserIdentity)
 
     @property
     def home(self) -> str:
@@ -75,9 +77,12 @@ class AgentConfig:
         if level_name not in LOG_LEVELS:
             raise ConfigError(f"AGENT_LOG_LEVEL={level_name!r} is not a log level")
         try:
-            pw = pwd.getpwuid(os.getuid())
+            identity, pw = user_identity()
+        except IdentityError as e:
+            raise ConfigError(str(e)) from None
+        if pw is not None:
             user, home = pw.pw_name, pw.pw_dir
-        except KeyError:
+        else:
             user, home = str(os.getuid()), environ.get("HOME", "/")
         cwd = home if os.path.isdir(home) else "/"
         shell = "/bin/bash" if os.access("/bin/bash", os.X_OK) else "/bin/sh"
@@ -105,6 +110,7 @@ class AgentConfig:
             max_sessions=_int_env(environ, "AGENT_MAX_SESSIONS", DEFAULT_MAX_SESSIONS, 0, 1 << 16),
             log_level=LOG_LEVELS[level_name],
             spawn_method="fork" if environ.get("AGENT_SPAWN") == "fork" else "posix_spawn",
+            user=identity,
         )
 
 

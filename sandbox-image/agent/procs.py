@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 KILLED_RETURNCODE = -int(signal.SIGKILL)
 
@@ -120,12 +121,13 @@ def kill_shell_descendants(shell_pid: int | None) -> int:
     return count
 
 
-def process_cwd(pid: int | None) -> str | None:
-    """A process's working directory from /proc (None when unknown)."""
+def process_cwd(pid: int | None, readlink: Callable[[str], str] = os.readlink) -> str | None:
+    """A process's working directory from /proc (None when unknown); ``readlink`` may read it
+    with the process owner's filesystem uid (agent.spawn.UserIdentity.readlink)."""
     if not pid:
         return None
     try:
-        return os.readlink(f"/proc/{pid}/cwd")
+        return readlink(f"/proc/{pid}/cwd")
     except OSError:
         return None
 

@@ -206,8 +206,9 @@ class CommandRun(RunBase):
         env = dict(self.config.child_env)
         env.update(self.spec.env or {})
         self._begin()
+        config = self.config
         spawned = start_process(
-            self.config.argv_for(self.command), env, self.cwd, self.config.spawn_method
+            config.argv_for(self.command), env, self.cwd, config.spawn_method, config.user
         )
         self.pid = spawned.pid
         self.child = ChildProcess(loop, self.reaper, spawned, self)

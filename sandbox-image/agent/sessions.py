@@ -106,6 +106,8 @@ class SessionRun(RunBase):
 
             fd, path = tempfile.mkstemp(prefix=".agent-stdin-")
             self.stdin_path = path
+            # The shell reads it as the sandbox user (the agent may have a uid of its own).
+            os.fchmod(fd, 0o644)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(self.spec.stdin.encode("utf-8"))
@@ -201,7 +203,11 @@ class Session:
     def _spawn(self) -> None:
         config = self.config
         spawned = start_process(
-            config.session_argv(), dict(config.child_env), config.cwd, config.spawn_method
+            config.session_argv(),
+            dict(config.child_env),
+            config.cwd,
+            config.spawn_method,
+            config.user,
         )
         self.shell = ChildProcess(
             self.manager.loop, self.manager.reaper, spawned, _ShellHandler(self, spawned.pid)
@@ -372,7 +378,7 @@ class Session:
             "queued": len(self.queue),
             "pid": self.pid,
             "created_at": self.created_at,
-            "cwd": process_cwd(self.pid),
+            "cwd": process_cwd(self.pid, self.config.user.readlink),
         }
 
 

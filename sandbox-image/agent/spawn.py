@@ -8,12 +8,150 @@ PEP 446).  By default it uses ``posix_spawn`` (``setsid`` flag), which does not 
 agent's memory the way fork() does; ``AGENT_SPAWN=fork`` selects fork+exec instead.
 
 Changes to how user processes start (another uid, ``oom_score_adj``, ...) belong here.
+
+Identity: when the agent has a uid of its own (the image's ``agent``, started with the SETUID,
+SETGID and KILL capabilities), every user process is started through the image's ``runas``
+(``sandbox-image/runas.c``, a small static binary; ``setpriv`` where it is missing), which
+changes to the ``sandbox`` user's uid and gid, drops the supplementary groups and clears every
+capability set before it execs the command: user code runs with no capability at all and
+cannot signal, ptrace or read the /proc entries of the agent.
+
+And every user process gets ``oom_score_adj`` ``USER_OOM_SCORE_ADJ`` (the agent keeps its own,
+normally 0), so that at the sandbox's memory limit the kernel's OOM killer picks user
+code, not the agent: the agent raises its own value for the moment of the spawn (raising needs
+no capability, nor does going back down to where it started) and the child inherits it.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 from dataclasses import dataclass
+
+#: The user that runs commands and session shells.
+SANDBOX_USER = "sandbox"
+#: The image's exec wrapper (runas UID GID PROGRAM ARG...): a static binary, cheaper to exec
+#: than setpriv, which is the fallback.
+RUNAS = "/opt/agent/runas"
+SETPRIV_CANDIDATES = ("/usr/bin/setpriv", "/bin/setpriv")
+#: oom_score_adj of user processes.
+USER_OOM_SCORE_ADJ = 500
+OOM_SCORE_ADJ_PATH = "/proc/self/oom_score_adj"
+#: Capability bits (linux/capability.h) needed to start processes as another user.
+CAP_SETGID, CAP_SETUID = 6, 7
+
+
+class IdentityError(Exception):
+    """The agent runs under another uid than the sandbox user but cannot change to it."""
+
+
+@dataclass(frozen=True)
+class UserIdentity:
+    """How user processes are started: as whom (an argv prefix) and how OOM-killable."""
+
+    #: ``setpriv ... --`` when user processes change uid; empty when they run as the agent's.
+    prefix: tuple[str, ...] = ()
+    #: Given to user processes (None: left alone).
+    oom_score_adj: int | None = None
+    #: The agent's own value, restored after each spawn.
+    agent_oom_score_adj: int = 0
+    #: The user's uid and gid, when they are not the agent's.
+    uid: int | None = None
+    gid: int | None = None
+
+    def readlink(self, path: str) -> str:
+        """``os.readlink`` with the user's filesystem uid and gid, for the /proc links of user
+        processes (``/proc/PID/cwd``), which another uid may not read (SETUID allows it)."""
+        if self.uid is None or self.gid is None:
+            return os.readlink(path)
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        old_gid = libc.setfsgid(self.gid)
+        old_uid = libc.setfsuid(self.uid)
+        try:
+            return os.readlink(path)
+        finally:
+            libc.setfsuid(old_uid)
+            libc.setfsgid(old_gid)
+
+
+def user_identity() -> tuple[UserIdentity, pwd.struct_passwd | None]:
+    """How this agent starts user processes, and the user they run as (its passwd entry).
+
+    Raises IdentityError when the agent runs under another uid than ``sandbox`` but cannot
+    change to it (no setpriv, or no SETUID/SETGID capability).
+    """
+    oom = _read_oom_score_adj()
+    raised = None if oom is None else max(USER_OOM_SCORE_ADJ, oom)
+    try:
+        sandbox = pwd.getpwnam(SANDBOX_USER)
+    except KeyError:
+        sandbox = None
+    if sandbox is None or sandbox.pw_uid == os.getuid():
+        try:
+            own = pwd.getpwuid(os.getuid())
+        except KeyError:
+            own = None
+        return UserIdentity(oom_score_adj=raised, agent_oom_score_adj=oom or 0), own
+    if not _has_capabilities(CAP_SETUID, CAP_SETGID):
+        raise IdentityError(
+            f"the agent (uid {os.getuid()}) lacks CAP_SETUID/CAP_SETGID to start processes as "
+            f"{SANDBOX_USER}; start the image as root (its supervisor drops privileges)"
+        )
+    prefix = wrapper_prefix(sandbox.pw_uid, sandbox.pw_gid)
+    identity = UserIdentity(prefix, raised, oom or 0, sandbox.pw_uid, sandbox.pw_gid)
+    return identity, sandbox
+
+
+def wrapper_prefix(uid: int, gid: int, runas: str = RUNAS) -> tuple[str, ...]:
+    """The argv prefix that execs a command as ``uid``/``gid`` without capabilities: the
+    image's runas, else setpriv."""
+    if os.access(runas, os.X_OK):
+        return (runas, str(uid), str(gid))
+    setpriv = next((p for p in SETPRIV_CANDIDATES if os.access(p, os.X_OK)), None)
+    if setpriv is None:
+        raise IdentityError(f"neither runas nor setpriv: cannot start processes as uid {uid}")
+    return (
+        setpriv,
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+        "--",
+    )
+
+
+def _read_oom_score_adj() -> int | None:
+    try:
+        with open(OOM_SCORE_ADJ_PATH) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_oom_score_adj(value: int) -> bool:
+    try:
+        with open(OOM_SCORE_ADJ_PATH, "w") as f:
+            f.write(str(value))
+        return True
+    except OSError:
+        return False
+
+
+def _has_capabilities(*bits: int) -> bool:
+    """Whether this process has these capabilities in its effective set."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    effective = int(line.split()[1], 16)
+                    return all(effective & (1 << bit) for bit in bits)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
 
 #: How processes are started: "posix_spawn" (default) or "fork" (AGENT_SPAWN=fork).
 SPAWN_METHODS = ("posix_spawn", "fork")
@@ -30,12 +168,29 @@ class Spawned:
 
 
 def start_process(
-    argv: list[str], env: dict[str, str], cwd: str, method: str = "posix_spawn"
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    method: str = "posix_spawn",
+    user: UserIdentity | None = None,
 ) -> Spawned:
-    """Start ``argv`` in a new session with the given environment and cwd.
+    """Start ``argv`` in a new session with the given environment and cwd, as ``user`` (see
+    UserIdentity: which uid, which oom_score_adj).
 
     Raises OSError when the process cannot be started (then no fd is left open).
     """
+    user = user or UserIdentity()
+    if user.prefix:
+        argv = [*user.prefix, *argv]
+    raised = user.oom_score_adj is not None and _write_oom_score_adj(user.oom_score_adj)
+    try:
+        return _start(argv, env, cwd, method)
+    finally:
+        if raised:
+            _write_oom_score_adj(user.agent_oom_score_adj)
+
+
+def _start(argv: list[str], env: dict[str, str], cwd: str, method: str) -> Spawned:
     pipes: list[int] = []
     try:
         in_r, in_w = os.pipe()

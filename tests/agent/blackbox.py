@@ -33,7 +33,7 @@ class AgentServer:
         self.where = where
         self.secret = uuid.uuid4().hex
         self.dir = tempfile.mkdtemp(prefix="twistedgw-agent-bb-")
-        os.chmod(self.dir, 0o777)  # the image's agent runs as uid 1000
+        os.chmod(self.dir, 0o777)  # the image's agent runs as uid 999 (agent)
         self.socket = os.path.join(self.dir, "agent.sock")
         self.proc: subprocess.Popen[bytes] | None = None
         self.container: str | None = None
@@ -84,15 +84,22 @@ class AgentServer:
             check=True,
             text=True,
         )
-        tini = int(out.stdout)
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == tini:
-                    return int(entry)
+        # tini -> supervise -> the agent: the agent is the grandchild that runs "-m agent".
+        parents = {int(out.stdout)}
+        for _ in range(2):
+            children = set()
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        stat = Path(f"/proc/{entry}/stat").read_text()
+                        cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    if int(stat.rsplit(")", 1)[1].split()[1]) in parents:
+                        if cmdline.endswith(b"-m\0agent\0") and b"supervise" not in cmdline:
+                            return int(entry)
+                        children.add(int(entry))
+            parents = children
         raise RuntimeError("no agent process under the container's tini")
 
     def alive(self) -> bool:

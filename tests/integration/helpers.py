@@ -40,7 +40,7 @@ def agent_pid(container: Any) -> int:
     top = container.top(ps_args="-o pid,args")
     for pid, args in top["Processes"]:
         runs_agent = "agent.py" in args or args.endswith("-m agent")
-        if runs_agent and "tini" not in args:
+        if runs_agent and "tini" not in args and "supervise" not in args:
             return int(pid)
     raise RuntimeError(f"agent not found in {top}")
 

@@ -56,15 +56,61 @@ def hostile(docker_client: Any) -> Iterator[GatewayProcess]:
     remove_instance_containers(docker_client, gateway.instance)
 
 
+#: Run in a sandbox by docker exec: uid, effective and ambient capabilities, oom_score_adj and
+#: command line of every other process.
+IDENTITY_PROBE = r"""
+import os
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    if int(pid) == os.getpid():
+        continue
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().replace(b"\0", b" ").decode().strip()
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        with open(f"/proc/{pid}/oom_score_adj") as f:
+            oom = f.read().strip()
+    except OSError:
+        continue
+    if args:
+        print(status["Uid"].split()[0], status["CapEff"].strip(), status["CapAmb"].strip(),
+              oom, args, sep="|")
+"""
+
+
+def container_identities(container: Any) -> dict[str, tuple[str, str, str, str]]:
+    """(uid, effective capabilities, ambient capabilities, oom_score_adj) of every process in
+    a sandbox, by command line (read from /proc with docker exec)."""
+    result = container.exec_run(["python3", "-c", IDENTITY_PROBE], user="root")
+    assert result.exit_code == 0, result.output
+    table = {}
+    for line in result.output.decode().splitlines():
+        uid, eff, amb, oom, args = line.split("|", 4)
+        table[args] = (uid, eff, amb, oom)
+    return table
+
+
+#: CAP_KILL (5), CAP_SETGID (6), CAP_SETUID (7): the agent's capability mask.
+AGENT_CAPS = f"{(1 << 5) | (1 << 6) | (1 << 7):016x}"
+
+
 def test_every_container_is_hardened(hostile: GatewayProcess, docker_client: Any) -> None:
-    """Each sandbox runs unprivileged, capability-free, read-only, limited in memory (no swap),
-    CPU, processes, files and logs, with Docker's default seccomp, and no host mounts."""
+    """Each sandbox keeps only the agent's three capabilities, runs read-only, limited in
+    memory (no swap), CPU, processes, files and logs, with no-new-privileges, Docker's default
+    seccomp and no host mounts. Inside, tini (PID 1) runs the supervisor and the agent as the
+    user `agent` (uid 999) with KILL, SETGID and SETUID only, and commands run as `sandbox`
+    (uid 1000) with no capability at all and a raised oom_score_adj."""
     ids = [hostile.create() for _ in range(2)]
     for sandbox_id in ids:
-        attrs = docker_client.containers.get(f"twistedgw-{sandbox_id}").attrs
+        container = docker_client.containers.get(f"twistedgw-{sandbox_id}")
+        attrs = container.attrs
         host = attrs["HostConfig"]
-        assert attrs["Config"]["User"] == "sandbox"
-        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+        assert attrs["Config"]["User"] in ("", "root", "0")  # only until the supervisor drops
+        entrypoint = attrs["Config"]["Entrypoint"]
+        assert entrypoint[:3] == ["/usr/bin/tini", "--", "/usr/bin/setpriv"]
+        assert entrypoint[-2:] == ["--", "/opt/agent/supervise"]
+        assert host["CapDrop"] == ["ALL"]
+        assert sorted(host["CapAdd"]) == ["KILL", "SETGID", "SETUID"]
         assert "no-new-privileges" in host["SecurityOpt"]
         assert not any("seccomp" in opt for opt in host["SecurityOpt"]), "default seccomp kept"
         assert host["Privileged"] is False
@@ -84,6 +130,34 @@ def test_every_container_is_hardened(hostile: GatewayProcess, docker_client: Any
         assert host["NetworkMode"] in ("default", "bridge")
         bindings = attrs["NetworkSettings"]["Ports"]["8765/tcp"]
         assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}
+        with connect(f"{hostile.ws_url}/ws/{sandbox_id}") as ws:
+            send(ws, {"command": "sleep 30", "request_id": "probe"})
+            table: dict[str, tuple[str, str, str, str]] = {}
+            for _ in range(100):
+                table = container_identities(container)
+                if "sleep 30" in table:
+                    break
+                time.sleep(0.1)
+            supervisor = next(k for k in table if k.startswith("/bin/sh /opt/agent/supervise"))
+            tini = next(k for k in table if k.startswith("/usr/bin/tini -- /usr/bin/setpriv"))
+            assert table[tini][0] == "0"
+            assert table[supervisor][:3] == ("999", AGENT_CAPS, AGENT_CAPS)
+            assert table["python3 -u -m agent"] == ("999", AGENT_CAPS, AGENT_CAPS, "0")
+            command = table["sleep 30"]
+            assert command[:3] == ("1000", "0" * 16, "0" * 16)
+            assert int(command[3]) > 0
+            send(ws, {"type": "cancel", "request_id": "probe"})
+            assert recv(ws)["cancelled"] is True
+            status = run(
+                ws, "grep -E '^(Uid|Gid|Groups|Cap(Inh|Prm|Eff|Amb)|NoNewPrivs):' /proc/self/status"
+            )["output"]
+            fields = dict(line.split(":", 1) for line in status.splitlines())
+            assert fields["Uid"].split() == ["1000"] * 4
+            assert fields["Gid"].split() == ["1000"] * 4
+            assert fields["Groups"].split() in ([], ["1000"])
+            for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+                assert int(fields[cap], 16) == 0, cap
+            assert fields["NoNewPrivs"].strip() == "1"
     for sandbox_id in ids:
         hostile.delete(sandbox_id)
 
