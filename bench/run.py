@@ -1341,6 +1341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "elapsed_s": time.time() - started,
         "smoke": cfg.smoke,
+        "run_id": ctx.run_id,
         "interrupted": interrupted,
         "config": asdict(cfg),
         "machine": info,

@@ -15,7 +15,7 @@ ALL = {"ttfc", "rtt", "throughput", "stream", "scale", "hop", "agent", "burst"}
 
 def test_bench_smoke_runs_every_benchmark(docker_client: Any, tmp_path: Path) -> None:
     """`bench/run.py --smoke` exercises every benchmark, exits 0, writes its JSON, and leaves
-    no container behind."""
+    no container of its own run behind (neither the baselines' nor its gateways')."""
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--json", str(out)],
@@ -30,5 +30,17 @@ def test_bench_smoke_runs_every_benchmark(docker_client: Any, tmp_path: Path) ->
     assert set(figures["benchmarks"]) == ALL
     assert not figures["errors"]
     assert figures["summary"]
-    leftovers = docker_client.containers.list(all=True, filters={"label": "org.twistedgw.bench=1"})
-    assert leftovers == []
+    # Only this run's containers: other bench runs on the same engine are not this test's.
+    run_id = figures["run_id"]
+    baselines = docker_client.containers.list(
+        all=True, filters={"label": f"org.twistedgw.bench.run={run_id}"}
+    )
+    sandboxes = [
+        c
+        for c in docker_client.containers.list(
+            all=True, filters={"label": "org.twistedgw.instance"}
+        )
+        if c.labels.get("org.twistedgw.instance", "").startswith(f"bench-{run_id}-")
+    ]
+    assert baselines == []
+    assert sandboxes == []
