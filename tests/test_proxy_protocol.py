@@ -136,3 +136,27 @@ async def test_creation_env_and_command_env_follow_one_rule(gateway: Gateway) ->
     client.send_json({"command": "echo env", "env": {name: "2"}})
     assert (await reply(client))["output"] == "env\n"
     assert gateway.agent.received[-1]["env"] == {name: "2"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_in_the_gateway_still_gets_an_internal_error_reply(gateway: Gateway) -> None:
+    """If handling a message raises, the client gets an ``internal_error`` reply (and the
+    failure is logged) instead of silence."""
+    client = await open_client(gateway)
+
+    def broken() -> float:
+        raise RuntimeError("a bug")
+
+    manager = gateway.manager
+    manager.now = broken  # type: ignore[method-assign]
+    try:
+        client.send_json({"command": "echo x", "request_id": "bug"})
+        error = await reply(client)
+    finally:
+        del manager.now  # back to the class's method
+    assert (error["type"], error["error_code"], error["success"]) == (
+        "error",
+        "internal_error",
+        False,
+    )
+    assert (error["duration_ms"], error["truncated"]) == (0.0, False)

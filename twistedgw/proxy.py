@@ -30,6 +30,7 @@ from twistedgw.protocol import (
     Limits,
     Message,
     ProtocolError,
+    command_error,
     encode,
     parse_message,
 )
@@ -171,6 +172,10 @@ class ClientSide(WebSocketServerProtocol):
             self._client_message(payload, isBinary)
         except Exception:
             self._log.failure("handling a client message failed")
+            # Every message gets a reply (PROTOCOL.md), a bug's included.
+            if self.state == WebSocketServerProtocol.STATE_OPEN:
+                reply = command_error(None, None, "internal gateway error", "internal_error")
+                self.sendMessage(encode(reply), isBinary=False)
 
     def _client_message(self, payload: bytes, is_binary: bool) -> None:
         manager = self.factory.manager

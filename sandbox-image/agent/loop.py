@@ -113,7 +113,8 @@ class Loop:
     def add_signal_handler(self, signum: int, callback: Callable[[], None]) -> None:
         """Run ``callback`` in the loop when ``signum`` arrives."""
         self._signal_handlers[signum] = callback
-        signal.set_wakeup_fd(self._wake_w)
+        # A full pipe already holds a wake-up, so dropping more bytes loses nothing.
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signum, _note_signal)
 
     def remove_signal_handler(self, signum: int) -> None:

@@ -19,6 +19,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-websocket-image")
+#: Where the host agent's ``agent`` package (or module) is found: this repository's by default;
+#: point it elsewhere to run the suite against another agent implementation.
+AGENT_PATH = os.environ.get("AGENT_BLACKBOX_PATH", str(REPO / "sandbox-image"))
 LABEL = "org.twistedgw.agent-blackbox"
 SOCKET_DIR_IN_CONTAINER = "/run/twistedgw"
 
@@ -38,7 +41,7 @@ class AgentServer:
         if where == "host":
             child_env = {
                 "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "PYTHONPATH": f"{REPO}:{REPO / 'sandbox-image'}",
+                "PYTHONPATH": f"{REPO}:{AGENT_PATH}",
                 "AGENT_UNIX_SOCKET": self.socket,
                 **settings,
             }
@@ -131,7 +134,8 @@ def http_get(path: str, target: str, headers: str = "") -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
         s.connect(path)
-        s.sendall(f"GET {target} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode())
+        head = f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}"
+        s.sendall(f"{head}\r\n".encode())
         chunks = []
         while True:
             data = s.recv(65536)

@@ -10,7 +10,7 @@ from typing import Any
 
 from tests.integration.conftest import REPO
 
-ALL = {"ttfc", "rtt", "throughput", "stream", "scale", "hop"}
+ALL = {"ttfc", "rtt", "throughput", "stream", "scale", "hop", "agent", "burst"}
 
 
 def test_bench_smoke_runs_every_benchmark(docker_client: Any, tmp_path: Path) -> None:
