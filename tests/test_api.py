@@ -10,8 +10,8 @@ import pytest_twisted
 from treq.testing import StubTreq
 
 from tests.fakes import FakeRuntime
-from twistedgw.api import GatewayAPI
 from twistedgw.manager import SandboxManager
+from twistedgw.web.api import GatewayAPI
 
 BASE = "http://gateway.test"
 

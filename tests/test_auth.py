@@ -11,9 +11,10 @@ import pytest_twisted
 from treq.testing import StubTreq
 from twisted.web.test.requesthelper import DummyRequest
 
-from twistedgw.api import GatewayAPI, access_log_line
-from twistedgw.auth import Authenticator, Unauthorized, owner_id, read_tokens
 from twistedgw.manager import SandboxManager
+from twistedgw.web.api import GatewayAPI
+from twistedgw.web.auth import Authenticator, Unauthorized, owner_id, read_tokens
+from twistedgw.web.site import access_log_line
 
 A = "token-alpha-0123456789"
 B = "token-bravo-0123456789"

@@ -17,12 +17,12 @@ from twisted.internet.task import Clock
 
 from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
-from twistedgw.api import GatewayAPI
 from twistedgw.manager import CapacityExceeded, InvalidSettings, SandboxManager, SandboxNotFound
 from twistedgw.reaper import Reaper
 from twistedgw.runtime import ContainerInfo, ContainerSpec
 from twistedgw.sandbox import SandboxRegistry
 from twistedgw.state import StateFile
+from twistedgw.web.api import GatewayAPI
 
 BASE = "http://gateway.test"
 

@@ -12,10 +12,11 @@ from twisted.internet import reactor
 
 from tests.fakes import FakeAgent, FakeRuntime
 from tests.wsclient import TestClient, connect
-from twistedgw.api import GatewayAPI, make_site
 from twistedgw.manager import SandboxManager
 from twistedgw.proxy import ProxyFactory, finished_request, make_ws_resource
 from twistedgw.sandbox import SandboxRegistry
+from twistedgw.web.api import GatewayAPI
+from twistedgw.web.site import make_site
 
 
 @define
@@ -292,7 +293,7 @@ async def _settle_briefly() -> Any:
 @pytest_twisted.ensureDeferred
 async def test_handshake_checks_token_and_owner(gateway: Gateway) -> None:
     """With tokens, the WebSocket handshake needs the owner's token (header or query)."""
-    from twistedgw.auth import Authenticator, owner_id
+    from twistedgw.web.auth import Authenticator, owner_id
 
     alpha, bravo = "token-alpha-0123456789", "token-bravo-0123456789"
     gateway.factory.authenticator = Authenticator.from_tokens([alpha, bravo])

@@ -15,10 +15,11 @@ from twisted.internet import reactor
 from tests.fakes import FakeAgent, FakeRuntime
 from tests.test_proxy import Gateway
 from tests.wsclient import TestClient
-from twistedgw.api import GatewayAPI, make_site
 from twistedgw.manager import SandboxManager
 from twistedgw.proxy import ProxyFactory, make_ws_resource
 from twistedgw.sandbox import SandboxRegistry
+from twistedgw.web.api import GatewayAPI
+from twistedgw.web.site import make_site
 
 #: Seconds a reply may take before the test calls it missing.
 REPLY_DEADLINE = 5.0

@@ -19,7 +19,6 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from twistedgw.agentlink import AgentSide, AgentUnavailable
-from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.flow import WRITE_BUFFER, pair_flow, unpair_flow, unsent_bytes
 from twistedgw.manager import AgentRecovery, SandboxManager, SandboxNotFound
 from twistedgw.protocol import (
@@ -35,6 +34,7 @@ from twistedgw.protocol import (
     parse_message,
 )
 from twistedgw.sandbox import Sandbox
+from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 
 #: Close code and reason when the agent connection drops under a client.
 CLOSE_AGENT_LOST = 1011

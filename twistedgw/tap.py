@@ -15,10 +15,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from twistedgw.api import GatewayAPI, make_site
-from twistedgw.auth import Authenticator, read_tokens
 from twistedgw.config import GatewayConfig, agent_message_limit, listen_interface
-from twistedgw.edge import EdgePolicy, default_hosts, fit_descriptors
 from twistedgw.manager import LifecyclePolicy, SandboxManager
 from twistedgw.protocol import Limits
 from twistedgw.proxy import ProxyFactory, make_ws_resource
@@ -27,6 +24,9 @@ from twistedgw.runtime import ContainerLimits, DockerRuntime
 from twistedgw.sandbox import SandboxRegistry
 from twistedgw.service import ProxyService, ShutdownSignals
 from twistedgw.state import StateFile
+from twistedgw.web.api import GatewayAPI
+from twistedgw.web.auth import Authenticator, read_tokens
+from twistedgw.web.site import EdgePolicy, default_hosts, fit_descriptors, make_site
 
 __all__ = ["Options", "agent_message_limit", "edge_policy", "makeService"]
 
