@@ -32,14 +32,14 @@ import docker
 import docker.errors
 import requests
 
+from twistedgw.runtime.hardening import AGENT_PORT
+from twistedgw.runtime.labels import LABEL_INSTANCE, LABEL_SANDBOX_ID
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-websocket-image")
 #: Label on every baseline container the benchmark creates (plus a per-run label below).
 BENCH_LABEL = "org.twistedgw.bench"
 BENCH_RUN_LABEL = "org.twistedgw.bench.run"
-INSTANCE_LABEL = "org.twistedgw.instance"
-SANDBOX_ID_LABEL = "org.twistedgw.sandbox-id"
-AGENT_PORT = 8765
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 
@@ -483,7 +483,7 @@ class Gateway:
         found = self.ctx.docker.containers.list(
             all=True,
             filters={
-                "label": [f"{INSTANCE_LABEL}={self.instance}", f"{SANDBOX_ID_LABEL}={sandbox_id}"]
+                "label": [f"{LABEL_INSTANCE}={self.instance}", f"{LABEL_SANDBOX_ID}={sandbox_id}"]
             },
         )
         if not found:
@@ -539,7 +539,7 @@ class RunContext:
 
     def remove_instance(self, instance: str) -> int:
         """Remove the containers of one of our gateway instances (by its label only)."""
-        return self._remove({"label": [f"{INSTANCE_LABEL}={instance}"]})
+        return self._remove({"label": [f"{LABEL_INSTANCE}={instance}"]})
 
     # -- baseline containers ------------------------------------------------------------------
 

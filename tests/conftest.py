@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from tests.fakes import FakeRuntime
 from twistedgw.manager import LifecyclePolicy, SandboxManager
-from twistedgw.runtime import ContainerInfo
+from twistedgw.runtime.interface import ContainerInfo
 from twistedgw.sandbox import SandboxRegistry
 
 # Timing-based deadlines make property tests flaky on a loaded 2-core CI machine.

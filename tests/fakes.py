@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from twistedgw.runtime import (
+from twistedgw.runtime.interface import (
     ContainerEvent,
     ContainerInfo,
     ContainerSpec,

@@ -19,7 +19,7 @@ from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
 from twistedgw.manager import CapacityExceeded, InvalidSettings, SandboxManager, SandboxNotFound
 from twistedgw.reaper import Reaper
-from twistedgw.runtime import ContainerInfo, ContainerSpec
+from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.sandbox import SandboxRegistry
 from twistedgw.state import StateFile
 from twistedgw.web.api import GatewayAPI

@@ -16,7 +16,7 @@ from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
 from twistedgw.manager import LifecyclePolicy, Recovering, SandboxManager, SandboxNotFound
 from twistedgw.reaper import Reaper, make_reaper_service
-from twistedgw.runtime import ContainerInfo, ContainerSpec
+from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.sandbox import SandboxRegistry, SandboxSettings, new_agent_secret, new_sandbox_id
 from twistedgw.web.api import GatewayAPI
 

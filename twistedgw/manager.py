@@ -31,7 +31,12 @@ from twistedgw.agentlink import (
     wait_for_agent,
 )
 from twistedgw.protocol import ProtocolError, validate_env
-from twistedgw.runtime import ContainerEvent, ContainerInfo, ContainerSpec, IContainerRuntime
+from twistedgw.runtime.interface import (
+    ContainerEvent,
+    ContainerInfo,
+    ContainerSpec,
+    IContainerRuntime,
+)
 from twistedgw.sandbox import (
     REASON_DELETED,
     REASON_EXITED,

@@ -20,7 +20,8 @@ from twistedgw.manager import LifecyclePolicy, SandboxManager
 from twistedgw.protocol import Limits
 from twistedgw.proxy import ProxyFactory, make_ws_resource
 from twistedgw.reaper import Reaper, make_reaper_service
-from twistedgw.runtime import ContainerLimits, DockerRuntime
+from twistedgw.runtime.docker import DockerRuntime
+from twistedgw.runtime.hardening import ContainerLimits
 from twistedgw.sandbox import SandboxRegistry
 from twistedgw.service import ProxyService, ShutdownSignals
 from twistedgw.state import StateFile

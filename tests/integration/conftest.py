@@ -23,9 +23,10 @@ import docker
 import pytest
 import requests
 
+from twistedgw.runtime.labels import LABEL_INSTANCE
+
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-websocket-image")
-INSTANCE_LABEL = "org.twistedgw.instance"
 #: The venv's twistd, next to the running interpreter.
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
@@ -159,7 +160,7 @@ class GatewayProcess:
 def remove_instance_containers(client: Any, instance: str) -> None:
     """Remove the containers of one test gateway instance (by our own label, nothing else)."""
     for container in client.containers.list(
-        all=True, filters={"label": f"{INSTANCE_LABEL}={instance}"}
+        all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}
     ):
         try:
             container.remove(force=True)

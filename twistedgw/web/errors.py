@@ -26,7 +26,7 @@ from twistedgw.manager import (
     Recovering,
     SandboxNotFound,
 )
-from twistedgw.runtime import ContainerFailed, ImageMissing, RuntimeUnavailable
+from twistedgw.runtime.interface import ContainerFailed, ImageMissing, RuntimeUnavailable
 from twistedgw.web.auth import Unauthorized
 
 
