@@ -9,7 +9,8 @@ from hypothesis import settings
 from twisted.internet.task import Clock
 
 from tests.fakes import FakeRuntime
-from twistedgw.manager import LifecyclePolicy, SandboxManager
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.runtime.interface import ContainerInfo
 from twistedgw.sandbox import SandboxRegistry
 

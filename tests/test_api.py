@@ -10,7 +10,7 @@ import pytest_twisted
 from treq.testing import StubTreq
 
 from tests.fakes import FakeRuntime
-from twistedgw.manager import SandboxManager
+from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.web.api import GatewayAPI
 
 BASE = "http://gateway.test"

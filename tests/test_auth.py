@@ -11,7 +11,7 @@ import pytest_twisted
 from treq.testing import StubTreq
 from twisted.web.test.requesthelper import DummyRequest
 
-from twistedgw.manager import SandboxManager
+from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.auth import Authenticator, Unauthorized, owner_id, read_tokens
 from twistedgw.web.site import access_log_line

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
 
 from tests.fakes import FakeRuntime
-from twistedgw.manager import SandboxManager
+from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.auth import Authenticator
 from twistedgw.web.site import LOOPBACK_HOSTS, EdgePolicy, default_hosts, fit_descriptors, make_site

@@ -17,7 +17,9 @@ from twisted.internet.task import Clock
 
 from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
-from twistedgw.manager import CapacityExceeded, InvalidSettings, SandboxManager, SandboxNotFound
+from twistedgw.lifecycle.errors import CapacityExceeded, InvalidSettings, SandboxNotFound
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.reaper import Reaper
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.sandbox import SandboxRegistry
@@ -56,7 +58,7 @@ def treq(manager: SandboxManager) -> StubTreq:
 def test_invalid_settings(manager: SandboxManager, body: dict[str, Any]) -> None:
     """Malformed options and options beyond the server maxima are refused."""
     with pytest.raises(InvalidSettings):
-        manager.settings_for(body)
+        settings_from_body(manager.policy, body)
 
 
 @pytest_twisted.ensureDeferred
@@ -137,7 +139,7 @@ async def test_concurrent_identical_retries_create_one_container(clock: Clock) -
     """Concurrent creates with one key share a single container, even if a caller gives up."""
     runtime = SlowRuntime()
     manager = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready)
-    settings = manager.settings_for(None, "same-key")
+    settings = settings_from_body(manager.policy, None, "same-key")
     calls = [manager.create(settings) for _ in range(5)]
     calls[0].cancel()  # a client went away mid-create
     calls[0].addErrback(lambda f: None)
@@ -160,7 +162,9 @@ async def test_removal_reasons_are_reported(
     deleted = await manager.create()
     await manager.delete(deleted.sandbox_id)
     idle = await manager.create()
-    aged = await manager.create(manager.settings_for({"max_lifetime": 50, "idle_timeout": 1000}))
+    aged = await manager.create(
+        settings_from_body(manager.policy, {"max_lifetime": 50, "idle_timeout": 1000})
+    )
     watcher = Client()
     manager.registry.attach(aged, watcher, manager.now())
     clock.advance(101)
@@ -177,7 +181,7 @@ async def test_removal_reasons_are_reported(
 async def test_keepalive_extends(treq: StubTreq, manager: SandboxManager, clock: Clock) -> None:
     """keepalive counts as activity and pushes the lifetime out, within the server maximum."""
     sandbox = await manager.create(
-        manager.settings_for({"max_lifetime": 100, "idle_timeout": 1000})
+        settings_from_body(manager.policy, {"max_lifetime": 100, "idle_timeout": 1000})
     )
     clock.advance(90)
     code, body = await call(
@@ -228,7 +232,7 @@ async def test_delete_twice_at_once(manager: SandboxManager, runtime: FakeRuntim
 @pytest_twisted.ensureDeferred
 async def test_capacity_counts_creates_in_flight(clock: Clock) -> None:
     """Creates in flight count towards the limit, so a burst cannot overshoot it."""
-    from twistedgw.manager import LifecyclePolicy
+    from twistedgw.lifecycle.options import LifecyclePolicy
 
     runtime = SlowRuntime()
     manager = SandboxManager(
@@ -268,7 +272,7 @@ async def test_state_survives_restart(
     state = StateFile(path, clock, in_thread=False)
     first = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready, state=state)
     first.startService()
-    sandbox = await first.create(first.settings_for({"max_lifetime": 100}))
+    sandbox = await first.create(settings_from_body(first.policy, {"max_lifetime": 100}))
     client = Client()
     first.registry.attach(sandbox, client, first.now())
     clock.advance(30)
@@ -307,13 +311,13 @@ async def test_warm_pool_hands_out_and_refills(runtime: FakeRuntime, clock: Cloc
     assert manager.pool_status()["ready"] == 2
     assert len(manager.registry) == 0
     pooled_ids = {s.sandbox_id for s in manager._pool}
-    first = await manager.create(manager.settings_for({"idle_timeout": 50}))
+    first = await manager.create(settings_from_body(manager.policy, {"idle_timeout": 50}))
     second = await manager.create()
     assert {first.sandbox_id, second.sandbox_id} == pooled_ids
     assert first.settings.idle_timeout == 50 and first.pooled
     assert first.created_at == clock.seconds()
     assert manager.pool_status()["ready"] == 2  # refilled (the fake creates at once)
-    cold = await manager.create(manager.settings_for({"env": {"A": "1"}}))
+    cold = await manager.create(settings_from_body(manager.policy, {"env": {"A": "1"}}))
     assert cold.sandbox_id not in pooled_ids and not cold.pooled
     assert runtime.creates == 5
     await manager.delete(first.sandbox_id)
@@ -332,7 +336,7 @@ async def test_pool_survives_restart_and_assignments_stick(
     )
     first.startService()
     await first.reconcile()
-    given = await first.create(first.settings_for(None, owner="owner-1"))
+    given = await first.create(settings_from_body(first.policy, None, owner="owner-1"))
     second = SandboxManager(
         SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=2, state=state
     )
@@ -346,10 +350,10 @@ async def test_pool_survives_restart_and_assignments_stick(
 
 def test_network_option(manager: SandboxManager) -> None:
     """network is bridge by default, none on request, and nothing else."""
-    assert manager.settings_for(None).network == "bridge"
-    assert manager.settings_for({"network": "none"}).network == "none"
+    assert settings_from_body(manager.policy, None).network == "bridge"
+    assert settings_from_body(manager.policy, {"network": "none"}).network == "none"
     with pytest.raises(InvalidSettings):
-        manager.settings_for({"network": "host"})
+        settings_from_body(manager.policy, {"network": "host"})
 
 
 class FailingState(StateFile):

@@ -16,7 +16,9 @@ from twisted.internet.task import Clock
 
 from tests.fakes import FakeRuntime
 from twistedgw import protocol
-from twistedgw.manager import InvalidSettings, SandboxManager
+from twistedgw.lifecycle.errors import InvalidSettings
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.protocol import (
     CONTROL_PARSERS,
     ERROR_CODES,
@@ -196,7 +198,7 @@ def test_env_rule_is_one_for_creation_and_commands(env: dict[str, str], valid: b
     """The creation body's env and a command's env accept exactly the same names and sizes."""
     manager = SandboxManager(SandboxRegistry(), FakeRuntime(), Clock())
     try:
-        manager.settings_for({"env": env})
+        settings_from_body(manager.policy, {"env": env})
         creation_ok = True
     except InvalidSettings:
         creation_ok = False
@@ -355,7 +357,8 @@ def test_limits_reject_inconsistent_policy() -> None:
 
 def test_gateway_close_codes_are_the_protocols() -> None:
     """The close codes the gateway sends are the ones PROTOCOL.md documents."""
-    from twistedgw import manager, proxy
+    from twistedgw import proxy
+    from twistedgw.lifecycle import core as manager
 
     assert proxy.CLOSE_AGENT_LOST == protocol.CLOSE_AGENT_LOST
     assert proxy.CLOSE_GOING_AWAY == protocol.CLOSE_GOING_AWAY

@@ -12,7 +12,8 @@ from twisted.internet import reactor
 
 from tests.fakes import FakeAgent, FakeRuntime
 from tests.wsclient import TestClient, connect
-from twistedgw.manager import SandboxManager
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.proxy import ProxyFactory, finished_request, make_ws_resource
 from twistedgw.sandbox import SandboxRegistry
 from twistedgw.web.api import GatewayAPI
@@ -297,7 +298,7 @@ async def test_handshake_checks_token_and_owner(gateway: Gateway) -> None:
 
     alpha, bravo = "token-alpha-0123456789", "token-bravo-0123456789"
     gateway.factory.authenticator = Authenticator.from_tokens([alpha, bravo])
-    settings = gateway.manager.settings_for(None, owner=owner_id(alpha))
+    settings = settings_from_body(gateway.manager.policy, None, owner=owner_id(alpha))
     sandbox = await gateway.manager.create(settings)
     with pytest.raises(ConnectionError):
         await gateway.client(sandbox.sandbox_id)

@@ -15,7 +15,8 @@ from twisted.internet import reactor
 from tests.fakes import FakeAgent, FakeRuntime
 from tests.test_proxy import Gateway
 from tests.wsclient import TestClient
-from twistedgw.manager import SandboxManager
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.proxy import ProxyFactory, make_ws_resource
 from twistedgw.sandbox import SandboxRegistry
 from twistedgw.web.api import GatewayAPI
@@ -131,7 +132,7 @@ async def test_creation_env_and_command_env_follow_one_rule(gateway: Gateway) ->
     """A 256-character variable name is accepted at creation and on a command alike (creation
     used to stop at 128); the command forwards it to the agent."""
     name = "V" * 256
-    settings = gateway.manager.settings_for({"env": {name: "1"}})
+    settings = settings_from_body(gateway.manager.policy, {"env": {name: "1"}})
     sandbox = await gateway.manager.create(settings)
     client = await gateway.client(sandbox.sandbox_id)
     client.send_json({"command": "echo env", "env": {name: "2"}})

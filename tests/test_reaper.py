@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 
 from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
-from twistedgw.manager import SandboxManager
+from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.reaper import Reaper, make_reaper_service
 
 

@@ -14,7 +14,9 @@ from twisted.internet.task import Clock
 
 from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
-from twistedgw.manager import LifecyclePolicy, Recovering, SandboxManager, SandboxNotFound
+from twistedgw.lifecycle.errors import Recovering, SandboxNotFound
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.sandbox import SandboxRegistry, SandboxSettings, new_agent_secret, new_sandbox_id

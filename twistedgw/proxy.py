@@ -20,7 +20,8 @@ from twisted.logger import Logger
 
 from twistedgw.agentlink import AgentSide, AgentUnavailable
 from twistedgw.flow import WRITE_BUFFER, pair_flow, unpair_flow, unsent_bytes
-from twistedgw.manager import AgentRecovery, SandboxManager, SandboxNotFound
+from twistedgw.lifecycle.errors import SandboxNotFound
+from twistedgw.lifecycle.manager import AgentRecovery, SandboxManager
 from twistedgw.protocol import (
     CLOSE_AGENT_RESTARTED,
     DEFAULT_LIMITS,

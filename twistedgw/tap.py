@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twistedgw.config import GatewayConfig, agent_message_limit, listen_interface
-from twistedgw.manager import LifecyclePolicy, SandboxManager
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.protocol import Limits
 from twistedgw.proxy import ProxyFactory, make_ws_resource
 from twistedgw.reaper import Reaper, make_reaper_service

@@ -18,7 +18,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.routing import BaseConverter
 
-from twistedgw.manager import SandboxManager, SandboxNotFound
+from twistedgw.lifecycle.errors import SandboxNotFound
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.sandbox import is_valid_sandbox_id
 from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.web.errors import APIError, error_answer
@@ -100,7 +102,7 @@ class GatewayAPI:
     async def create_sandbox(self, request: IRequest, owner: str | None) -> bytes:
         key = header_text(request, b"idempotency-key")
         body = read_json_body(request)
-        settings = self.manager.settings_for(body, key, owner)
+        settings = settings_from_body(self.manager.policy, body, key, owner)
         sandbox = await self.manager.create(settings)
         return json_answer(
             request,

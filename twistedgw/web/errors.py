@@ -19,7 +19,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from twistedgw.agentlink import AgentUnavailable
-from twistedgw.manager import (
+from twistedgw.lifecycle.errors import (
     CapacityExceeded,
     IdempotencyConflict,
     InvalidSettings,
