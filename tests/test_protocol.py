@@ -357,13 +357,14 @@ def test_limits_reject_inconsistent_policy() -> None:
 
 def test_gateway_close_codes_are_the_protocols() -> None:
     """The close codes the gateway sends are the ones PROTOCOL.md documents."""
-    from twistedgw import proxy
-    from twistedgw.lifecycle import core as manager
+    from twistedgw import service
+    from twistedgw.lifecycle import core, manager
+    from twistedgw.proxy import client as proxy
 
     assert proxy.CLOSE_AGENT_LOST == protocol.CLOSE_AGENT_LOST
-    assert proxy.CLOSE_GOING_AWAY == protocol.CLOSE_GOING_AWAY
+    assert service.CLOSE_GOING_AWAY == protocol.CLOSE_GOING_AWAY
     assert manager.CLOSE_SANDBOX_REMOVED == protocol.CLOSE_SANDBOX_REMOVED
-    assert manager.CLOSE_SANDBOX_GONE == protocol.CLOSE_AGENT_LOST
+    assert core.CLOSE_SANDBOX_GONE == protocol.CLOSE_AGENT_LOST
     assert proxy.CLOSE_AGENT_RESTARTED == protocol.CLOSE_AGENT_RESTARTED == 4001
 
 

@@ -14,7 +14,8 @@ from tests.fakes import FakeAgent, FakeRuntime
 from tests.wsclient import TestClient, connect
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
-from twistedgw.proxy import ProxyFactory, finished_request, make_ws_resource
+from twistedgw.proxy.agent import WebSocketAgents
+from twistedgw.proxy.client import ProxyFactory, finished_request, make_ws_resource
 from twistedgw.sandbox import SandboxRegistry
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.site import make_site
@@ -41,7 +42,12 @@ async def gateway() -> AsyncIterator[Gateway]:
     agent_port = agent.listen(reactor)
     runtime = FakeRuntime(agent=agent, agent_port=agent_port)
     manager = SandboxManager(
-        SandboxRegistry(), runtime, reactor, agent_ready_timeout=5, agent_recovery_timeout=3
+        SandboxRegistry(),
+        runtime,
+        reactor,
+        agent_ready_timeout=5,
+        agent_recovery_timeout=3,
+        agents=WebSocketAgents(reactor),
     )
     factory = ProxyFactory(manager, reactor, maxMessagePayloadSize=64 * 1024)
     factory.doStart()

@@ -17,7 +17,8 @@ from tests.test_proxy import Gateway
 from tests.wsclient import TestClient
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
-from twistedgw.proxy import ProxyFactory, make_ws_resource
+from twistedgw.proxy.agent import WebSocketAgents
+from twistedgw.proxy.client import ProxyFactory, make_ws_resource
 from twistedgw.sandbox import SandboxRegistry
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.site import make_site
@@ -32,7 +33,9 @@ async def gateway() -> AsyncIterator[Gateway]:
     agent = FakeAgent(reactor)
     agent_port = agent.listen(reactor)
     runtime = FakeRuntime(agent=agent, agent_port=agent_port)
-    manager = SandboxManager(SandboxRegistry(), runtime, reactor, agent_ready_timeout=5)
+    manager = SandboxManager(
+        SandboxRegistry(), runtime, reactor, agent_ready_timeout=5, agents=WebSocketAgents(reactor)
+    )
     # The default policy (900 s default timeout, 3600 s maximum); nothing from
     # twistedgw.protocol is imported, so this file also runs against the code before it.
     factory = ProxyFactory(manager, reactor, maxMessagePayloadSize=4 * 1024 * 1024)

@@ -13,7 +13,8 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from twistedgw.proxy import CLOSE_GOING_AWAY, ProxyFactory
+from twistedgw.protocol import CLOSE_GOING_AWAY
+from twistedgw.proxy.client import ProxyFactory
 
 
 class ProxyService(Service):

@@ -19,7 +19,8 @@ from twistedgw.config import GatewayConfig, agent_message_limit, listen_interfac
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.protocol import Limits
-from twistedgw.proxy import ProxyFactory, make_ws_resource
+from twistedgw.proxy.agent import WebSocketAgents
+from twistedgw.proxy.client import ProxyFactory, make_ws_resource
 from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.runtime.docker import DockerRuntime
 from twistedgw.runtime.hardening import ContainerLimits
@@ -362,6 +363,7 @@ def makeService(options: Options) -> IService:
         pool_size=config.pool_size,
         agent_ready_timeout=config.agent_ready_timeout,
         max_message_size=config.agent_message_limit,
+        agents=WebSocketAgents(reactor),
     )
     manager.setName("sandbox-manager")
     manager.setServiceParent(root)

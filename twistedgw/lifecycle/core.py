@@ -18,14 +18,13 @@ from twisted.logger import Logger
 
 from twistedgw.lifecycle.errors import Recovering
 from twistedgw.lifecycle.options import LifecyclePolicy
+from twistedgw.protocol import CLOSE_AGENT_LOST
 from twistedgw.runtime.interface import ContainerInfo, IContainerRuntime
 from twistedgw.sandbox import Graveyard, Sandbox, SandboxRegistry, Tombstone
 from twistedgw.state import SavedSandbox, StateFile
 
 #: WebSocket close code for "the sandbox went away under you" (1011: server error).
-CLOSE_SANDBOX_GONE = 1011
-#: WebSocket close code when the sandbox was removed on purpose (deleted, idle, lifetime).
-CLOSE_SANDBOX_REMOVED = 4000
+CLOSE_SANDBOX_GONE = CLOSE_AGENT_LOST
 
 
 class LifecycleCore(Service):

@@ -17,14 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from twistedgw.agentlink import (
-    AgentSide,
-    AgentUnavailable,
-    connect_agent,
-    list_sessions,
-    wait_for_agent,
-)
-from twistedgw.lifecycle.core import CLOSE_SANDBOX_REMOVED
+from twistedgw.agents import AgentLink, AgentUnavailable, IAgents, NoAgents
 from twistedgw.lifecycle.errors import (
     CapacityExceeded,
     IdempotencyConflict,
@@ -34,6 +27,7 @@ from twistedgw.lifecycle.errors import (
 from twistedgw.lifecycle.options import DEFAULT_LIFECYCLE, LifecyclePolicy
 from twistedgw.lifecycle.reconcile import Reconciliation
 from twistedgw.lifecycle.shared import Shared
+from twistedgw.protocol import CLOSE_SANDBOX_REMOVED
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec, IContainerRuntime
 from twistedgw.sandbox import (
     REASON_DELETED,
@@ -76,8 +70,10 @@ class SandboxManager(Reconciliation):
         state: StateFile | None = None,
         pool_size: int = 0,
         agent_recovery_timeout: float = 5.0,
+        agents: IAgents | None = None,
     ) -> None:
         self.registry = registry
+        self.agents: IAgents = agents or NoAgents()
         self.runtime = runtime
         self.policy = policy
         self.graveyard = Graveyard()
@@ -325,7 +321,7 @@ class SandboxManager(Reconciliation):
 
     # -- agents ----------------------------------------------------------------------------
 
-    async def open_agent(self, sandbox: Sandbox) -> AgentSide:
+    async def open_agent(self, sandbox: Sandbox) -> AgentLink:
         """Open a new agent connection for one client of ``sandbox``.
 
         While the agent is being restarted (a recovery is under way, or this connection
@@ -343,9 +339,8 @@ class SandboxManager(Reconciliation):
                 raise
             return await self._connect(sandbox)
 
-    def _connect(self, sandbox: Sandbox, timeout: float | None = None) -> Deferred[AgentSide]:
-        return connect_agent(
-            self._reactor,
+    def _connect(self, sandbox: Sandbox, timeout: float | None = None) -> Deferred[AgentLink]:
+        return self.agents.connect(
             sandbox.agent_host,
             sandbox.agent_port,
             sandbox.agent_secret,
@@ -395,7 +390,7 @@ class SandboxManager(Reconciliation):
                 await deferLater(self._reactor, 0.05, lambda: None)
                 continue
             try:
-                present = await list_sessions(self._reactor, agent, timeout=min(2.0, remaining))
+                present = await self.agents.list_sessions(agent, timeout=min(2.0, remaining))
             except AgentUnavailable as e:
                 last = str(e)
                 continue
@@ -422,8 +417,7 @@ class SandboxManager(Reconciliation):
         return AgentRecovery(False, detail=last)
 
     async def _wait_for_agent(self, info: ContainerInfo) -> None:
-        await wait_for_agent(
-            self._reactor,
+        await self.agents.wait_ready(
             info.agent_host,
             info.agent_port,
             info.agent_secret,

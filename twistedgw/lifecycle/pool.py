@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred
 
-from twistedgw.agentlink import AgentUnavailable
+from twistedgw.agents import AgentUnavailable
 from twistedgw.lifecycle.core import LifecycleCore
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.sandbox import Sandbox, SandboxSettings, new_agent_secret, new_sandbox_id

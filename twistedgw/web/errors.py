@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from twistedgw.agentlink import AgentUnavailable
+from twistedgw.agents import AgentUnavailable
 from twistedgw.lifecycle.errors import (
     CapacityExceeded,
     IdempotencyConflict,

@@ -18,12 +18,14 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from twistedgw.agentlink import AgentSide, AgentUnavailable
-from twistedgw.flow import WRITE_BUFFER, pair_flow, unpair_flow, unsent_bytes
+from twistedgw.agents import AgentUnavailable
 from twistedgw.lifecycle.errors import SandboxNotFound
 from twistedgw.lifecycle.manager import AgentRecovery, SandboxManager
 from twistedgw.protocol import (
+    CLOSE_AGENT_LOST,
     CLOSE_AGENT_RESTARTED,
+    CLOSE_POLICY,
+    CLOSE_TRY_AGAIN,
     DEFAULT_LIMITS,
     CloseSession,
     Command,
@@ -34,17 +36,10 @@ from twistedgw.protocol import (
     encode,
     parse_message,
 )
+from twistedgw.proxy.agent import AgentSide
+from twistedgw.proxy.flow import WRITE_BUFFER, pair_flow, unpair_flow, unsent_bytes
 from twistedgw.sandbox import Sandbox
 from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
-
-#: Close code and reason when the agent connection drops under a client.
-CLOSE_AGENT_LOST = 1011
-#: Close code and reason when the gateway shuts down.
-CLOSE_GOING_AWAY = 1001
-#: Close code for a client abusing the framing (too many frames).
-CLOSE_POLICY = 1008
-#: Close code when the gateway holds too many partial messages overall (try again later).
-CLOSE_TRY_AGAIN = 1013
 
 #: Frames one message may be split into; an endless run of tiny continuation frames never
 #: grows the message, so the size limit (1009) alone never ends it.
@@ -167,6 +162,7 @@ class ClientSide(WebSocketServerProtocol):
                 error=str(e),
             )
             raise ConnectionDeny(503, "sandbox agent unreachable") from None
+        assert isinstance(agent, AgentSide)  # the gateway's agents are WebSocketAgents
         if self._lost or sandbox.sandbox_id not in manager.registry:
             # The client left, or the sandbox was deleted, while we were connecting. Deny
             # either way: completing the handshake on a dead socket would start ping timers.
