@@ -67,7 +67,7 @@ class FakeRuntime:
             agent_secret=spec.agent_secret,
             running=True,
             settings=spec.settings,
-            pooled=spec.pooled,
+            for_pool=spec.for_pool,
         )
         self.creates += 1
         self.containers[info.container_id] = info

@@ -21,8 +21,8 @@ from twistedgw.lifecycle.errors import CapacityExceeded, InvalidSettings, Sandbo
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.reaper import Reaper
+from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
-from twistedgw.sandbox import SandboxRegistry
 from twistedgw.state import StateFile
 from twistedgw.web.api import GatewayAPI
 
@@ -166,7 +166,7 @@ async def test_removal_reasons_are_reported(
         settings_from_body(manager.policy, {"max_lifetime": 50, "idle_timeout": 1000})
     )
     watcher = Client()
-    manager.registry.attach(aged, watcher, manager.now())
+    aged.attach(watcher, manager.now())
     clock.advance(101)
     await Reaper(manager).sweep()
     for sandbox, reason in ((deleted, "deleted"), (idle, "idle"), (aged, "lifetime")):
@@ -208,7 +208,7 @@ async def test_container_death_event(manager: SandboxManager, runtime: FakeRunti
     manager.startService()
     sandbox = await manager.create()
     client = Client()
-    manager.registry.attach(sandbox, client, manager.now())
+    sandbox.attach(client, manager.now())
     runtime.kill(sandbox.container_id, exit_code=137, emit=True)
     assert sandbox.sandbox_id not in manager.registry
     assert client.closed == [(1011, "sandbox exited: container exited with code 137")]
@@ -274,10 +274,10 @@ async def test_state_survives_restart(
     first.startService()
     sandbox = await first.create(settings_from_body(first.policy, {"max_lifetime": 100}))
     client = Client()
-    first.registry.attach(sandbox, client, first.now())
+    sandbox.attach(client, first.now())
     clock.advance(30)
     first.keepalive(sandbox.sandbox_id, 500)
-    first.registry.detach(sandbox, client, first.now())
+    sandbox.detach(client, first.now())
     assert not path.exists()
     await first.stopService()  # shutdown saves
     saved = json.loads(path.read_text())["sandboxes"][sandbox.sandbox_id]
@@ -314,11 +314,11 @@ async def test_warm_pool_hands_out_and_refills(runtime: FakeRuntime, clock: Cloc
     first = await manager.create(settings_from_body(manager.policy, {"idle_timeout": 50}))
     second = await manager.create()
     assert {first.sandbox_id, second.sandbox_id} == pooled_ids
-    assert first.settings.idle_timeout == 50 and first.pooled
+    assert first.settings.idle_timeout == 50 and first.from_pool
     assert first.created_at == clock.seconds()
     assert manager.pool_status()["ready"] == 2  # refilled (the fake creates at once)
     cold = await manager.create(settings_from_body(manager.policy, {"env": {"A": "1"}}))
-    assert cold.sandbox_id not in pooled_ids and not cold.pooled
+    assert cold.sandbox_id not in pooled_ids and not cold.from_pool
     assert runtime.creates == 5
     await manager.delete(first.sandbox_id)
     assert first.sandbox_id not in {s.sandbox_id for s in manager._pool}
@@ -343,7 +343,7 @@ async def test_pool_survives_restart_and_assignments_stick(
     second.startService()
     await second.reconcile()
     adopted = second.lookup(given.sandbox_id, "owner-1")
-    assert adopted.pooled and adopted.settings.owner == "owner-1"
+    assert adopted.from_pool and adopted.settings.owner == "owner-1"
     assert given.sandbox_id not in {s.sandbox_id for s in second._pool}
     assert second.pool_status()["ready"] == 2
 
@@ -383,7 +383,7 @@ async def test_unrecorded_hand_out_falls_back_to_cold(
     await manager.reconcile()
     pooled = manager._pool[0]
     sandbox = await manager.create()
-    assert sandbox.sandbox_id != pooled.sandbox_id and not sandbox.pooled
+    assert sandbox.sandbox_id != pooled.sandbox_id and not sandbox.from_pool
     assert pooled.container_id in runtime.removed
     assert [s.sandbox_id for s in manager.registry] == [sandbox.sandbox_id]
 

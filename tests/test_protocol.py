@@ -37,7 +37,7 @@ from twistedgw.protocol import (
     parse_message,
     validate_env,
 )
-from twistedgw.sandbox import SandboxRegistry
+from twistedgw.registry import SandboxRegistry
 
 LIMITS = Limits(default_timeout=30, max_timeout=60)
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.client import ProxyFactory, make_ws_resource
-from twistedgw.sandbox import SandboxRegistry
+from twistedgw.registry import SandboxRegistry
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.site import make_site
 

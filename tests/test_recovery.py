@@ -18,8 +18,9 @@ from twistedgw.lifecycle.errors import Recovering, SandboxNotFound
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.reaper import Reaper, make_reaper_service
+from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
-from twistedgw.sandbox import SandboxRegistry, SandboxSettings, new_agent_secret, new_sandbox_id
+from twistedgw.sandbox import SandboxSettings, new_agent_secret, new_sandbox_id
 from twistedgw.web.api import GatewayAPI
 
 BASE = "http://gateway.test"
@@ -157,7 +158,7 @@ async def test_create_finishing_during_a_sweep_is_kept(slow: SlowListRuntime, cl
     sweep = ensureDeferred(manager.reconcile())  # lists now, answers later
     sandbox = await manager.create()
     client = Client()
-    manager.registry.attach(sandbox, client, manager.now())
+    sandbox.attach(client, manager.now())
     slow.release()
     await sweep
     assert manager.lookup(sandbox.sandbox_id) is sandbox

@@ -22,9 +22,9 @@ from twistedgw.protocol import Limits
 from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.client import ProxyFactory, make_ws_resource
 from twistedgw.reaper import Reaper, make_reaper_service
+from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.docker import DockerRuntime
 from twistedgw.runtime.hardening import ContainerLimits
-from twistedgw.sandbox import SandboxRegistry
 from twistedgw.service import ProxyService, ShutdownSignals
 from twistedgw.state import StateFile
 from twistedgw.web.api import GatewayAPI

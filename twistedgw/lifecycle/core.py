@@ -19,8 +19,9 @@ from twisted.logger import Logger
 from twistedgw.lifecycle.errors import Recovering
 from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.protocol import CLOSE_AGENT_LOST
+from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, IContainerRuntime
-from twistedgw.sandbox import Graveyard, Sandbox, SandboxRegistry, Tombstone
+from twistedgw.sandbox import Graveyard, Sandbox, Tombstone
 from twistedgw.state import SavedSandbox, StateFile
 
 #: WebSocket close code for "the sandbox went away under you" (1011: server error).
@@ -92,11 +93,11 @@ class LifecycleCore(Service):
         sandbox.attachments.clear()
 
     def _sandbox_from(self, info: ContainerInfo, saved: SavedSandbox | None = None) -> Sandbox:
-        settings, created_at, pooled = info.settings, info.created_at, False
+        settings, created_at, from_pool = info.settings, info.created_at, False
         if saved is not None and saved.assigned is not None:
             # Handed out from the pool: its labels describe the pool, the state file the
             # sandbox.
-            settings, pooled = saved.assigned, True
+            settings, from_pool = saved.assigned, True
             created_at = saved.created_at if saved.created_at is not None else created_at
         lifetime = settings.max_lifetime
         expires_at = None if lifetime is None else created_at + lifetime
@@ -112,7 +113,7 @@ class LifecycleCore(Service):
             last_activity=self.now(),
             settings=settings,
             expires_at=expires_at,
-            pooled=pooled,
+            from_pool=from_pool,
         )
         if saved is not None:
             # Resume the idle clock where it was; never in the future.

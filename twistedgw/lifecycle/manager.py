@@ -28,12 +28,12 @@ from twistedgw.lifecycle.options import DEFAULT_LIFECYCLE, LifecyclePolicy
 from twistedgw.lifecycle.reconcile import Reconciliation
 from twistedgw.lifecycle.shared import Shared
 from twistedgw.protocol import CLOSE_SANDBOX_REMOVED
+from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec, IContainerRuntime
 from twistedgw.sandbox import (
     REASON_DELETED,
     Graveyard,
     Sandbox,
-    SandboxRegistry,
     SandboxSettings,
     is_valid_sandbox_id,
     new_agent_secret,
@@ -309,7 +309,7 @@ class SandboxManager(Reconciliation):
         now + extend_by (never beyond the server's maximum lifetime from now)."""
         sandbox = self.lookup(sandbox_id, owner)
         now = self.now()
-        self.registry.touch(sandbox, now)
+        sandbox.touch(now)
         if extend_by is not None:
             if self.policy.max_lifetime is not None and extend_by > self.policy.max_lifetime:
                 raise InvalidSettings(

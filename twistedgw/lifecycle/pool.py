@@ -30,23 +30,23 @@ class WarmPool(LifecycleCore):
         return {"size": self.pool_size, "ready": len(self._pool), "filling": self._pool_filling}
 
     async def _hand_out(self, settings: SandboxSettings) -> Sandbox | None:
-        """Give a pooled container to a creator (never twice, never back to the pool).
+        """Give a pool container to a creator (never twice, never back to the pool).
 
         Its new settings live only in the state file, so the assignment is saved before the
         creator hears of it: a restarted gateway must not pool it again. If that save fails,
         the container is dropped and the caller creates cold.
         """
-        pooled = self._pool.pop(0)
+        ready = self._pool.pop(0)
         now = self.now()
         lifetime = settings.max_lifetime
         # The same container, with the creator's settings and a life that starts now.
         sandbox = attrs.evolve(
-            pooled,
+            ready,
             created_at=now,
             last_activity=now,
             settings=settings,
             expires_at=None if lifetime is None else now + lifetime,
-            pooled=True,
+            from_pool=True,
         )
         self._touch(sandbox.sandbox_id)
         self.registry.add(sandbox)
@@ -81,7 +81,7 @@ class WarmPool(LifecycleCore):
             created_at=self.now(),
             agent_secret=new_agent_secret(),
             settings=SandboxSettings(idle_timeout=self.policy.idle_timeout),
-            pooled=True,
+            for_pool=True,
         )
         self._begin(sandbox_id)
         try:

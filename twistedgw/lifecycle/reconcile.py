@@ -55,7 +55,7 @@ class Reconciliation(WarmPool):
         touched: set[str] = set()
         self._touched = touched
         registered = {s.sandbox_id for s in self.registry}
-        pooled_before = {p.sandbox_id for p in self._pool}
+        in_pool_before = {p.sandbox_id for p in self._pool}
         infos = await self.runtime.list_containers()
         seen: set[str] = set()
         for info in infos:
@@ -74,7 +74,7 @@ class Reconciliation(WarmPool):
                 saved = self._saved.get(info.sandbox_id)
                 if known is not None or in_pool:
                     continue
-                if info.pooled and (saved is None or saved.assigned is None):
+                if info.for_pool and (saved is None or saved.assigned is None):
                     await self._adopt_into_pool(info)
                     continue
                 self.registry.add(self._sandbox_from(info, saved))
@@ -99,7 +99,7 @@ class Reconciliation(WarmPool):
                     )
                 )
         self._pool = [
-            p for p in self._pool if p.sandbox_id in seen or p.sandbox_id not in pooled_before
+            p for p in self._pool if p.sandbox_id in seen or p.sandbox_id not in in_pool_before
         ]
         self.refill_pool()
         for sandbox in self.registry:

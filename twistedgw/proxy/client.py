@@ -179,7 +179,7 @@ class ClientSide(WebSocketServerProtocol):
                 self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         manager = self.factory.manager
-        manager.registry.attach(self.sandbox, self, manager.now())
+        self.sandbox.attach(self, manager.now())
         self._attached = True
         if self.agent is not None:
             pair_flow(self.transport, self.agent.transport)
@@ -216,7 +216,7 @@ class ClientSide(WebSocketServerProtocol):
             return
         sandbox = self.sandbox
         if sandbox is not None:
-            manager.registry.touch(sandbox, manager.now())
+            sandbox.touch(manager.now())
             if not self._track(sandbox, message):
                 return
         self.agent.send_json(encode(message.to_wire()))
@@ -250,7 +250,7 @@ class ClientSide(WebSocketServerProtocol):
         """A message from the agent: forward it unchanged."""
         if self.sandbox is not None:
             manager = self.factory.manager
-            manager.registry.touch(self.sandbox, manager.now())
+            self.sandbox.touch(manager.now())
         if self.in_flight:
             finished = finished_request(payload)
             if finished is not None:
@@ -441,7 +441,7 @@ class ClientSide(WebSocketServerProtocol):
         if self._attached and self.sandbox is not None:
             self._attached = False
             manager = self.factory.manager
-            manager.registry.detach(self.sandbox, self, manager.now())
+            self.sandbox.detach(self, manager.now())
             self._log.info(
                 "client {peer} left sandbox {sandbox_id} (code={code})",
                 peer=self.peer,

@@ -111,7 +111,7 @@ def container_info_from_attrs(attrs: Mapping[str, Any]) -> ContainerInfo:
         settings=settings_from(labels, env),
         exit_code=None if running else state.get("ExitCode"),
         oom_killed=bool(state.get("OOMKilled")),
-        pooled=labels.get(LABEL_POOL) == "true",
+        for_pool=labels.get(LABEL_POOL) == "true",
         agent_socket=agent_socket,
     )
 

@@ -37,7 +37,8 @@ class ContainerSpec:
     created_at: float
     agent_secret: str
     settings: SandboxSettings
-    pooled: bool = False
+    #: Create it for the warm pool (labelled so; no creator yet).
+    for_pool: bool = False
 
 
 @frozen
@@ -55,7 +56,8 @@ class ContainerInfo:
     settings: SandboxSettings
     exit_code: int | None = None
     oom_killed: bool = False
-    pooled: bool = False
+    #: Created for the warm pool (its labels describe the pool, not a creator's sandbox).
+    for_pool: bool = False
     agent_socket: str | None = None
 
 

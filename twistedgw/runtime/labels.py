@@ -78,7 +78,7 @@ def labels_for(spec: ContainerSpec, instance: str) -> dict[str, str]:
         labels[LABEL_IDEMPOTENCY] = settings.idempotency_key
     if settings.owner:
         labels[LABEL_OWNER] = settings.owner
-    if spec.pooled:
+    if spec.for_pool:
         labels[LABEL_POOL] = "true"
     if settings.network == "none":
         labels[LABEL_NETWORK] = "none"
