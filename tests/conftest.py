@@ -8,11 +8,11 @@ import pytest
 from hypothesis import settings
 from twisted.internet.task import Clock
 
-from tests.fakes import FakeRuntime
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo
+from twistedgw.testing.fakes import FakeRuntime
 
 # Timing-based deadlines make property tests flaky on a loaded 2-core CI machine.
 settings.register_profile("gateway", deadline=None)

@@ -9,8 +9,8 @@ import pytest
 import pytest_twisted
 from treq.testing import StubTreq
 
-from tests.fakes import FakeRuntime
 from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.testing.fakes import FakeRuntime
 from twistedgw.web.api import GatewayAPI
 
 BASE = "http://gateway.test"

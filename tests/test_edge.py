@@ -12,8 +12,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
 
-from tests.fakes import FakeRuntime
 from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.testing.fakes import FakeRuntime
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.auth import Authenticator
 from twistedgw.web.site import LOOPBACK_HOSTS, EdgePolicy, default_hosts, fit_descriptors, make_site

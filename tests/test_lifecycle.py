@@ -15,7 +15,6 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
 from twistedgw.lifecycle.errors import CapacityExceeded, InvalidSettings, SandboxNotFound
 from twistedgw.lifecycle.manager import SandboxManager
@@ -24,6 +23,7 @@ from twistedgw.reaper import Reaper
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.state import StateFile
+from twistedgw.testing.fakes import FakeRuntime
 from twistedgw.web.api import GatewayAPI
 
 BASE = "http://gateway.test"

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from tests.fakes import FakeRuntime
 from twistedgw import protocol
 from twistedgw.lifecycle.errors import InvalidSettings
 from twistedgw.lifecycle.manager import SandboxManager
@@ -38,6 +37,7 @@ from twistedgw.protocol import (
     validate_env,
 )
 from twistedgw.registry import SandboxRegistry
+from twistedgw.testing.fakes import FakeRuntime
 
 LIMITS = Limits(default_timeout=30, max_timeout=60)
 ROOT = Path(__file__).resolve().parent.parent

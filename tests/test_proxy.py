@@ -10,13 +10,13 @@ import pytest_twisted
 from attrs import define
 from twisted.internet import reactor
 
-from tests.fakes import FakeAgent, FakeRuntime
 from tests.wsclient import TestClient, connect
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.client import ProxyFactory, finished_request, make_ws_resource
 from twistedgw.registry import SandboxRegistry
+from twistedgw.testing.fakes import FakeAgent, FakeRuntime
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.site import make_site
 

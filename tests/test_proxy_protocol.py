@@ -12,7 +12,6 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.fakes import FakeAgent, FakeRuntime
 from tests.test_proxy import Gateway
 from tests.wsclient import TestClient
 from twistedgw.lifecycle.manager import SandboxManager
@@ -20,6 +19,7 @@ from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.client import ProxyFactory, make_ws_resource
 from twistedgw.registry import SandboxRegistry
+from twistedgw.testing.fakes import FakeAgent, FakeRuntime
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.site import make_site
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.reaper import Reaper, make_reaper_service
+from twistedgw.testing.fakes import FakeRuntime
 
 
 @pytest_twisted.ensureDeferred

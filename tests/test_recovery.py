@@ -12,7 +12,6 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
-from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
 from twistedgw.lifecycle.errors import Recovering, SandboxNotFound
 from twistedgw.lifecycle.manager import SandboxManager
@@ -21,6 +20,7 @@ from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.sandbox import SandboxSettings, new_agent_secret, new_sandbox_id
+from twistedgw.testing.fakes import FakeRuntime
 from twistedgw.web.api import GatewayAPI
 
 BASE = "http://gateway.test"
