@@ -9,25 +9,17 @@ import pytest
 import pytest_twisted
 from treq.testing import StubTreq
 
-from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.testing.fakes import FakeRuntime
-from twistedgw.web.api import GatewayAPI
-
-BASE = "http://gateway.test"
-
-
-@pytest.fixture
-def treq(manager: SandboxManager) -> StubTreq:
-    return StubTreq(GatewayAPI(manager).resource())
+from twistedgw.testing.rest import request
 
 
 async def call(treq: StubTreq, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    """A JSON call (JSON bodies say so) whose answer must be JSON."""
     if "data" in kwargs:
         kwargs.setdefault("headers", {"Content-Type": "application/json"})
-    response = await treq.request(method, BASE + path, **kwargs)
-    body = await response.content()
-    assert response.headers.getRawHeaders(b"content-type") == [b"application/json"], body
-    return response.code, json.loads(body)
+    code, headers, body = await request(treq, method, path, **kwargs)
+    assert headers.getRawHeaders(b"content-type") == [b"application/json"], body
+    return code, json.loads(body)
 
 
 @pytest_twisted.ensureDeferred

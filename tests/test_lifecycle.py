@@ -24,19 +24,7 @@ from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.state import StateFile
 from twistedgw.testing.fakes import FakeRuntime
-from twistedgw.web.api import GatewayAPI
-
-BASE = "http://gateway.test"
-
-
-async def call(treq: StubTreq, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-    response = await treq.request(method, BASE + path, **kwargs)
-    return response.code, json.loads(await response.content())
-
-
-@pytest.fixture
-def treq(manager: SandboxManager) -> StubTreq:
-    return StubTreq(GatewayAPI(manager).resource())
+from twistedgw.testing.rest import BASE, call
 
 
 @pytest.mark.parametrize(

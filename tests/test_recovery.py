@@ -21,9 +21,8 @@ from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.sandbox import SandboxSettings, new_agent_secret, new_sandbox_id
 from twistedgw.testing.fakes import FakeRuntime
+from twistedgw.testing.rest import request
 from twistedgw.web.api import GatewayAPI
-
-BASE = "http://gateway.test"
 
 
 class SlowListRuntime(FakeRuntime):
@@ -68,8 +67,8 @@ def _earlier_run(runtime: FakeRuntime, clock: Clock) -> str:
 
 
 async def _call(treq: StubTreq, method: str, path: str) -> tuple[int, Any, Any]:
-    response = await treq.request(method, BASE + path)
-    return response.code, response.headers, json.loads(await response.content())
+    code, headers, body = await request(treq, method, path)
+    return code, headers, json.loads(body)
 
 
 @pytest.fixture
