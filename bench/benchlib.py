@@ -16,7 +16,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,14 +31,20 @@ import docker
 import docker.errors
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-websocket-image")
+from twistedgw.runtime.hardening import AGENT_PORT
+from twistedgw.runtime.labels import LABEL_INSTANCE, LABEL_SANDBOX_ID
+from twistedgw.testing.process import (
+    IMAGE,
+    REPO,
+    GatewayFailed,
+    GatewayProcess,
+    twistd_command,
+)
+from twistedgw.testing.process import gateway_env as harness_env
+
 #: Label on every baseline container the benchmark creates (plus a per-run label below).
 BENCH_LABEL = "org.twistedgw.bench"
 BENCH_RUN_LABEL = "org.twistedgw.bench.run"
-INSTANCE_LABEL = "org.twistedgw.instance"
-SANDBOX_ID_LABEL = "org.twistedgw.sandbox-id"
-AGENT_PORT = 8765
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 
@@ -343,25 +348,8 @@ def describe_machine(info: dict[str, Any]) -> str:
 # -- the run context: gateways, baseline containers, cleanup ----------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def twistd_command() -> list[str]:
-    """The venv's twistd next to the running interpreter (as the integration tests do)."""
-    twistd = Path(sys.executable).parent / "twistd"
-    if twistd.exists():
-        return [str(twistd)]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
 def gateway_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (
-        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
-    )
+    env = harness_env()
     env.pop("TWISTEDGW_TOKENS", None)  # the benchmark gateways are open, on loopback only
     return env
 
@@ -379,86 +367,40 @@ def gateway_help() -> str:
     return result.stdout + result.stderr
 
 
-class Gateway:
-    """One ``twistd --nodaemon sandboxgw`` child process on a free loopback port."""
+class Gateway(GatewayProcess):
+    """One ``twistd --nodaemon sandboxgw`` child process on a free loopback port (the shared
+    harness, ``twistedgw.testing.process``), named and cleaned up by a ``RunContext``."""
+
+    poll_interval = 0.05
 
     def __init__(self, ctx: RunContext, name: str, args: Sequence[str]) -> None:
+        super().__init__(
+            f"bench-{ctx.run_id}-{name}",
+            "--max-sandboxes",
+            "400",
+            *args,
+            state_dir=ctx.tmpdir / f"state-{name}",
+            log_path=ctx.tmpdir / f"gateway-{name}.log",
+            env=gateway_env(),
+        )
         self.ctx = ctx
-        self.instance = f"bench-{ctx.run_id}-{name}"
-        self.args = list(args)
-        self.port = free_port()
-        self.state_dir = ctx.tmpdir / f"state-{name}"
-        self.log_path = ctx.tmpdir / f"gateway-{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def ws_base(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws/"
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self, timeout: float = 60.0) -> None:
-        command = [
-            *twistd_command(),
-            "--nodaemon",
-            "--pidfile=",
-            "sandboxgw",
-            "--port",
-            f"tcp:{self.port}:interface=127.0.0.1",
-            "--instance",
-            self.instance,
-            "--image",
-            IMAGE,
-            "--state-dir",
-            str(self.state_dir),
-            "--max-sandboxes",
-            "400",
-            *self.args,
-        ]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=gateway_env()
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(f"gateway {self.instance} exited early:\n{self.tail()}")
-            try:
-                health = requests.get(self.url + "/healthz", timeout=1)
-                # "ready": its sandboxes are recovered (sandbox routes answer 503 until then).
-                if health.status_code == 200 and health.json().get("ready", True):
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
-        raise BenchError(f"gateway {self.instance} did not answer in {timeout} s:\n{self.tail()}")
+    def start(self, timeout: float = 60.0, ready: bool = True) -> None:
+        try:
+            super().start(timeout, ready)
+        except GatewayFailed as e:
+            raise BenchError(str(e)) from None
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return super().tail(lines)
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         """SIGTERM (by PID), wait, SIGKILL if it will not go."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        return super().stop(sig, timeout)
 
     # -- REST ---------------------------------------------------------------------------------
 
@@ -483,7 +425,7 @@ class Gateway:
         found = self.ctx.docker.containers.list(
             all=True,
             filters={
-                "label": [f"{INSTANCE_LABEL}={self.instance}", f"{SANDBOX_ID_LABEL}={sandbox_id}"]
+                "label": [f"{LABEL_INSTANCE}={self.instance}", f"{LABEL_SANDBOX_ID}={sandbox_id}"]
             },
         )
         if not found:
@@ -539,7 +481,7 @@ class RunContext:
 
     def remove_instance(self, instance: str) -> int:
         """Remove the containers of one of our gateway instances (by its label only)."""
-        return self._remove({"label": [f"{INSTANCE_LABEL}={instance}"]})
+        return self._remove({"label": [f"{LABEL_INSTANCE}={instance}"]})
 
     # -- baseline containers ------------------------------------------------------------------
 

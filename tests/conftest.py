@@ -6,12 +6,15 @@ from typing import Any
 
 import pytest
 from hypothesis import settings
+from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from tests.fakes import FakeRuntime
-from twistedgw.manager import LifecyclePolicy, SandboxManager
-from twistedgw.runtime import ContainerInfo
-from twistedgw.sandbox import SandboxRegistry
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import LifecyclePolicy
+from twistedgw.registry import SandboxRegistry
+from twistedgw.runtime.interface import ContainerInfo
+from twistedgw.testing.fakes import FakeRuntime
+from twistedgw.web.api import GatewayAPI
 
 # Timing-based deadlines make property tests flaky on a loaded 2-core CI machine.
 settings.register_profile("gateway", deadline=None)
@@ -44,6 +47,12 @@ def manager(runtime: FakeRuntime, clock: Clock) -> SandboxManager:
         wait_ready=_ready_at_once,
         policy=LifecyclePolicy(idle_timeout=100, max_sandboxes=5, max_lifetime=10_000),
     )
+
+
+@pytest.fixture
+def treq(manager: SandboxManager) -> StubTreq:
+    """The REST API over ``manager``, in memory (calls: ``twistedgw.testing.rest``)."""
+    return StubTreq(GatewayAPI(manager).resource())
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:

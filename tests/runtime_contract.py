@@ -12,7 +12,7 @@ from typing import Any
 import pytest_twisted
 from zope.interface.verify import verifyObject
 
-from twistedgw.runtime import ContainerSpec, IContainerRuntime
+from twistedgw.runtime.interface import ContainerSpec, IContainerRuntime
 from twistedgw.sandbox import SandboxSettings, new_agent_secret, new_sandbox_id
 
 

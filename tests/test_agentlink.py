@@ -6,7 +6,8 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from twistedgw.agentlink import AgentUnavailable, connect_agent
+from twistedgw.agents import AgentUnavailable
+from twistedgw.proxy.agent import connect_agent
 
 
 def test_timeout_after_tcp_connected_closes_the_connection() -> None:

@@ -9,25 +9,18 @@ import pytest
 import pytest_twisted
 from treq.testing import StubTreq
 
-from tests.fakes import FakeRuntime
-from twistedgw.api import GatewayAPI
-from twistedgw.manager import SandboxManager
-
-BASE = "http://gateway.test"
-
-
-@pytest.fixture
-def treq(manager: SandboxManager) -> StubTreq:
-    return StubTreq(GatewayAPI(manager).resource())
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.testing.fakes import FakeRuntime
+from twistedgw.testing.rest import request
 
 
 async def call(treq: StubTreq, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    """A JSON call (JSON bodies say so) whose answer must be JSON."""
     if "data" in kwargs:
         kwargs.setdefault("headers", {"Content-Type": "application/json"})
-    response = await treq.request(method, BASE + path, **kwargs)
-    body = await response.content()
-    assert response.headers.getRawHeaders(b"content-type") == [b"application/json"], body
-    return response.code, json.loads(body)
+    code, headers, body = await request(treq, method, path, **kwargs)
+    assert headers.getRawHeaders(b"content-type") == [b"application/json"], body
+    return code, json.loads(body)
 
 
 @pytest_twisted.ensureDeferred
@@ -143,3 +136,30 @@ async def test_integers_beyond_float_range_are_400(treq: StubTreq, runtime: Fake
     path = f"/sandboxes/{created['sandbox_id']}/keepalive"
     code, error = await call(treq, "POST", path, data=b'{"extend_by": %s}' % huge)
     assert code == 400 and "range" in error["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_sandbox_ids_never_reach_a_handler(
+    treq: StubTreq, manager: SandboxManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route converter answers a malformed id with the same JSON 404 as an unknown id,
+    on every sandbox route, before any handler (or the manager) sees it."""
+    looked_up: list[str] = []
+    real_lookup = manager.lookup
+
+    def lookup(sandbox_id: str, owner: str | None = None) -> Any:
+        looked_up.append(sandbox_id)
+        return real_lookup(sandbox_id, owner)
+
+    monkeypatch.setattr(manager, "lookup", lookup)
+    for method, path in [
+        ("GET", "/sandboxes/NOT-AN-ID"),
+        ("DELETE", "/sandboxes/NOT-AN-ID"),
+        ("POST", "/sandboxes/NOT-AN-ID/keepalive"),
+        ("GET", "/ws/NOT-AN-ID"),
+    ]:
+        code, error = await call(treq, method, path)
+        assert (code, error) == (404, {"error": "Sandbox NOT-AN-ID not found"}), (method, path)
+    assert looked_up == []
+    code, _ = await call(treq, "GET", "/sandboxes/" + "f" * 32)
+    assert code == 404 and looked_up == ["f" * 32]

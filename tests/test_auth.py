@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
 from twisted.web.test.requesthelper import DummyRequest
 
-from twistedgw.api import GatewayAPI, access_log_line
-from twistedgw.auth import Authenticator, Unauthorized, owner_id, read_tokens
-from twistedgw.manager import SandboxManager
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.testing.rest import BASE, call
+from twistedgw.web.api import GatewayAPI
+from twistedgw.web.auth import Authenticator, Unauthorized, owner_id, read_tokens
+from twistedgw.web.site import access_log_line
 
 A = "token-alpha-0123456789"
 B = "token-bravo-0123456789"
-BASE = "http://gateway.test"
 
 
 def test_open_mode_has_no_owner() -> None:
@@ -50,16 +50,6 @@ def test_read_tokens(tmp_path: Path) -> None:
     assert read_tokens(path, {"TWISTEDGW_TOKENS": f" {B} ,"}) == [A, B]
     with pytest.raises(ValueError):
         read_tokens(None, {"TWISTEDGW_TOKENS": "short"})
-
-
-async def call(
-    treq: StubTreq, method: str, path: str, token: str | None, **kwargs: Any
-) -> tuple[int, Any]:
-    headers = dict(kwargs.pop("headers", {}))
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    response = await treq.request(method, BASE + path, headers=headers, **kwargs)
-    return response.code, json.loads(await response.content())
 
 
 @pytest_twisted.ensureDeferred

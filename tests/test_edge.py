@@ -1,4 +1,4 @@
-"""The HTTP edge (``twistedgw.edge``) in memory: raw bytes into the real ``Site`` and channel
+"""The HTTP edge (``twistedgw.web.site``) in memory: raw bytes into the real ``Site`` and channel
 over a string transport, so what twisted.web does before a route runs is what is tested."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
 
-from tests.fakes import FakeRuntime
-from twistedgw.api import GatewayAPI, make_site
-from twistedgw.auth import Authenticator
-from twistedgw.edge import LOOPBACK_HOSTS, EdgePolicy, default_hosts, fit_descriptors
-from twistedgw.manager import SandboxManager
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.testing.fakes import FakeRuntime
+from twistedgw.web.api import GatewayAPI
+from twistedgw.web.auth import Authenticator
+from twistedgw.web.site import LOOPBACK_HOSTS, EdgePolicy, default_hosts, fit_descriptors, make_site
 
 TOKEN = "t" * 32
 
@@ -389,7 +389,7 @@ def test_streamed_route_hook_takes_chunks_without_a_cap(
     kept in ``content``), while the header checks (the token) still come first."""
     import re
 
-    from twistedgw.edge import BODY_RULES, BodyRule
+    from twistedgw.web.site import BODY_RULES, BodyRule
 
     received: list[bytes] = []
 

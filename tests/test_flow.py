@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twistedgw.flow import WRITE_BUFFER, PauseReading, pair_flow, unpair_flow
+from twistedgw.proxy.flow import WRITE_BUFFER, PauseReading, pair_flow, unpair_flow
 
 
 class Transport:

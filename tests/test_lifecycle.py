@@ -15,26 +15,16 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
-from twistedgw.api import GatewayAPI
-from twistedgw.manager import CapacityExceeded, InvalidSettings, SandboxManager, SandboxNotFound
+from twistedgw.lifecycle.errors import CapacityExceeded, InvalidSettings, SandboxNotFound
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.reaper import Reaper
-from twistedgw.runtime import ContainerInfo, ContainerSpec
-from twistedgw.sandbox import SandboxRegistry
+from twistedgw.registry import SandboxRegistry
+from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.state import StateFile
-
-BASE = "http://gateway.test"
-
-
-async def call(treq: StubTreq, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-    response = await treq.request(method, BASE + path, **kwargs)
-    return response.code, json.loads(await response.content())
-
-
-@pytest.fixture
-def treq(manager: SandboxManager) -> StubTreq:
-    return StubTreq(GatewayAPI(manager).resource())
+from twistedgw.testing.fakes import FakeRuntime
+from twistedgw.testing.rest import BASE, call
 
 
 @pytest.mark.parametrize(
@@ -56,7 +46,7 @@ def treq(manager: SandboxManager) -> StubTreq:
 def test_invalid_settings(manager: SandboxManager, body: dict[str, Any]) -> None:
     """Malformed options and options beyond the server maxima are refused."""
     with pytest.raises(InvalidSettings):
-        manager.settings_for(body)
+        settings_from_body(manager.policy, body)
 
 
 @pytest_twisted.ensureDeferred
@@ -137,7 +127,7 @@ async def test_concurrent_identical_retries_create_one_container(clock: Clock) -
     """Concurrent creates with one key share a single container, even if a caller gives up."""
     runtime = SlowRuntime()
     manager = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready)
-    settings = manager.settings_for(None, "same-key")
+    settings = settings_from_body(manager.policy, None, "same-key")
     calls = [manager.create(settings) for _ in range(5)]
     calls[0].cancel()  # a client went away mid-create
     calls[0].addErrback(lambda f: None)
@@ -160,9 +150,11 @@ async def test_removal_reasons_are_reported(
     deleted = await manager.create()
     await manager.delete(deleted.sandbox_id)
     idle = await manager.create()
-    aged = await manager.create(manager.settings_for({"max_lifetime": 50, "idle_timeout": 1000}))
+    aged = await manager.create(
+        settings_from_body(manager.policy, {"max_lifetime": 50, "idle_timeout": 1000})
+    )
     watcher = Client()
-    manager.registry.attach(aged, watcher, manager.now())
+    aged.attach(watcher, manager.now())
     clock.advance(101)
     await Reaper(manager).sweep()
     for sandbox, reason in ((deleted, "deleted"), (idle, "idle"), (aged, "lifetime")):
@@ -177,7 +169,7 @@ async def test_removal_reasons_are_reported(
 async def test_keepalive_extends(treq: StubTreq, manager: SandboxManager, clock: Clock) -> None:
     """keepalive counts as activity and pushes the lifetime out, within the server maximum."""
     sandbox = await manager.create(
-        manager.settings_for({"max_lifetime": 100, "idle_timeout": 1000})
+        settings_from_body(manager.policy, {"max_lifetime": 100, "idle_timeout": 1000})
     )
     clock.advance(90)
     code, body = await call(
@@ -204,7 +196,7 @@ async def test_container_death_event(manager: SandboxManager, runtime: FakeRunti
     manager.startService()
     sandbox = await manager.create()
     client = Client()
-    manager.registry.attach(sandbox, client, manager.now())
+    sandbox.attach(client, manager.now())
     runtime.kill(sandbox.container_id, exit_code=137, emit=True)
     assert sandbox.sandbox_id not in manager.registry
     assert client.closed == [(1011, "sandbox exited: container exited with code 137")]
@@ -228,7 +220,7 @@ async def test_delete_twice_at_once(manager: SandboxManager, runtime: FakeRuntim
 @pytest_twisted.ensureDeferred
 async def test_capacity_counts_creates_in_flight(clock: Clock) -> None:
     """Creates in flight count towards the limit, so a burst cannot overshoot it."""
-    from twistedgw.manager import LifecyclePolicy
+    from twistedgw.lifecycle.options import LifecyclePolicy
 
     runtime = SlowRuntime()
     manager = SandboxManager(
@@ -268,12 +260,12 @@ async def test_state_survives_restart(
     state = StateFile(path, clock, in_thread=False)
     first = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready, state=state)
     first.startService()
-    sandbox = await first.create(first.settings_for({"max_lifetime": 100}))
+    sandbox = await first.create(settings_from_body(first.policy, {"max_lifetime": 100}))
     client = Client()
-    first.registry.attach(sandbox, client, first.now())
+    sandbox.attach(client, first.now())
     clock.advance(30)
     first.keepalive(sandbox.sandbox_id, 500)
-    first.registry.detach(sandbox, client, first.now())
+    sandbox.detach(client, first.now())
     assert not path.exists()
     await first.stopService()  # shutdown saves
     saved = json.loads(path.read_text())["sandboxes"][sandbox.sandbox_id]
@@ -307,14 +299,14 @@ async def test_warm_pool_hands_out_and_refills(runtime: FakeRuntime, clock: Cloc
     assert manager.pool_status()["ready"] == 2
     assert len(manager.registry) == 0
     pooled_ids = {s.sandbox_id for s in manager._pool}
-    first = await manager.create(manager.settings_for({"idle_timeout": 50}))
+    first = await manager.create(settings_from_body(manager.policy, {"idle_timeout": 50}))
     second = await manager.create()
     assert {first.sandbox_id, second.sandbox_id} == pooled_ids
-    assert first.settings.idle_timeout == 50 and first.pooled
+    assert first.settings.idle_timeout == 50 and first.from_pool
     assert first.created_at == clock.seconds()
     assert manager.pool_status()["ready"] == 2  # refilled (the fake creates at once)
-    cold = await manager.create(manager.settings_for({"env": {"A": "1"}}))
-    assert cold.sandbox_id not in pooled_ids and not cold.pooled
+    cold = await manager.create(settings_from_body(manager.policy, {"env": {"A": "1"}}))
+    assert cold.sandbox_id not in pooled_ids and not cold.from_pool
     assert runtime.creates == 5
     await manager.delete(first.sandbox_id)
     assert first.sandbox_id not in {s.sandbox_id for s in manager._pool}
@@ -332,24 +324,24 @@ async def test_pool_survives_restart_and_assignments_stick(
     )
     first.startService()
     await first.reconcile()
-    given = await first.create(first.settings_for(None, owner="owner-1"))
+    given = await first.create(settings_from_body(first.policy, None, owner="owner-1"))
     second = SandboxManager(
         SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=2, state=state
     )
     second.startService()
     await second.reconcile()
     adopted = second.lookup(given.sandbox_id, "owner-1")
-    assert adopted.pooled and adopted.settings.owner == "owner-1"
+    assert adopted.from_pool and adopted.settings.owner == "owner-1"
     assert given.sandbox_id not in {s.sandbox_id for s in second._pool}
     assert second.pool_status()["ready"] == 2
 
 
 def test_network_option(manager: SandboxManager) -> None:
     """network is bridge by default, none on request, and nothing else."""
-    assert manager.settings_for(None).network == "bridge"
-    assert manager.settings_for({"network": "none"}).network == "none"
+    assert settings_from_body(manager.policy, None).network == "bridge"
+    assert settings_from_body(manager.policy, {"network": "none"}).network == "none"
     with pytest.raises(InvalidSettings):
-        manager.settings_for({"network": "host"})
+        settings_from_body(manager.policy, {"network": "host"})
 
 
 class FailingState(StateFile):
@@ -379,7 +371,7 @@ async def test_unrecorded_hand_out_falls_back_to_cold(
     await manager.reconcile()
     pooled = manager._pool[0]
     sandbox = await manager.create()
-    assert sandbox.sandbox_id != pooled.sandbox_id and not sandbox.pooled
+    assert sandbox.sandbox_id != pooled.sandbox_id and not sandbox.from_pool
     assert pooled.container_id in runtime.removed
     assert [s.sandbox_id for s in manager.registry] == [sandbox.sandbox_id]
 

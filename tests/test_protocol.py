@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from tests.fakes import FakeRuntime
 from twistedgw import protocol
-from twistedgw.manager import InvalidSettings, SandboxManager
+from twistedgw.lifecycle.errors import InvalidSettings
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.protocol import (
     CONTROL_PARSERS,
     ERROR_CODES,
@@ -35,7 +36,8 @@ from twistedgw.protocol import (
     parse_message,
     validate_env,
 )
-from twistedgw.sandbox import SandboxRegistry
+from twistedgw.registry import SandboxRegistry
+from twistedgw.testing.fakes import FakeRuntime
 
 LIMITS = Limits(default_timeout=30, max_timeout=60)
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,7 +198,7 @@ def test_env_rule_is_one_for_creation_and_commands(env: dict[str, str], valid: b
     """The creation body's env and a command's env accept exactly the same names and sizes."""
     manager = SandboxManager(SandboxRegistry(), FakeRuntime(), Clock())
     try:
-        manager.settings_for({"env": env})
+        settings_from_body(manager.policy, {"env": env})
         creation_ok = True
     except InvalidSettings:
         creation_ok = False
@@ -355,12 +357,14 @@ def test_limits_reject_inconsistent_policy() -> None:
 
 def test_gateway_close_codes_are_the_protocols() -> None:
     """The close codes the gateway sends are the ones PROTOCOL.md documents."""
-    from twistedgw import manager, proxy
+    from twistedgw import service
+    from twistedgw.lifecycle import core, manager
+    from twistedgw.proxy import client as proxy
 
     assert proxy.CLOSE_AGENT_LOST == protocol.CLOSE_AGENT_LOST
-    assert proxy.CLOSE_GOING_AWAY == protocol.CLOSE_GOING_AWAY
+    assert service.CLOSE_GOING_AWAY == protocol.CLOSE_GOING_AWAY
     assert manager.CLOSE_SANDBOX_REMOVED == protocol.CLOSE_SANDBOX_REMOVED
-    assert manager.CLOSE_SANDBOX_GONE == protocol.CLOSE_AGENT_LOST
+    assert core.CLOSE_SANDBOX_GONE == protocol.CLOSE_AGENT_LOST
     assert proxy.CLOSE_AGENT_RESTARTED == protocol.CLOSE_AGENT_RESTARTED == 4001
 
 

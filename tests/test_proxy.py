@@ -10,12 +10,15 @@ import pytest_twisted
 from attrs import define
 from twisted.internet import reactor
 
-from tests.fakes import FakeAgent, FakeRuntime
 from tests.wsclient import TestClient, connect
-from twistedgw.api import GatewayAPI, make_site
-from twistedgw.manager import SandboxManager
-from twistedgw.proxy import ProxyFactory, finished_request, make_ws_resource
-from twistedgw.sandbox import SandboxRegistry
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import settings_from_body
+from twistedgw.proxy.agent import WebSocketAgents
+from twistedgw.proxy.client import ProxyFactory, finished_request, make_ws_resource
+from twistedgw.registry import SandboxRegistry
+from twistedgw.testing.fakes import FakeAgent, FakeRuntime
+from twistedgw.web.api import GatewayAPI
+from twistedgw.web.site import make_site
 
 
 @define
@@ -39,7 +42,12 @@ async def gateway() -> AsyncIterator[Gateway]:
     agent_port = agent.listen(reactor)
     runtime = FakeRuntime(agent=agent, agent_port=agent_port)
     manager = SandboxManager(
-        SandboxRegistry(), runtime, reactor, agent_ready_timeout=5, agent_recovery_timeout=3
+        SandboxRegistry(),
+        runtime,
+        reactor,
+        agent_ready_timeout=5,
+        agent_recovery_timeout=3,
+        agents=WebSocketAgents(reactor),
     )
     factory = ProxyFactory(manager, reactor, maxMessagePayloadSize=64 * 1024)
     factory.doStart()
@@ -292,11 +300,11 @@ async def _settle_briefly() -> Any:
 @pytest_twisted.ensureDeferred
 async def test_handshake_checks_token_and_owner(gateway: Gateway) -> None:
     """With tokens, the WebSocket handshake needs the owner's token (header or query)."""
-    from twistedgw.auth import Authenticator, owner_id
+    from twistedgw.web.auth import Authenticator, owner_id
 
     alpha, bravo = "token-alpha-0123456789", "token-bravo-0123456789"
     gateway.factory.authenticator = Authenticator.from_tokens([alpha, bravo])
-    settings = gateway.manager.settings_for(None, owner=owner_id(alpha))
+    settings = settings_from_body(gateway.manager.policy, None, owner=owner_id(alpha))
     sandbox = await gateway.manager.create(settings)
     with pytest.raises(ConnectionError):
         await gateway.client(sandbox.sandbox_id)

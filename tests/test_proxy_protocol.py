@@ -12,13 +12,16 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.fakes import FakeAgent, FakeRuntime
 from tests.test_proxy import Gateway
 from tests.wsclient import TestClient
-from twistedgw.api import GatewayAPI, make_site
-from twistedgw.manager import SandboxManager
-from twistedgw.proxy import ProxyFactory, make_ws_resource
-from twistedgw.sandbox import SandboxRegistry
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import settings_from_body
+from twistedgw.proxy.agent import WebSocketAgents
+from twistedgw.proxy.client import ProxyFactory, make_ws_resource
+from twistedgw.registry import SandboxRegistry
+from twistedgw.testing.fakes import FakeAgent, FakeRuntime
+from twistedgw.web.api import GatewayAPI
+from twistedgw.web.site import make_site
 
 #: Seconds a reply may take before the test calls it missing.
 REPLY_DEADLINE = 5.0
@@ -30,7 +33,9 @@ async def gateway() -> AsyncIterator[Gateway]:
     agent = FakeAgent(reactor)
     agent_port = agent.listen(reactor)
     runtime = FakeRuntime(agent=agent, agent_port=agent_port)
-    manager = SandboxManager(SandboxRegistry(), runtime, reactor, agent_ready_timeout=5)
+    manager = SandboxManager(
+        SandboxRegistry(), runtime, reactor, agent_ready_timeout=5, agents=WebSocketAgents(reactor)
+    )
     # The default policy (900 s default timeout, 3600 s maximum); nothing from
     # twistedgw.protocol is imported, so this file also runs against the code before it.
     factory = ProxyFactory(manager, reactor, maxMessagePayloadSize=4 * 1024 * 1024)
@@ -130,7 +135,7 @@ async def test_creation_env_and_command_env_follow_one_rule(gateway: Gateway) ->
     """A 256-character variable name is accepted at creation and on a command alike (creation
     used to stop at 128); the command forwards it to the agent."""
     name = "V" * 256
-    settings = gateway.manager.settings_for({"env": {name: "1"}})
+    settings = settings_from_body(gateway.manager.policy, {"env": {name: "1"}})
     sandbox = await gateway.manager.create(settings)
     client = await gateway.client(sandbox.sandbox_id)
     client.send_json({"command": "echo env", "env": {name: "2"}})

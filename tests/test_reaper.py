@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
-from twistedgw.manager import SandboxManager
+from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.reaper import Reaper, make_reaper_service
+from twistedgw.testing.fakes import FakeRuntime
 
 
 @pytest_twisted.ensureDeferred
@@ -36,12 +36,12 @@ async def test_connected_sandbox_is_never_reaped(
     """An attached client keeps a sandbox alive however long; idle time starts when it leaves."""
     sandbox = await manager.create()
     client = Client()
-    manager.registry.attach(sandbox, client, manager.now())
+    sandbox.attach(client, manager.now())
     reaper = Reaper(manager)
     clock.advance(10_000)
     await reaper.sweep()
     assert sandbox.sandbox_id in manager.registry
-    manager.registry.detach(sandbox, client, manager.now())
+    sandbox.detach(client, manager.now())
     clock.advance(50)
     await reaper.sweep()
     assert sandbox.sandbox_id in manager.registry
@@ -56,7 +56,7 @@ async def test_command_activity_defers_reaping(manager: SandboxManager, clock: C
     sandbox = await manager.create()
     reaper = Reaper(manager)
     clock.advance(90)
-    manager.registry.touch(sandbox, manager.now())
+    sandbox.touch(manager.now())
     clock.advance(90)
     await reaper.sweep()
     assert sandbox.sandbox_id in manager.registry
@@ -89,7 +89,7 @@ async def test_docker_down_means_no_mass_delete(
     it is back, the next sweep reconciles again (a container removed meanwhile is noticed)."""
     busy = await manager.create()
     gone = await manager.create()
-    manager.registry.attach(busy, Client(), manager.now())
+    busy.attach(Client(), manager.now())
     runtime.available = False
     service = make_reaper_service(Reaper(manager), 10, clock)
     service.startService()
@@ -114,7 +114,7 @@ async def test_reconcile_forgets_vanished_and_dead_containers(
     dead = await manager.create()
     alive = await manager.create()
     watcher = Client()
-    manager.registry.attach(dead, watcher, manager.now())
+    dead.attach(watcher, manager.now())
     del runtime.containers[gone.container_id]
     runtime.kill(dead.container_id)
     await manager.reconcile()

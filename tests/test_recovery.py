@@ -12,15 +12,17 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
-from tests.fakes import FakeRuntime
 from tests.test_sandbox import Client
-from twistedgw.api import GatewayAPI
-from twistedgw.manager import LifecyclePolicy, Recovering, SandboxManager, SandboxNotFound
+from twistedgw.lifecycle.errors import Recovering, SandboxNotFound
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.reaper import Reaper, make_reaper_service
-from twistedgw.runtime import ContainerInfo, ContainerSpec
-from twistedgw.sandbox import SandboxRegistry, SandboxSettings, new_agent_secret, new_sandbox_id
-
-BASE = "http://gateway.test"
+from twistedgw.registry import SandboxRegistry
+from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
+from twistedgw.sandbox import SandboxSettings, new_agent_secret, new_sandbox_id
+from twistedgw.testing.fakes import FakeRuntime
+from twistedgw.testing.rest import request
+from twistedgw.web.api import GatewayAPI
 
 
 class SlowListRuntime(FakeRuntime):
@@ -65,8 +67,8 @@ def _earlier_run(runtime: FakeRuntime, clock: Clock) -> str:
 
 
 async def _call(treq: StubTreq, method: str, path: str) -> tuple[int, Any, Any]:
-    response = await treq.request(method, BASE + path)
-    return response.code, response.headers, json.loads(await response.content())
+    code, headers, body = await request(treq, method, path)
+    return code, headers, json.loads(body)
 
 
 @pytest.fixture
@@ -155,7 +157,7 @@ async def test_create_finishing_during_a_sweep_is_kept(slow: SlowListRuntime, cl
     sweep = ensureDeferred(manager.reconcile())  # lists now, answers later
     sandbox = await manager.create()
     client = Client()
-    manager.registry.attach(sandbox, client, manager.now())
+    sandbox.attach(client, manager.now())
     slow.release()
     await sweep
     assert manager.lookup(sandbox.sandbox_id) is sandbox

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fakes import FakeRuntime
 from tests.runtime_contract import (
     test_create_list_remove,
     test_provides_the_interface,
     test_remove_unknown_container_succeeds,
 )
+from twistedgw.testing.fakes import FakeRuntime
 
 __all__ = [
     "test_create_list_remove",

@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from twistedgw.runtime import DockerRuntime
+from twistedgw.runtime.docker import DockerRuntime
 
 
 class PingOnlyRuntime(DockerRuntime):

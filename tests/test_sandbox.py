@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from twistedgw.registry import SandboxRegistry
 from twistedgw.sandbox import (
     Graveyard,
     Sandbox,
-    SandboxRegistry,
     SandboxSettings,
     Tombstone,
     is_valid_sandbox_id,
@@ -54,27 +54,26 @@ def test_status_words_follow_clients() -> None:
     assert sandbox.to_json()["status"] == "idle"
     assert sandbox.to_json(details=True)["state"] == "created"
     a, b = Client(), Client()
-    registry.attach(sandbox, a, 110.0)
-    registry.attach(sandbox, b, 111.0)
+    sandbox.attach(a, 110.0)
+    sandbox.attach(b, 111.0)
     assert sandbox.status == "connected"
-    registry.detach(sandbox, a, 112.0)
+    sandbox.detach(a, 112.0)
     assert sandbox.status == "connected"
     assert sandbox.state == "connected"
-    registry.detach(sandbox, b, 113.0)
+    sandbox.detach(b, 113.0)
     assert (sandbox.status, sandbox.state) == ("idle", "idle")
     assert sandbox.last_activity == 113.0
 
 
 def test_idle_for_counts_from_last_activity() -> None:
     """Idle time is zero while connected and counts from the last activity otherwise."""
-    registry = SandboxRegistry()
     sandbox = make_sandbox(now=100.0)
     assert sandbox.idle_for(150.0) == 50.0
     client = Client()
-    registry.attach(sandbox, client, 150.0)
+    sandbox.attach(client, 150.0)
     assert sandbox.idle_for(1000.0) == 0.0
-    registry.detach(sandbox, client, 200.0)
-    registry.touch(sandbox, 300.0)
+    sandbox.detach(client, 200.0)
+    sandbox.touch(300.0)
     assert sandbox.idle_for(310.0) == 10.0
 
 
@@ -105,12 +104,11 @@ def test_details_are_opt_in() -> None:
 
 def test_timers() -> None:
     """Idle expiry needs no clients; lifetime ends regardless of clients."""
-    registry = SandboxRegistry()
     sandbox = make_sandbox(now=0.0)
     sandbox.expires_at = 500.0
     assert not sandbox.is_idle_expired(100.0)
     assert sandbox.is_idle_expired(100.1)
-    registry.attach(sandbox, Client(), 50.0)
+    sandbox.attach(Client(), 50.0)
     assert not sandbox.is_idle_expired(10_000.0)
     assert not sandbox.is_lifetime_over(499.9)
     assert sandbox.is_lifetime_over(500.0)

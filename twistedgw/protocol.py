@@ -169,8 +169,12 @@ ERROR_CODES: Mapping[str, str] = MappingProxyType(
 
 #: Close codes the gateway sends its clients.
 CLOSE_GOING_AWAY = 1001
+#: A client abusing the framing (too many frames for one message).
+CLOSE_POLICY = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_AGENT_LOST = 1011
+#: The gateway holds too many partial messages overall (try again later).
+CLOSE_TRY_AGAIN = 1013
 CLOSE_SANDBOX_REMOVED = 4000
 CLOSE_AGENT_RESTARTED = 4001
 

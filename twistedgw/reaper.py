@@ -15,7 +15,8 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from twistedgw.manager import SandboxManager, SandboxNotFound
+from twistedgw.lifecycle.errors import SandboxNotFound
+from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.sandbox import REASON_IDLE, REASON_LIFETIME
 
 

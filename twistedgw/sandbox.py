@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from attrs import define, field, frozen
@@ -89,7 +89,7 @@ class Sandbox:
     attachments: set[Attachment] = field(factory=set, repr=False, eq=False)
     ever_connected: bool = False
     #: Came from the warm pool: its settings live in the state file, not in its labels.
-    pooled: bool = False
+    from_pool: bool = False
     #: Set while the gateway removes the sandbox: the close code and reason its clients
     #: get, even when the agent link drops first.
     closing: tuple[int, str] | None = field(default=None, repr=False, eq=False)
@@ -132,6 +132,21 @@ class Sandbox:
     def is_lifetime_over(self, now: float) -> bool:
         """True when past its maximum lifetime (connected or not)."""
         return self.expires_at is not None and now >= self.expires_at
+
+    def attach(self, client: Attachment, now: float) -> None:
+        """``client`` attached."""
+        self.attachments.add(client)
+        self.ever_connected = True
+        self.last_activity = now
+
+    def detach(self, client: Attachment, now: float) -> None:
+        """``client`` left; the idle clock starts from now."""
+        self.attachments.discard(client)
+        self.last_activity = now
+
+    def touch(self, now: float) -> None:
+        """Command activity."""
+        self.last_activity = now
 
     def to_json(self, details: bool = False) -> dict[str, Any]:
         """The seed's JSON description of a sandbox.
@@ -204,47 +219,3 @@ class Graveyard:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-@define
-class SandboxRegistry:
-    """The sandboxes this gateway knows, by id. Reactor thread only."""
-
-    _sandboxes: dict[str, Sandbox] = field(factory=dict)
-
-    def add(self, sandbox: Sandbox) -> None:
-        """Remember ``sandbox`` (replacing any record with the same id)."""
-        self._sandboxes[sandbox.sandbox_id] = sandbox
-
-    def get(self, sandbox_id: str) -> Sandbox | None:
-        """The sandbox with this id, or None."""
-        return self._sandboxes.get(sandbox_id)
-
-    def remove(self, sandbox_id: str) -> Sandbox | None:
-        """Forget a sandbox; returns the record that was removed, if any."""
-        return self._sandboxes.pop(sandbox_id, None)
-
-    def __iter__(self) -> Iterator[Sandbox]:
-        # A snapshot, so callers may remove entries while iterating.
-        return iter(list(self._sandboxes.values()))
-
-    def __len__(self) -> int:
-        return len(self._sandboxes)
-
-    def __contains__(self, sandbox_id: object) -> bool:
-        return sandbox_id in self._sandboxes
-
-    def attach(self, sandbox: Sandbox, client: Attachment, now: float) -> None:
-        """``client`` attached to ``sandbox``."""
-        sandbox.attachments.add(client)
-        sandbox.ever_connected = True
-        sandbox.last_activity = now
-
-    def detach(self, sandbox: Sandbox, client: Attachment, now: float) -> None:
-        """``client`` left ``sandbox``; the idle clock starts from now."""
-        sandbox.attachments.discard(client)
-        sandbox.last_activity = now
-
-    def touch(self, sandbox: Sandbox, now: float) -> None:
-        """Command activity on ``sandbox``."""
-        sandbox.last_activity = now

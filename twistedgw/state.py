@@ -107,7 +107,7 @@ class StateFile:
                 "ever_connected": s.ever_connected,
                 "expires_at": s.expires_at,
             }
-            if s.pooled:
+            if s.from_pool:
                 entry["assigned"] = _settings_json(s.settings)
                 entry["created_at"] = s.created_at
             snapshot[s.sandbox_id] = entry

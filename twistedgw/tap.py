@@ -1,32 +1,37 @@
-"""twistd plugin wiring: ``Options`` and ``makeService`` (``twistd -n sandboxgw ...``)."""
+"""twistd plugin wiring: ``Options`` and ``makeService`` (``twistd -n sandboxgw ...``).
+
+``Options`` parses and checks the command line; ``twistedgw.config.GatewayConfig`` holds the
+result; ``makeService`` only connects the parts."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ReactorNotRunning
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 
-from twistedgw.api import GatewayAPI, make_site
-from twistedgw.auth import Authenticator, read_tokens
-from twistedgw.edge import EdgePolicy, default_hosts, fit_descriptors
-from twistedgw.manager import LifecyclePolicy, SandboxManager
+from twistedgw.config import GatewayConfig, agent_message_limit, listen_interface
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.protocol import Limits
-from twistedgw.proxy import CLOSE_GOING_AWAY, ProxyFactory, make_ws_resource
+from twistedgw.proxy.agent import WebSocketAgents
+from twistedgw.proxy.client import ProxyFactory, make_ws_resource
 from twistedgw.reaper import Reaper, make_reaper_service
-from twistedgw.runtime import ContainerLimits, DockerRuntime
-from twistedgw.sandbox import SandboxRegistry
+from twistedgw.registry import SandboxRegistry
+from twistedgw.runtime.docker import DockerRuntime
+from twistedgw.runtime.hardening import ContainerLimits
+from twistedgw.service import ProxyService, ShutdownSignals
 from twistedgw.state import StateFile
+from twistedgw.web.api import GatewayAPI
+from twistedgw.web.auth import Authenticator, read_tokens
+from twistedgw.web.site import EdgePolicy, default_hosts, fit_descriptors, make_site
+
+__all__ = ["Options", "agent_message_limit", "edge_policy", "makeService"]
 
 DEFAULT_IMAGE = "sandbox-websocket-image"
 _log = Logger()
@@ -307,199 +312,107 @@ class Options(usage.Options):
             raise usage.UsageError("--instance may hold only letters, digits, '-', '_' and '.'")
 
 
-def agent_message_limit(max_message_size: int, max_output: int) -> int:
-    """Largest message accepted from an agent.
-
-    A result carries up to ``max_output`` bytes of stdout and of stderr, and JSON may spell a
-    byte as six characters (``\\u0000``), so the agent leg admits that much, and never less
-    than what clients may send.
-    """
-    return max(max_message_size, 2 * 6 * max_output + 64 * 1024)
-
-
-def state_path(options: Options) -> Path:
-    """Where this instance keeps its state file."""
-    if options["state-dir"]:
-        base = Path(options["state-dir"])
-    else:
-        xdg = os.environ.get("XDG_STATE_HOME")
-        base = (Path(xdg) if xdg else Path.home() / ".local" / "state") / "twistedgw"
-    return base / f"{options['instance']}.json"
-
-
 def makeService(options: Options) -> IService:
     """Wire the gateway: docker runtime, sandbox manager, reaper, WebSocket proxy, HTTP site."""
     from twisted.internet import reactor
 
+    config = GatewayConfig.from_options(options)
     root = MultiService()
 
     runtime = DockerRuntime(
         reactor,
-        image=options["image"],
-        instance=options["instance"],
-        docker_url=options["docker-url"],
-        threads=options["docker-threads"],
-        call_timeout=options["docker-timeout"],
-        socket_dir=state_path(options).parent / "sockets" / options["instance"],
+        image=config.image,
+        instance=config.instance,
+        docker_url=config.docker_url,
+        threads=config.docker_threads,
+        call_timeout=config.docker_timeout,
+        socket_dir=config.socket_dir,
         limits=ContainerLimits(
-            memory=options["memory"],
-            cpus=options["cpus"],
-            pids=options["pids-limit"],
-            nofile=options["nofile"],
-            read_only_root=not options["writable-root"],
-            home_size=options["home-size"],
-            tmp_size=options["tmp-size"],
-            runtime=options["container-runtime"],
+            memory=config.memory,
+            cpus=config.cpus,
+            pids=config.pids_limit,
+            nofile=config.nofile,
+            read_only_root=not config.writable_root,
+            home_size=config.home_size,
+            tmp_size=config.tmp_size,
+            runtime=config.container_runtime,
         ),
         agent_env={
-            "AGENT_MAX_OUTPUT": str(options["max-output"]),
-            "AGENT_KILL_OUTPUT": str(options["output-kill-limit"]),
-            "AGENT_DEFAULT_TIMEOUT": str(options["default-timeout"]),
-            "AGENT_MAX_TIMEOUT": str(options["max-timeout"]),
+            "AGENT_MAX_OUTPUT": str(config.max_output),
+            "AGENT_KILL_OUTPUT": str(config.output_kill_limit),
+            "AGENT_DEFAULT_TIMEOUT": str(config.default_timeout),
+            "AGENT_MAX_TIMEOUT": str(config.max_timeout),
         },
     )
     runtime.setName("docker-runtime")
     runtime.setServiceParent(root)
 
     policy = LifecyclePolicy(
-        idle_timeout=options["idle-timeout"],
-        max_idle_timeout=options["max-idle-timeout"],
-        default_lifetime=options["default-lifetime"] or None,
-        max_lifetime=options["max-lifetime"] or None,
-        max_sandboxes=options["max-sandboxes"],
+        idle_timeout=config.idle_timeout,
+        max_idle_timeout=config.max_idle_timeout,
+        default_lifetime=config.default_lifetime,
+        max_lifetime=config.max_lifetime,
+        max_sandboxes=config.max_sandboxes,
     )
     manager = SandboxManager(
         SandboxRegistry(),
         runtime,
         reactor,
         policy=policy,
-        state=StateFile(state_path(options), reactor),
-        pool_size=options["pool-size"],
-        agent_ready_timeout=options["agent-ready-timeout"],
-        max_message_size=agent_message_limit(options["max-message-size"], options["max-output"]),
+        state=StateFile(config.state_file, reactor),
+        pool_size=config.pool_size,
+        agent_ready_timeout=config.agent_ready_timeout,
+        max_message_size=config.agent_message_limit,
+        agents=WebSocketAgents(reactor),
     )
     manager.setName("sandbox-manager")
     manager.setServiceParent(root)
 
     reaper = Reaper(manager)
-    make_reaper_service(reaper, options["reap-interval"], reactor).setServiceParent(root)
+    make_reaper_service(reaper, config.reap_interval, reactor).setServiceParent(root)
 
-    authenticator = Authenticator.from_tokens(options["tokens"])
-    if (
-        not authenticator.enabled
-        and "127.0.0.1" not in options["port"]
-        and "::1" not in options["port"]
-    ):
+    authenticator = Authenticator.from_tokens(config.tokens)
+    if not authenticator.enabled and not config.listens_on_loopback_only:
         _log.warn(
             "no API tokens configured and listening on {port}: anyone who can reach this port "
             "can create sandboxes and run commands in them (see --tokens-file)",
-            port=options["port"],
+            port=config.port,
         )
     factory = ProxyFactory(
         manager,
         reactor,
         authenticator=authenticator,
-        policy=Limits(options["default-timeout"], options["max-timeout"]),
-        maxMessagePayloadSize=options["max-message-size"],
-        maxFramePayloadSize=options["max-message-size"],
-        openHandshakeTimeout=options["open-handshake-timeout"],
-        autoPingInterval=options["ping-interval"],
-        autoPingTimeout=options["ping-interval"],
-        maxConnections=options["max-connections"],
+        policy=Limits(config.default_timeout, config.max_timeout),
+        maxMessagePayloadSize=config.max_message_size,
+        maxFramePayloadSize=config.max_message_size,
+        openHandshakeTimeout=config.open_handshake_timeout,
+        autoPingInterval=config.ping_interval,
+        autoPingTimeout=config.ping_interval,
+        maxConnections=config.max_connections,
         tcpNoDelay=True,
     )
     ProxyService(factory, reactor).setServiceParent(root)
     ShutdownSignals(reactor).setServiceParent(root)
 
     api = GatewayAPI(manager, make_ws_resource(factory), authenticator)
-    endpoint = serverFromString(reactor, options["port"])
+    endpoint = serverFromString(reactor, config.port)
     web = StreamServerEndpointService(
-        endpoint, make_site(api, policy=edge_policy(options, authenticator))
+        endpoint, make_site(api, policy=edge_policy(config, authenticator))
     )
     web.setName("http")
     web.setServiceParent(root)
     return root
 
 
-def _listed(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def edge_policy(options: Options, authenticator: Authenticator | None = None) -> EdgePolicy:
-    """The HTTP edge's limits and allowed hosts and origins, from the options."""
-    # An endpoint string escapes colons in values with a backslash (tcp6:80:interface=\:\:1).
-    match = re.search(r"interface=((?:\\.|[^:])*)", options["port"])
-    interface = match.group(1).replace("\\", "") if match else None
-    if options["port"].startswith("unix:"):
-        interface = "localhost"
-    hosts, any_ip = default_hosts(interface, _listed(options["allowed-hosts"]))
+def edge_policy(config: GatewayConfig, authenticator: Authenticator | None = None) -> EdgePolicy:
+    """The HTTP edge's limits and allowed hosts and origins, from the configuration."""
+    hosts, any_ip = default_hosts(listen_interface(config.port), config.allowed_hosts)
     return EdgePolicy(
-        authenticator=authenticator or Authenticator.from_tokens(options["tokens"]),
+        authenticator=authenticator or Authenticator.from_tokens(config.tokens),
         allowed_hosts=hosts,
         any_ip_host=any_ip,
-        allowed_origins=frozenset(
-            o.lower().rstrip("/") for o in _listed(options["allowed-origins"])
-        ),
-        header_timeout=options["open-handshake-timeout"],
-        body_timeout=options["body-timeout"],
-        max_connections=fit_descriptors(
-            options["max-http-connections"], options["max-connections"]
-        ),
+        allowed_origins=config.allowed_origins,
+        header_timeout=config.open_handshake_timeout,
+        body_timeout=config.body_timeout,
+        max_connections=fit_descriptors(config.max_http_connections, config.max_connections),
     )
-
-
-class ProxyService(Service):
-    """Starts the WebSocket factory (``Site`` does not); on shutdown closes every client with
-    1001 (going away) and waits, boundedly, for the closing handshakes."""
-
-    def __init__(self, factory: ProxyFactory, clock: Any, close_timeout: float = 3.0) -> None:
-        self.factory = factory
-        self._clock = clock
-        self._close_timeout = close_timeout
-
-    def startService(self) -> None:
-        super().startService()
-        self.factory.doStart()
-
-    async def _stop(self) -> None:
-        self.factory.close_all(CLOSE_GOING_AWAY, "gateway shutting down")
-        deadline = self._clock.seconds() + self._close_timeout
-        while self.factory.clients and self._clock.seconds() < deadline:
-            await deferLater(self._clock, 0.05, lambda: None)
-        self.factory.doStop()
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return Deferred.fromCoroutine(self._stop())
-
-
-class ShutdownSignals(Service):
-    """SIGTERM and SIGINT stop the gateway cleanly and exit 0.
-
-    twistd's own handlers stop the reactor too, but then re-raise the signal at exit, so a
-    clean, complete shutdown would look like a kill to supervisors and scripts.
-    """
-
-    _log = Logger()
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-
-    def startService(self) -> None:
-        super().startService()
-        # After reactor start-up, which is when twistd installs its handlers.
-        self._reactor.callWhenRunning(self._install)
-
-    def _install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self._log.info("received {signal}, shutting down", signal=signal.Signals(signum).name)
-        self._reactor.callFromThread(self._stop)
-
-    def _stop(self) -> None:
-        try:
-            self._reactor.stop()
-        except ReactorNotRunning:
-            pass  # a second signal while already stopping

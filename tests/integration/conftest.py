@@ -8,13 +8,8 @@ how to get them (``tests/run.sh`` starts the engine and builds the image).
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +18,13 @@ import docker
 import pytest
 import requests
 
-REPO = Path(__file__).resolve().parents[2]
-IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-websocket-image")
-INSTANCE_LABEL = "org.twistedgw.instance"
+from twistedgw.runtime.labels import LABEL_INSTANCE
+from twistedgw.testing.process import IMAGE, REPO
+from twistedgw.testing.process import GatewayProcess as _GatewayProcess
+
+# What the test modules import from here.
+__all__ = ["IMAGE", "REPO", "TWISTD", "GatewayProcess", "remove_instance_containers"]
+
 #: The venv's twistd, next to the running interpreter.
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
@@ -53,94 +52,9 @@ def docker_client() -> Iterator[Any]:
     client.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class GatewayProcess:
-    """One ``twistd -n sandboxgw`` child process on a loopback port."""
-
-    def __init__(self, instance: str, *args: str) -> None:
-        self.instance = instance
-        self.args = args
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-        self.log_path = tmp / f"twistedgw-{instance}.log"
-        self.state_dir = tmp / f"twistedgw-state-{instance}"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0, ready: bool = True) -> None:
-        """Start the process and wait until /healthz answers and, with ``ready``, says the
-        gateway has recovered its sandboxes (sandbox routes answer 503 until then)."""
-        self.launch()
-        self.wait_ready(timeout, ready)
-
-    def launch(self) -> None:
-        """Start the process without waiting for it to answer."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        command = [
-            TWISTD,
-            "--nodaemon",
-            "--pidfile=",
-            "sandboxgw",
-            "--port",
-            f"tcp:{self.port}:interface=127.0.0.1",
-            "--instance",
-            self.instance,
-            "--image",
-            IMAGE,
-            "--state-dir",
-            str(self.state_dir),
-            *self.args,
-        ]
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env
-        )
-
-    def wait_ready(self, timeout: float = 30.0, ready: bool = True) -> None:
-        """Wait until /healthz answers 200 (and, with ``ready``, says ``ready``)."""
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited early; see {self.log_path}:\n{self.tail()}")
-            try:
-                health = requests.get(self.url + "/healthz", timeout=1)
-                if health.status_code == 200 and (health.json().get("ready", True) or not ready):
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gateway did not answer within {timeout} s:\n{self.tail()}")
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        """Signal the process (by PID) and wait for it; returns its exit code."""
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(10)
+class GatewayProcess(_GatewayProcess):
+    """One ``twistd -n sandboxgw`` child process on a loopback port (the shared harness,
+    ``twistedgw.testing.process``), with REST helpers for tests."""
 
     # -- REST helpers ------------------------------------------------------------------------
 
@@ -159,7 +73,7 @@ class GatewayProcess:
 def remove_instance_containers(client: Any, instance: str) -> None:
     """Remove the containers of one test gateway instance (by our own label, nothing else)."""
     for container in client.containers.list(
-        all=True, filters={"label": f"{INSTANCE_LABEL}={instance}"}
+        all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}
     ):
         try:
             container.remove(force=True)

@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.integration.conftest import GatewayProcess
+from twistedgw.runtime.labels import LABEL_SANDBOX_ID
 
 
 def run(ws: Any, command: str) -> dict[str, Any]:
@@ -36,7 +37,7 @@ def test_idle_sandboxes_are_reaped_connected_ones_are_not(
         assert gateway.get(f"/sandboxes/{busy}").json()["status"] == "connected"
         assert run(ws, "echo alive")["output"] == "alive\n"
     assert not docker_client.containers.list(
-        all=True, filters={"label": f"org.twistedgw.sandbox-id={idle}"}
+        all=True, filters={"label": f"{LABEL_SANDBOX_ID}={idle}"}
     )
 
 

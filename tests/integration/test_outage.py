@@ -18,6 +18,7 @@ from websockets.sync.client import connect
 from tests.integration.conftest import GatewayProcess
 from tests.integration.helpers import run
 from tests.integration.sockproxy import DockerSocketProxy
+from twistedgw.runtime.labels import LABEL_INSTANCE
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ def test_parallel_creates_and_deletes(make_gateway: Any, docker_client: Any) -> 
         if isinstance(r, requests.Response) and r.status_code == 200
     }
     assert len(ids) == 40
-    label = f"org.twistedgw.instance={gateway.instance}"
+    label = f"{LABEL_INSTANCE}={gateway.instance}"
     containers = docker_client.containers.list(all=True, filters={"label": label})
     assert len(containers) == 40
 
@@ -161,7 +162,7 @@ def test_idempotent_create_over_http(make_gateway: Any, docker_client: Any) -> N
         gateway.url + "/sandboxes", headers={"Idempotency-Key": key}, timeout=60
     ).json()["sandbox_id"]
     assert again == answers[0]
-    label = f"org.twistedgw.instance={gateway.instance}"
+    label = f"{LABEL_INSTANCE}={gateway.instance}"
     assert len(docker_client.containers.list(all=True, filters={"label": label})) == 1
 
 

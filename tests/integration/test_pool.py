@@ -11,6 +11,7 @@ from websockets.sync.client import connect
 
 from tests.integration.conftest import GatewayProcess
 from tests.integration.helpers import run, wait_for
+from twistedgw.runtime.labels import LABEL_INSTANCE, LABEL_SANDBOX_ID
 
 
 def pool_ready(gateway: GatewayProcess) -> int:
@@ -18,7 +19,7 @@ def pool_ready(gateway: GatewayProcess) -> int:
 
 
 def containers(docker_client: Any, gateway: GatewayProcess) -> list[Any]:
-    label = f"org.twistedgw.instance={gateway.instance}"
+    label = f"{LABEL_INSTANCE}={gateway.instance}"
     return list(docker_client.containers.list(all=True, filters={"label": label}))
 
 
@@ -32,7 +33,7 @@ def test_pool_hands_out_refills_and_survives_restart(make_gateway: Any, docker_c
     time.sleep(3)  # longer than the idle timeout: pooled containers are not reaped
     assert pool_ready(gateway) == 2
     assert gateway.get("/sandboxes").json() == []
-    pooled = {c.labels["org.twistedgw.sandbox-id"] for c in containers(docker_client, gateway)}
+    pooled = {c.labels[LABEL_SANDBOX_ID] for c in containers(docker_client, gateway)}
 
     sandbox_id = gateway.create(json={"idle_timeout": 600})
     assert sandbox_id in pooled

@@ -18,7 +18,8 @@ from tests.runtime_contract import (
     test_provides_the_interface,
     test_remove_unknown_container_succeeds,
 )
-from twistedgw.runtime import DockerRuntime, ImageMissing
+from twistedgw.runtime.docker import DockerRuntime
+from twistedgw.runtime.interface import ImageMissing
 
 __all__ = [
     "test_create_list_remove",

@@ -12,6 +12,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.integration.conftest import GatewayProcess
+from twistedgw.runtime.labels import LABEL_INSTANCE, LABEL_SANDBOX_ID
 
 SEED_RESULT_FIELDS = {
     "request_id",
@@ -90,7 +91,7 @@ def test_seed_usage_flow(gateway: GatewayProcess, docker_client: Any) -> None:
     assert "error" in response.json()
     assert gateway.delete(sandbox_id).status_code == 404
     assert not docker_client.containers.list(
-        all=True, filters={"label": f"org.twistedgw.sandbox-id={sandbox_id}"}
+        all=True, filters={"label": f"{LABEL_SANDBOX_ID}={sandbox_id}"}
     )
 
 
@@ -143,8 +144,8 @@ def test_container_hardening_and_agent_secret(gateway: GatewayProcess, docker_cl
     sandbox_id = gateway.create()
     container = docker_client.containers.get(f"twistedgw-{sandbox_id}")
     labels = container.labels
-    assert labels["org.twistedgw.sandbox-id"] == sandbox_id
-    assert labels["org.twistedgw.instance"] == gateway.instance
+    assert labels[LABEL_SANDBOX_ID] == sandbox_id
+    assert labels[LABEL_INSTANCE] == gateway.instance
     bindings = container.attrs["NetworkSettings"]["Ports"]["8765/tcp"]
     assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}
     host_config = container.attrs["HostConfig"]

@@ -18,12 +18,14 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from twistedgw.agentlink import AgentSide, AgentUnavailable
-from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
-from twistedgw.flow import WRITE_BUFFER, pair_flow, unpair_flow, unsent_bytes
-from twistedgw.manager import AgentRecovery, SandboxManager, SandboxNotFound
+from twistedgw.agents import AgentUnavailable
+from twistedgw.lifecycle.errors import SandboxNotFound
+from twistedgw.lifecycle.manager import AgentRecovery, SandboxManager
 from twistedgw.protocol import (
+    CLOSE_AGENT_LOST,
     CLOSE_AGENT_RESTARTED,
+    CLOSE_POLICY,
+    CLOSE_TRY_AGAIN,
     DEFAULT_LIMITS,
     CloseSession,
     Command,
@@ -34,16 +36,10 @@ from twistedgw.protocol import (
     encode,
     parse_message,
 )
+from twistedgw.proxy.agent import AgentSide
+from twistedgw.proxy.flow import WRITE_BUFFER, pair_flow, unpair_flow, unsent_bytes
 from twistedgw.sandbox import Sandbox
-
-#: Close code and reason when the agent connection drops under a client.
-CLOSE_AGENT_LOST = 1011
-#: Close code and reason when the gateway shuts down.
-CLOSE_GOING_AWAY = 1001
-#: Close code for a client abusing the framing (too many frames).
-CLOSE_POLICY = 1008
-#: Close code when the gateway holds too many partial messages overall (try again later).
-CLOSE_TRY_AGAIN = 1013
+from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 
 #: Frames one message may be split into; an endless run of tiny continuation frames never
 #: grows the message, so the size limit (1009) alone never ends it.
@@ -166,6 +162,7 @@ class ClientSide(WebSocketServerProtocol):
                 error=str(e),
             )
             raise ConnectionDeny(503, "sandbox agent unreachable") from None
+        assert isinstance(agent, AgentSide)  # the gateway's agents are WebSocketAgents
         if self._lost or sandbox.sandbox_id not in manager.registry:
             # The client left, or the sandbox was deleted, while we were connecting. Deny
             # either way: completing the handshake on a dead socket would start ping timers.
@@ -182,7 +179,7 @@ class ClientSide(WebSocketServerProtocol):
                 self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         manager = self.factory.manager
-        manager.registry.attach(self.sandbox, self, manager.now())
+        self.sandbox.attach(self, manager.now())
         self._attached = True
         if self.agent is not None:
             pair_flow(self.transport, self.agent.transport)
@@ -219,7 +216,7 @@ class ClientSide(WebSocketServerProtocol):
             return
         sandbox = self.sandbox
         if sandbox is not None:
-            manager.registry.touch(sandbox, manager.now())
+            sandbox.touch(manager.now())
             if not self._track(sandbox, message):
                 return
         self.agent.send_json(encode(message.to_wire()))
@@ -253,7 +250,7 @@ class ClientSide(WebSocketServerProtocol):
         """A message from the agent: forward it unchanged."""
         if self.sandbox is not None:
             manager = self.factory.manager
-            manager.registry.touch(self.sandbox, manager.now())
+            self.sandbox.touch(manager.now())
         if self.in_flight:
             finished = finished_request(payload)
             if finished is not None:
@@ -444,7 +441,7 @@ class ClientSide(WebSocketServerProtocol):
         if self._attached and self.sandbox is not None:
             self._attached = False
             manager = self.factory.manager
-            manager.registry.detach(self.sandbox, self, manager.now())
+            self.sandbox.detach(self, manager.now())
             self._log.info(
                 "client {peer} left sandbox {sandbox_id} (code={code})",
                 peer=self.peer,

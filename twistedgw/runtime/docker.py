@@ -1,4 +1,4 @@
-"""Container runtimes: the ``IContainerRuntime`` interface and ``DockerRuntime``.
+"""``DockerRuntime``: ``IContainerRuntime`` on a Docker engine.
 
 ``DockerRuntime`` is the only place in the gateway that imports ``docker``. Every docker SDK
 call runs on a dedicated, named ``ThreadPool`` owned by the runtime (a ``Service``), never on the
@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError, fail
 from twisted.internet.task import LoopingCall
@@ -25,45 +24,37 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
-from twistedgw.sandbox import SandboxSettings, is_valid_sandbox_id
-
-#: Port the agent listens on inside the container.
-AGENT_PORT = 8765
-
-#: Label keys on every container this gateway creates.
-LABEL_MANAGED = "org.twistedgw.managed"
-LABEL_INSTANCE = "org.twistedgw.instance"
-LABEL_SANDBOX_ID = "org.twistedgw.sandbox-id"
-LABEL_CREATED_AT = "org.twistedgw.created-at"
-LABEL_IDLE_TIMEOUT = "org.twistedgw.idle-timeout"
-LABEL_MAX_LIFETIME = "org.twistedgw.max-lifetime"
-LABEL_IDEMPOTENCY = "org.twistedgw.idempotency-key"
-LABEL_META_PREFIX = "org.twistedgw.meta."
-LABEL_OWNER = "org.twistedgw.owner"
-#: Set on warm-pool containers (created before anyone asked for them).
-LABEL_POOL = "org.twistedgw.pool"
-LABEL_NETWORK = "org.twistedgw.network"
-
-#: Where a network-less sandbox's socket directory is mounted, and the agent's socket in it.
-SOCKET_MOUNT = "/run/twistedgw"
-SOCKET_NAME = "agent.sock"
-#: The image's unprivileged user, who runs the user's code.
-SANDBOX_UID = 1000
-#: The image's agent user, who must be able to create the agent's socket (and no one else).
-AGENT_UID = 999
-
-#: The only capabilities a sandbox keeps (everything else is dropped): the image starts as
-#: root only for its supervisor to change to the agent user at once, keeping these three for
-#: the agent: SETUID and SETGID to start user processes as the sandbox user, KILL to signal
-#: them (they have another uid). User processes get none (SECURITY.md).
-AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL")
-
-#: Environment variable carrying the per-sandbox agent secret into the container.
-SECRET_ENV = "SANDBOX_AGENT_SECRET"
-#: Environment variable carrying the creator's environment for commands (JSON object).
-COMMAND_ENV = "SANDBOX_COMMAND_ENV"
+from twistedgw.runtime.hardening import (
+    AGENT_PORT,
+    AGENT_UID,
+    DEFAULT_LIMITS,
+    SOCKET_MOUNT,
+    SOCKET_NAME,
+    ContainerLimits,
+)
+from twistedgw.runtime.interface import (
+    ContainerEvent,
+    ContainerFailed,
+    ContainerInfo,
+    ContainerSpec,
+    IContainerRuntime,
+    ImageMissing,
+    RuntimeUnavailable,
+)
+from twistedgw.runtime.labels import (
+    COMMAND_ENV,
+    LABEL_CREATED_AT,
+    LABEL_POOL,
+    LABEL_SANDBOX_ID,
+    SECRET_ENV,
+    float_label,
+    instance_labels,
+    labels_for,
+    settings_from,
+)
+from twistedgw.sandbox import is_valid_sandbox_id
 
 #: Container events the gateway cares about.
 WATCHED_ACTIONS = frozenset({"die", "destroy", "oom"})
@@ -79,166 +70,6 @@ def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
 
 class _DockerThreadPool(ThreadPool):
     threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]
-
-
-class RuntimeError_(Exception):
-    """Base class of runtime failures (the trailing underscore avoids the builtin)."""
-
-
-class RuntimeUnavailable(RuntimeError_):
-    """The container engine could not be reached, or did not answer in time."""
-
-
-class ImageMissing(RuntimeError_):
-    """The sandbox image is not present in the engine."""
-
-
-class ContainerFailed(RuntimeError_):
-    """The engine refused or failed an operation on a container."""
-
-
-@frozen
-class ContainerLimits:
-    """Resource limits and hardening for sandbox containers (operator options)."""
-
-    memory: str = "1g"
-    cpus: float = 1.0
-    pids: int = 256
-    nofile: int = 1024
-    read_only_root: bool = True
-    home_size: str = "256m"
-    tmp_size: str = "128m"
-    log_size: str = "10m"
-    runtime: str | None = None
-    #: Size of /dev/shm (a tmpfs Docker mounts nosuid, nodev, noexec; it counts towards the
-    #: memory limit). /dev/mqueue is bounded by the kernel's per-user RLIMIT_MSGQUEUE.
-    shm_size: str = "64m"
-
-    def run_options(self) -> dict[str, Any]:
-        """``containers.run`` keyword arguments for these limits (less the Ulimit objects)."""
-        options: dict[str, Any] = {
-            "mem_limit": self.memory,
-            # Swap equal to memory: no swap on top of the memory limit.
-            "memswap_limit": self.memory,
-            "nano_cpus": int(self.cpus * 1e9),
-            "pids_limit": self.pids,
-            "shm_size": self.shm_size,
-            "cap_drop": ["ALL"],
-            "cap_add": list(AGENT_CAPABILITIES),
-            "security_opt": ["no-new-privileges"],
-            "log_config": {
-                "type": "json-file",
-                "config": {"max-size": self.log_size, "max-file": "2"},
-            },
-        }
-        if self.read_only_root:
-            # Writable places are sized tmpfs mounts: a disk fill stops at their size (and
-            # counts towards the memory limit). storage_opt size would need overlay2 on xfs
-            # with project quotas, which Docker hosts rarely have.
-            options["read_only"] = True
-            home = f"rw,nosuid,nodev,size={self.home_size},uid=1000,gid=1000,mode=0755"
-            options["tmpfs"] = {
-                "/home/sandbox": home,
-                "/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
-                "/var/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
-            }
-        if self.runtime:
-            options["runtime"] = self.runtime
-        return options
-
-
-DEFAULT_LIMITS = ContainerLimits()
-
-
-@frozen
-class ContainerSpec:
-    """What to create: one sandbox container."""
-
-    sandbox_id: str
-    created_at: float
-    agent_secret: str
-    settings: SandboxSettings
-    pooled: bool = False
-
-
-@frozen
-class ContainerInfo:
-    """What the gateway needs to know about one of its containers."""
-
-    sandbox_id: str
-    container_id: str
-    created_at: float
-    ip_address: str
-    agent_host: str
-    agent_port: int
-    agent_secret: str
-    running: bool
-    settings: SandboxSettings
-    exit_code: int | None = None
-    oom_killed: bool = False
-    pooled: bool = False
-    agent_socket: str | None = None
-
-
-@frozen
-class ContainerEvent:
-    """A lifecycle event of one of our containers (``die``, ``destroy``, ``oom``)."""
-
-    sandbox_id: str
-    container_id: str
-    action: str
-    exit_code: int | None = None
-
-
-class IContainerRuntime(Interface):
-    """Creates, lists and removes sandbox containers. All methods return Deferreds."""
-
-    def create(spec: ContainerSpec) -> Deferred[ContainerInfo]:
-        """Create and start a container for ``spec``; fires with its ``ContainerInfo``.
-
-        Fails with ``RuntimeUnavailable``, ``ImageMissing`` or ``ContainerFailed``. A failed
-        create leaves no container behind (best effort; reconciliation removes leftovers).
-        """
-
-    def remove(container_id: str, sandbox_id: str = "") -> Deferred[None]:
-        """Remove a container (killing it if running) and what the runtime keeps for its
-        sandbox. Removing a missing one succeeds."""
-
-    def list_containers() -> Deferred[list[ContainerInfo]]:
-        """All containers of this gateway instance, running or not."""
-
-    def watch(callback: Callable[[ContainerEvent], None]) -> None:
-        """Call ``callback`` on the reactor thread for each event of our containers."""
-
-
-def _float_label(labels: Mapping[str, str], key: str) -> float | None:
-    try:
-        return float(labels[key])
-    except (KeyError, ValueError):
-        return None
-
-
-def settings_from(labels: Mapping[str, str], env: Mapping[str, str]) -> SandboxSettings:
-    """Recover a sandbox's settings from its container's labels and environment."""
-    try:
-        command_env = json.loads(env.get(COMMAND_ENV, "{}"))
-        if not isinstance(command_env, dict):
-            command_env = {}
-    except ValueError:
-        command_env = {}
-    return SandboxSettings(
-        idle_timeout=_float_label(labels, LABEL_IDLE_TIMEOUT) or 3600.0,
-        max_lifetime=_float_label(labels, LABEL_MAX_LIFETIME),
-        metadata={
-            key[len(LABEL_META_PREFIX) :]: value
-            for key, value in labels.items()
-            if key.startswith(LABEL_META_PREFIX)
-        },
-        env={str(k): str(v) for k, v in command_env.items()},
-        idempotency_key=labels.get(LABEL_IDEMPOTENCY) or None,
-        owner=labels.get(LABEL_OWNER) or None,
-        network="none" if labels.get(LABEL_NETWORK) == "none" else "bridge",
-    )
 
 
 def container_info_from_attrs(attrs: Mapping[str, Any]) -> ContainerInfo:
@@ -271,7 +102,7 @@ def container_info_from_attrs(attrs: Mapping[str, Any]) -> ContainerInfo:
     return ContainerInfo(
         sandbox_id=labels.get(LABEL_SANDBOX_ID, ""),
         container_id=attrs.get("Id", ""),
-        created_at=_float_label(labels, LABEL_CREATED_AT) or 0.0,
+        created_at=float_label(labels, LABEL_CREATED_AT) or 0.0,
         ip_address=ip_address,
         agent_host=host,
         agent_port=port,
@@ -280,7 +111,7 @@ def container_info_from_attrs(attrs: Mapping[str, Any]) -> ContainerInfo:
         settings=settings_from(labels, env),
         exit_code=None if running else state.get("ExitCode"),
         oom_killed=bool(state.get("OOMKilled")),
-        pooled=labels.get(LABEL_POOL) == "true",
+        for_pool=labels.get(LABEL_POOL) == "true",
         agent_socket=agent_socket,
     )
 
@@ -507,29 +338,6 @@ class DockerRuntime(Service):
                     self._client = docker.from_env(**kwargs)
             return self._client
 
-    def _labels(self, spec: ContainerSpec) -> dict[str, str]:
-        settings = spec.settings
-        labels = {
-            LABEL_MANAGED: "true",
-            LABEL_INSTANCE: self.instance,
-            LABEL_SANDBOX_ID: spec.sandbox_id,
-            LABEL_CREATED_AT: repr(spec.created_at),
-            LABEL_IDLE_TIMEOUT: repr(settings.idle_timeout),
-        }
-        if settings.max_lifetime is not None:
-            labels[LABEL_MAX_LIFETIME] = repr(settings.max_lifetime)
-        if settings.idempotency_key:
-            labels[LABEL_IDEMPOTENCY] = settings.idempotency_key
-        if settings.owner:
-            labels[LABEL_OWNER] = settings.owner
-        if spec.pooled:
-            labels[LABEL_POOL] = "true"
-        if settings.network == "none":
-            labels[LABEL_NETWORK] = "none"
-        for key, value in settings.metadata.items():
-            labels[LABEL_META_PREFIX + key] = value
-        return labels
-
     def _thd_create(self, spec: ContainerSpec) -> ContainerInfo:
         import docker.errors
         import docker.types
@@ -542,7 +350,7 @@ class DockerRuntime(Service):
         options: dict[str, Any] = {
             "name": name,
             "hostname": "sandbox",
-            "labels": self._labels(spec),
+            "labels": labels_for(spec, self.instance),
             "environment": environment,
             # Published on loopback only, on an ephemeral host port.
             "ports": {f"{AGENT_PORT}/tcp": ("127.0.0.1", None)},
@@ -612,7 +420,7 @@ class DockerRuntime(Service):
             shutil.rmtree(self.socket_dir / sandbox_id, ignore_errors=True)
 
     def _filters(self) -> dict[str, list[str]]:
-        return {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.instance}"]}
+        return {"label": instance_labels(self.instance)}
 
     def _thd_list(self) -> list[ContainerInfo]:
         import docker.errors

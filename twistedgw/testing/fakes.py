@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from twistedgw.runtime import (
+from twistedgw.runtime.interface import (
     ContainerEvent,
     ContainerInfo,
     ContainerSpec,
@@ -67,7 +67,7 @@ class FakeRuntime:
             agent_secret=spec.agent_secret,
             running=True,
             settings=spec.settings,
-            pooled=spec.pooled,
+            for_pool=spec.for_pool,
         )
         self.creates += 1
         self.containers[info.container_id] = info
@@ -103,7 +103,7 @@ class FakeRuntime:
                 callback(event)
 
 
-class _FakeAgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
+class _FakeAgentProtocol(WebSocketServerProtocol):
     factory: _FakeAgentFactory
 
     def onConnect(self, request: Any) -> None:
@@ -126,7 +126,7 @@ class _FakeAgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         if message.get("type") == "list_sessions":
             sessions = [{"session": name} for name in sorted(self.factory.sessions)]
             reply = {"type": "sessions", "request_id": message["request_id"], "sessions": sessions}
-            self._send(reply)
+            self._reply(reply)
             return
         if message.get("session"):
             self.factory.sessions.add(message["session"])
@@ -147,17 +147,17 @@ class _FakeAgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         if command.startswith("sleep "):
             delay = float(command.split()[1])
             d = deferLater(self.factory.reactor, delay, lambda: None)
-            d.addCallback(lambda _: self._send(result))
+            d.addCallback(lambda _: self._reply(result))
         else:
-            self._send(result)
+            self._reply(result)
 
-    def _send(self, result: dict[str, Any]) -> None:
+    def _reply(self, result: dict[str, Any]) -> None:
         if self.state == WebSocketServerProtocol.STATE_OPEN:
             self.sendMessage(json.dumps(result).encode(), isBinary=False)
 
 
-class _FakeAgentFactory(WebSocketServerFactory):  # type: ignore[misc]
-    protocol = _FakeAgentProtocol
+class _FakeAgentFactory(WebSocketServerFactory):
+    protocol = _FakeAgentProtocol  # type: ignore[assignment]
 
     def __init__(self, reactor: Any) -> None:
         super().__init__(reactor=reactor)
@@ -194,7 +194,7 @@ class FakeAgent:
     def drop_all(self) -> None:
         """Drop every agent connection abruptly (as if the container died)."""
         for proto in list(self.factory.connections):
-            proto.transport.abortConnection()
+            proto.transport.abortConnection()  # type: ignore[union-attr]
 
     def restart(self) -> None:
         """Die and come back at once, as the image's supervisor restarts a killed agent: every

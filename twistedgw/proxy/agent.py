@@ -15,12 +15,10 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from twistedgw.flow import unpair_flow
-
-
-class AgentUnavailable(Exception):
-    """The sandbox's agent could not be reached or refused the gateway."""
+from twistedgw.agents import AgentUnavailable, IAgents
+from twistedgw.proxy.flow import unpair_flow
 
 
 class AgentListener(Protocol):
@@ -218,3 +216,40 @@ async def list_sessions(reactor: Any, agent: AgentSide, timeout: float = 2.0) ->
         raise AgentUnavailable(f"agent did not list its sessions within {timeout:g} s") from None
     finally:
         agent.listener = None
+
+
+@implementer(IAgents)
+class WebSocketAgents:
+    """``IAgents`` over the agent's WebSocket: what the lifecycle uses to reach agents."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def wait_ready(
+        self, host: str, port: int, secret: str, timeout: float, unix_socket: str | None = None
+    ) -> Deferred[None]:
+        return Deferred.fromCoroutine(
+            wait_for_agent(self._reactor, host, port, secret, timeout, unix_socket=unix_socket)
+        )
+
+    def connect(
+        self,
+        host: str,
+        port: int,
+        secret: str,
+        timeout: float,
+        max_message_size: int = 0,
+        unix_socket: str | None = None,
+    ) -> Deferred[AgentSide]:
+        return connect_agent(
+            self._reactor,
+            host,
+            port,
+            secret,
+            timeout=timeout,
+            max_message_size=max_message_size,
+            unix_socket=unix_socket,
+        )
+
+    def list_sessions(self, link: AgentSide, timeout: float) -> Deferred[set[str]]:
+        return Deferred.fromCoroutine(list_sessions(self._reactor, link, timeout=timeout))

@@ -1,4 +1,4 @@
-"""The HTTP edge: what a request must get past before any route runs.
+"""The HTTP site: what a request must get past before any route runs, and ``make_site``.
 
 twisted.web reads a whole request body (to memory or a temp file) before the resource sees
 the request, and keeps an idle connection for hours. This module decides from the request
@@ -33,7 +33,7 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from attrs import field, frozen
@@ -41,12 +41,14 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 
-from twistedgw.auth import QUERY_PARAMETER, Authenticator, Unauthorized
+from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
+from twistedgw.web.requests import MAX_BODY_BYTES
 
-#: Largest request body read for JSON routes.
-MAX_BODY_BYTES = 64 * 1024
+if TYPE_CHECKING:
+    from twistedgw.web.api import GatewayAPI
+
 #: Host names a gateway bound to loopback answers to (any port).
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 #: Bytes a refused client may still send (and we discard) before we stop waiting for it to
@@ -499,3 +501,39 @@ class GatewayChannel(HTTPChannel):
     def _peer(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
         return str(getattr(peer, "host", "-"))
+
+
+def access_log_line(timestamp: str, request: Any) -> str:
+    """An access log line in combined format, without the query string (which may carry an
+    access token) and without any header but the user agent."""
+    path = request.uri.split(b"?", 1)[0].decode("ascii", "replace")
+    agent = (request.getHeader(b"user-agent") or b"-").decode("ascii", "replace")
+    peer = getattr(request.getClientAddress(), "host", "-")
+    method = request.method.decode("ascii", "replace")
+    proto = request.clientproto.decode("ascii", "replace")
+    agent = agent.replace('"', "'")
+    length = request.sentLength or "-"
+    return (
+        f'"{peer}" - - {timestamp} "{method} {path} {proto}" {request.code} {length} "-" "{agent}"'
+    )
+
+
+def make_site(
+    api: GatewayAPI, header_timeout: float = 10.0, policy: EdgePolicy | None = None
+) -> Site:
+    """A twisted.web ``Site`` serving ``api`` behind the edge checks of ``policy``
+    (above): tracebacks hidden, tokens kept out of the access log, slow or
+    oversized requests refused before they cost anything."""
+    if policy is None:
+        policy = EdgePolicy(authenticator=api.authenticator, header_timeout=header_timeout)
+    site = Site(api.resource(), logFormatter=access_log_line, timeout=policy.idle_timeout)
+    site.displayTracebacks = False
+    site.requestFactory = GatewayRequest
+    site.http_channels = set()  # type: ignore[attr-defined]
+
+    class Channel(GatewayChannel):
+        pass
+
+    Channel.policy = policy
+    site.protocol = Channel  # type: ignore[method-assign,assignment]
+    return site

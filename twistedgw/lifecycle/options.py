@@ -1,0 +1,119 @@
+"""Creation options: the operator's limits (``LifecyclePolicy``) and a creation request's body
+turned into ``SandboxSettings`` (``settings_from_body``)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import frozen
+
+from twistedgw.lifecycle.errors import InvalidSettings
+from twistedgw.protocol import ProtocolError, validate_env
+from twistedgw.sandbox import SandboxSettings
+
+METADATA_KEY_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+MAX_METADATA = 32
+MAX_METADATA_VALUE = 256
+#: The gateway's own cap on a creation ``env`` value (names and entries: ``protocol``).
+MAX_ENV_VALUE = 32 * 1024
+
+
+@frozen
+class LifecyclePolicy:
+    """Server-side limits on sandboxes (the operator's options)."""
+
+    idle_timeout: float = 3600.0
+    max_idle_timeout: float = 86400.0
+    default_lifetime: float | None = None
+    max_lifetime: float | None = None
+    max_sandboxes: int = 200
+
+
+DEFAULT_LIFECYCLE = LifecyclePolicy()
+
+
+def _positive_seconds(body: Mapping[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidSettings(f"'{key}' must be a number of seconds greater than 0")
+    if value == float("inf"):
+        raise InvalidSettings(f"'{key}' must be finite")
+    return float(value)
+
+
+def _string_map(
+    body: Mapping[str, Any], key: str, name_re: re.Pattern[str], most: int, longest: int
+) -> dict[str, str]:
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > most:
+        raise InvalidSettings(f"'{key}' must be an object with at most {most} entries")
+    for name, item in value.items():
+        if not name_re.match(name):
+            raise InvalidSettings(f"'{key}' name {name[:64]!r} is not allowed")
+        if not isinstance(item, str) or "\x00" in item or len(item) > longest:
+            raise InvalidSettings(
+                f"'{key}' value of {name!r} must be a string of at most {longest} characters"
+            )
+    return dict(value)
+
+
+def _creation_env(value: Any) -> dict[str, str]:
+    """The creation body's ``env``: the protocol's one env rule, plus the value cap."""
+    if value is None:
+        return {}
+    try:
+        return validate_env(value, max_value_length=MAX_ENV_VALUE)
+    except ProtocolError as e:
+        raise InvalidSettings(e.message) from None
+
+
+def settings_from_body(
+    policy: LifecyclePolicy,
+    body: Mapping[str, Any] | None,
+    idempotency_key: str | None = None,
+    owner: str | None = None,
+) -> SandboxSettings:
+    """A creation request's settings: its JSON body (``None``: empty), its Idempotency-Key
+    and its owner, validated against the operator's ``policy``; raises ``InvalidSettings``."""
+    body = body or {}
+    unknown = set(body) - {"idle_timeout", "max_lifetime", "env", "metadata", "network"}
+    if unknown:
+        raise InvalidSettings(f"unknown creation option(s): {', '.join(sorted(unknown))}")
+    idle_timeout = _positive_seconds(body, "idle_timeout") or policy.idle_timeout
+    if idle_timeout > policy.max_idle_timeout:
+        raise InvalidSettings(
+            f"'idle_timeout' exceeds the server maximum of {policy.max_idle_timeout:g} s"
+        )
+    lifetime = _positive_seconds(body, "max_lifetime") or policy.default_lifetime
+    if policy.max_lifetime is not None:
+        if lifetime is not None and lifetime > policy.max_lifetime:
+            raise InvalidSettings(
+                f"'max_lifetime' exceeds the server maximum of {policy.max_lifetime:g} s"
+            )
+        lifetime = lifetime or policy.max_lifetime
+    network = body.get("network", "bridge")
+    if network not in ("bridge", "none"):
+        raise InvalidSettings('\'network\' must be "bridge" or "none"')
+    key = None
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 256:
+            raise InvalidSettings("Idempotency-Key must be 1-256 characters")
+        # Scoped to the owner: one client's key never returns another's sandbox.
+        scoped = f"{owner or ''}\x00{idempotency_key}".encode()
+        key = hashlib.sha256(scoped).hexdigest()[:40]
+    return SandboxSettings(
+        idle_timeout=idle_timeout,
+        max_lifetime=lifetime,
+        metadata=_string_map(body, "metadata", METADATA_KEY_RE, MAX_METADATA, MAX_METADATA_VALUE),
+        env=_creation_env(body.get("env")),
+        idempotency_key=key,
+        owner=owner,
+        network=network,
+    )

@@ -1,0 +1,79 @@
+"""How a sandbox container is confined: resource limits and hardening (``ContainerLimits``,
+the operator's options, as ``containers.run`` arguments), and the fixed layout the image
+expects (users, capabilities, the agent's port and socket)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import frozen
+
+#: Port the agent listens on inside the container.
+AGENT_PORT = 8765
+
+#: Where a network-less sandbox's socket directory is mounted, and the agent's socket in it.
+SOCKET_MOUNT = "/run/twistedgw"
+SOCKET_NAME = "agent.sock"
+#: The image's unprivileged user, who runs the user's code.
+SANDBOX_UID = 1000
+#: The image's agent user, who must be able to create the agent's socket (and no one else).
+AGENT_UID = 999
+
+#: The only capabilities a sandbox keeps (everything else is dropped): the image starts as
+#: root only for its supervisor to change to the agent user at once, keeping these three for
+#: the agent: SETUID and SETGID to start user processes as the sandbox user, KILL to signal
+#: them (they have another uid). User processes get none (SECURITY.md).
+AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL")
+
+
+@frozen
+class ContainerLimits:
+    """Resource limits and hardening for sandbox containers (operator options)."""
+
+    memory: str = "1g"
+    cpus: float = 1.0
+    pids: int = 256
+    nofile: int = 1024
+    read_only_root: bool = True
+    home_size: str = "256m"
+    tmp_size: str = "128m"
+    log_size: str = "10m"
+    runtime: str | None = None
+    #: Size of /dev/shm (a tmpfs Docker mounts nosuid, nodev, noexec; it counts towards the
+    #: memory limit). /dev/mqueue is bounded by the kernel's per-user RLIMIT_MSGQUEUE.
+    shm_size: str = "64m"
+
+    def run_options(self) -> dict[str, Any]:
+        """``containers.run`` keyword arguments for these limits (less the Ulimit objects)."""
+        options: dict[str, Any] = {
+            "mem_limit": self.memory,
+            # Swap equal to memory: no swap on top of the memory limit.
+            "memswap_limit": self.memory,
+            "nano_cpus": int(self.cpus * 1e9),
+            "pids_limit": self.pids,
+            "shm_size": self.shm_size,
+            "cap_drop": ["ALL"],
+            "cap_add": list(AGENT_CAPABILITIES),
+            "security_opt": ["no-new-privileges"],
+            "log_config": {
+                "type": "json-file",
+                "config": {"max-size": self.log_size, "max-file": "2"},
+            },
+        }
+        if self.read_only_root:
+            # Writable places are sized tmpfs mounts: a disk fill stops at their size (and
+            # counts towards the memory limit). storage_opt size would need overlay2 on xfs
+            # with project quotas, which Docker hosts rarely have.
+            options["read_only"] = True
+            home = f"rw,nosuid,nodev,size={self.home_size},uid=1000,gid=1000,mode=0755"
+            options["tmpfs"] = {
+                "/home/sandbox": home,
+                "/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
+                "/var/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
+            }
+        if self.runtime:
+            options["runtime"] = self.runtime
+        return options
+
+
+DEFAULT_LIMITS = ContainerLimits()

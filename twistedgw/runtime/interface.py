@@ -1,0 +1,92 @@
+"""What the gateway asks of a container runtime: ``IContainerRuntime``, the records it takes
+and returns, and its failures. No engine is imported here; ``twistedgw.runtime.docker`` is
+the Docker implementation (and ``tests``' fakes another)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from twistedgw.sandbox import SandboxSettings
+
+
+class RuntimeFailure(Exception):
+    """Base class of runtime failures."""
+
+
+class RuntimeUnavailable(RuntimeFailure):
+    """The container engine could not be reached, or did not answer in time."""
+
+
+class ImageMissing(RuntimeFailure):
+    """The sandbox image is not present in the engine."""
+
+
+class ContainerFailed(RuntimeFailure):
+    """The engine refused or failed an operation on a container."""
+
+
+@frozen
+class ContainerSpec:
+    """What to create: one sandbox container."""
+
+    sandbox_id: str
+    created_at: float
+    agent_secret: str
+    settings: SandboxSettings
+    #: Create it for the warm pool (labelled so; no creator yet).
+    for_pool: bool = False
+
+
+@frozen
+class ContainerInfo:
+    """What the gateway needs to know about one of its containers."""
+
+    sandbox_id: str
+    container_id: str
+    created_at: float
+    ip_address: str
+    agent_host: str
+    agent_port: int
+    agent_secret: str
+    running: bool
+    settings: SandboxSettings
+    exit_code: int | None = None
+    oom_killed: bool = False
+    #: Created for the warm pool (its labels describe the pool, not a creator's sandbox).
+    for_pool: bool = False
+    agent_socket: str | None = None
+
+
+@frozen
+class ContainerEvent:
+    """A lifecycle event of one of our containers (``die``, ``destroy``, ``oom``)."""
+
+    sandbox_id: str
+    container_id: str
+    action: str
+    exit_code: int | None = None
+
+
+class IContainerRuntime(Interface):
+    """Creates, lists and removes sandbox containers. All methods return Deferreds."""
+
+    def create(spec: ContainerSpec) -> Deferred[ContainerInfo]:
+        """Create and start a container for ``spec``; fires with its ``ContainerInfo``.
+
+        Fails with ``RuntimeUnavailable``, ``ImageMissing`` or ``ContainerFailed``. A failed
+        create leaves no container behind (best effort; reconciliation removes leftovers).
+        """
+
+    def remove(container_id: str, sandbox_id: str = "") -> Deferred[None]:
+        """Remove a container (killing it if running) and what the runtime keeps for its
+        sandbox. Removing a missing one succeeds."""
+
+    def list_containers() -> Deferred[list[ContainerInfo]]:
+        """All containers of this gateway instance, running or not."""
+
+    def watch(callback: Callable[[ContainerEvent], None]) -> None:
+        """Call ``callback`` on the reactor thread for each event of our containers."""

@@ -1,0 +1,92 @@
+"""The label codec: how a sandbox's identity and settings are written onto its container
+(labels, and environment variables for what labels cannot carry) and read back. Docker is the
+source of truth, so this is the gateway's on-disk format; tests and the bench import the label
+names from here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from twistedgw.runtime.interface import ContainerSpec
+from twistedgw.sandbox import SandboxSettings
+
+#: Label keys on every container this gateway creates.
+LABEL_MANAGED = "org.twistedgw.managed"
+LABEL_INSTANCE = "org.twistedgw.instance"
+LABEL_SANDBOX_ID = "org.twistedgw.sandbox-id"
+LABEL_CREATED_AT = "org.twistedgw.created-at"
+LABEL_IDLE_TIMEOUT = "org.twistedgw.idle-timeout"
+LABEL_MAX_LIFETIME = "org.twistedgw.max-lifetime"
+LABEL_IDEMPOTENCY = "org.twistedgw.idempotency-key"
+LABEL_META_PREFIX = "org.twistedgw.meta."
+LABEL_OWNER = "org.twistedgw.owner"
+#: Set on warm-pool containers (created before anyone asked for them).
+LABEL_POOL = "org.twistedgw.pool"
+LABEL_NETWORK = "org.twistedgw.network"
+
+#: Environment variable carrying the per-sandbox agent secret into the container.
+SECRET_ENV = "SANDBOX_AGENT_SECRET"
+#: Environment variable carrying the creator's environment for commands (JSON object).
+COMMAND_ENV = "SANDBOX_COMMAND_ENV"
+
+
+def float_label(labels: Mapping[str, str], key: str) -> float | None:
+    try:
+        return float(labels[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def settings_from(labels: Mapping[str, str], env: Mapping[str, str]) -> SandboxSettings:
+    """Recover a sandbox's settings from its container's labels and environment."""
+    try:
+        command_env = json.loads(env.get(COMMAND_ENV, "{}"))
+        if not isinstance(command_env, dict):
+            command_env = {}
+    except ValueError:
+        command_env = {}
+    return SandboxSettings(
+        idle_timeout=float_label(labels, LABEL_IDLE_TIMEOUT) or 3600.0,
+        max_lifetime=float_label(labels, LABEL_MAX_LIFETIME),
+        metadata={
+            key[len(LABEL_META_PREFIX) :]: value
+            for key, value in labels.items()
+            if key.startswith(LABEL_META_PREFIX)
+        },
+        env={str(k): str(v) for k, v in command_env.items()},
+        idempotency_key=labels.get(LABEL_IDEMPOTENCY) or None,
+        owner=labels.get(LABEL_OWNER) or None,
+        network="none" if labels.get(LABEL_NETWORK) == "none" else "bridge",
+    )
+
+
+def labels_for(spec: ContainerSpec, instance: str) -> dict[str, str]:
+    """The labels of ``spec``'s container, on gateway ``instance`` (decoded by
+    ``settings_from`` and the engine's listing)."""
+    settings = spec.settings
+    labels = {
+        LABEL_MANAGED: "true",
+        LABEL_INSTANCE: instance,
+        LABEL_SANDBOX_ID: spec.sandbox_id,
+        LABEL_CREATED_AT: repr(spec.created_at),
+        LABEL_IDLE_TIMEOUT: repr(settings.idle_timeout),
+    }
+    if settings.max_lifetime is not None:
+        labels[LABEL_MAX_LIFETIME] = repr(settings.max_lifetime)
+    if settings.idempotency_key:
+        labels[LABEL_IDEMPOTENCY] = settings.idempotency_key
+    if settings.owner:
+        labels[LABEL_OWNER] = settings.owner
+    if spec.for_pool:
+        labels[LABEL_POOL] = "true"
+    if settings.network == "none":
+        labels[LABEL_NETWORK] = "none"
+    for key, value in settings.metadata.items():
+        labels[LABEL_META_PREFIX + key] = value
+    return labels
+
+
+def instance_labels(instance: str) -> list[str]:
+    """``key=value`` label filters selecting every container of gateway ``instance``."""
+    return [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={instance}"]

@@ -1,0 +1,180 @@
+"""The REST edge (Klein): ``/sandboxes`` routes and the ``/ws/{id}`` upgrade.
+
+Routes that need a token carry ``@authenticated``; sandbox ids in paths are checked by the
+``sandbox`` route converter before any handler runs; failures are answered from the one table
+in ``twistedgw.web.errors`` (JSON bodies ``{"error": ...}``, a JSON 500 for anything else).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.routing import BaseConverter
+
+from twistedgw.lifecycle.errors import SandboxNotFound
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import settings_from_body
+from twistedgw.sandbox import is_valid_sandbox_id
+from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
+from twistedgw.web.errors import APIError, error_answer
+from twistedgw.web.requests import header_text, json_answer, read_json_body, wants_details
+
+R = TypeVar("R")
+
+
+class SandboxIdConverter(BaseConverter):
+    """``<sandbox:...>`` in a route: only a well-formed sandbox id reaches the handler; any
+    other text is answered 404 (not found, like an id that is not ours) during routing."""
+
+    def to_python(self, value: str) -> str:
+        if not is_valid_sandbox_id(value):
+            raise SandboxNotFound(value)
+        return value
+
+
+def owner_of(authenticator: Authenticator, request: IRequest) -> str | None:
+    """Authenticate a twisted.web request; the caller's owner id or ``Unauthorized``."""
+    args = request.args or {}
+    query = (args.get(QUERY_PARAMETER.encode()) or [b""])[0].decode("utf-8", "replace")
+    try:
+        header = header_text(request, b"authorization")
+    except APIError:
+        if authenticator.enabled:
+            raise Unauthorized("Authorization header is not valid UTF-8") from None
+        raise
+    return authenticator.owner_for(header, query or None)
+
+
+def authenticated(route: Callable[..., R]) -> Callable[..., R]:
+    """A route that needs a token: the caller's owner id (``None`` in open mode) is passed as
+    ``owner``, before the route reads anything else; ``Unauthorized`` (401) otherwise."""
+
+    @functools.wraps(route)
+    def checked(self: GatewayAPI, request: IRequest, *args: Any, **kwargs: Any) -> R:
+        owner = owner_of(self.authenticator, request)
+        return route(self, request, *args, owner=owner, **kwargs)
+
+    return checked
+
+
+class GatewayAPI:
+    """REST routes over a ``SandboxManager``, plus the WebSocket resource at ``/ws/{id}``."""
+
+    app = Klein()
+    app.url_map.converters["sandbox"] = SandboxIdConverter
+    _log = Logger()
+
+    def __init__(
+        self,
+        manager: SandboxManager,
+        ws_resource: IResource | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
+        self.manager = manager
+        self._ws_resource = ws_resource
+        self.authenticator = authenticator or Authenticator.from_tokens([])
+
+    def resource(self) -> IResource:
+        """The twisted.web resource serving this API."""
+        return self.app.resource()
+
+    @app.handle_errors(Exception)
+    def _error(self, request: IRequest, failure: Failure) -> bytes:
+        """Every failure, answered from the one table in ``twistedgw.web.errors``."""
+        answer = error_answer(request, failure, self._log)
+        if answer.body is None:
+            return b""
+        for name, value in answer.headers:
+            request.setHeader(name, value)
+        return json_answer(request, answer.status, answer.body)
+
+    # -- routes ----------------------------------------------------------------------------
+
+    @app.route("/sandboxes", methods=["POST"])
+    @authenticated
+    async def create_sandbox(self, request: IRequest, owner: str | None) -> bytes:
+        key = header_text(request, b"idempotency-key")
+        body = read_json_body(request)
+        settings = settings_from_body(self.manager.policy, body, key, owner)
+        sandbox = await self.manager.create(settings)
+        return json_answer(
+            request,
+            200,
+            {
+                "sandbox_id": sandbox.sandbox_id,
+                "status": "created",
+                "message": "Sandbox container created successfully",
+            },
+        )
+
+    @app.route("/sandboxes", methods=["GET"])
+    @authenticated
+    def list_sandboxes(self, request: IRequest, owner: str | None) -> bytes:
+        details = wants_details(request)
+        return json_answer(
+            request, 200, [s.to_json(details) for s in self.manager.visible_to(owner)]
+        )
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>", methods=["GET"])
+    @authenticated
+    def get_sandbox(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        sandbox = self.manager.lookup(sandbox_id, owner)
+        return json_answer(request, 200, sandbox.to_json(wants_details(request)))
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/keepalive", methods=["POST"])
+    @authenticated
+    def keepalive(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        body = read_json_body(request) or {}
+        if set(body) - {"extend_by"}:
+            raise APIError(400, "body must be a JSON object with at most 'extend_by'")
+        extend_by = body.get("extend_by")
+        if extend_by is not None and (
+            isinstance(extend_by, bool)
+            or not isinstance(extend_by, int | float)
+            or not 0 < extend_by < float("inf")
+        ):
+            raise APIError(400, "'extend_by' must be a number of seconds greater than 0")
+        sandbox = self.manager.keepalive(sandbox_id, extend_by, owner)
+        return json_answer(request, 200, sandbox.to_json(details=True))
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>", methods=["DELETE"])
+    @authenticated
+    async def delete_sandbox(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        sandbox = await self.manager.delete(sandbox_id, owner=owner)
+        return json_answer(
+            request, 200, {"message": f"Sandbox {sandbox.sandbox_id} successfully deleted"}
+        )
+
+    @app.route("/ws/<sandbox:sandbox_id>", methods=["GET"])
+    @authenticated
+    def websocket(self, request: IRequest, sandbox_id: str, owner: str | None) -> IResource:
+        # Refuse unknown ids with a JSON 404 before upgrading; ClientSide checks again.
+        self.manager.lookup(sandbox_id, owner)
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade != b"websocket":
+            # Never Autobahn's HTML status page (nor its ?redirect=).
+            request.setHeader(b"Upgrade", b"websocket")
+            raise APIError(426, "this route takes WebSocket upgrades only")
+        if self._ws_resource is None:
+            raise APIError(503, "WebSocket proxy not configured")
+        handed_over = getattr(getattr(request, "channel", None), "handed_over", None)
+        if handed_over is not None:
+            handed_over()  # the proxy's own connection cap counts it from here on
+        return self._ws_resource
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        # Answers from the first accepted connection; "ready" turns true once the sandboxes
+        # running before a restart are recovered (sandbox routes answer 503 until then).
+        body: dict[str, Any] = {"status": "ok", "ready": self.manager.recovered}
+        if not self.authenticator.enabled:
+            body["sandboxes"] = len(self.manager.registry)
+            body["pool"] = self.manager.pool_status()
+        return json_answer(request, 200, body)
