@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from autobahn.twisted.websocket import WebSocketServerProtocol
 
-from twistedgw.flow import WRITE_BUFFER
-from twistedgw.proxy import OWN_REPLY_BACKLOG, ClientSide
+from twistedgw.proxy.client import OWN_REPLY_BACKLOG, ClientSide
+from twistedgw.proxy.flow import WRITE_BUFFER
 
 
 class StuckTransport:
