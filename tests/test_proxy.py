@@ -7,62 +7,17 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from attrs import define
 from twisted.internet import reactor
 
-from tests.wsclient import TestClient, connect
-from twistedgw.lifecycle.manager import SandboxManager
+from tests.proxygw import Gateway, proxy_gateway
 from twistedgw.lifecycle.options import settings_from_body
-from twistedgw.proxy.agent import WebSocketAgents
-from twistedgw.proxy.client import ProxyFactory, finished_request, make_ws_resource
-from twistedgw.registry import SandboxRegistry
-from twistedgw.testing.fakes import FakeAgent, FakeRuntime
-from twistedgw.web.api import GatewayAPI
-from twistedgw.web.site import make_site
-
-
-@define
-class Gateway:
-    manager: SandboxManager
-    runtime: FakeRuntime
-    agent: FakeAgent
-    factory: ProxyFactory
-    port: int
-    clients: list[TestClient]
-
-    async def client(self, sandbox_id: str) -> TestClient:
-        client = await connect(reactor, self.port, f"/ws/{sandbox_id}")
-        self.clients.append(client)
-        return client
+from twistedgw.proxy.client import finished_request
 
 
 @pytest_twisted.async_yield_fixture
 async def gateway() -> AsyncIterator[Gateway]:
-    agent = FakeAgent(reactor)
-    agent_port = agent.listen(reactor)
-    runtime = FakeRuntime(agent=agent, agent_port=agent_port)
-    manager = SandboxManager(
-        SandboxRegistry(),
-        runtime,
-        reactor,
-        agent_ready_timeout=5,
-        agent_recovery_timeout=3,
-        agents=WebSocketAgents(reactor),
-    )
-    factory = ProxyFactory(manager, reactor, maxMessagePayloadSize=64 * 1024)
-    factory.doStart()
-    site = make_site(GatewayAPI(manager, make_ws_resource(factory)))
-    listening = reactor.listenTCP(0, site, interface="127.0.0.1")
-    gw = Gateway(manager, runtime, agent, factory, listening.getHost().port, [])
-    try:
+    async with proxy_gateway(max_message_size=64 * 1024) as gw:
         yield gw
-    finally:
-        for client in gw.clients:
-            if client.transport is not None:
-                client.transport.abortConnection()
-        await listening.stopListening()
-        await agent.stop()
-        factory.doStop()
 
 
 @pytest_twisted.ensureDeferred

@@ -12,16 +12,9 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.test_proxy import Gateway
+from tests.proxygw import Gateway, proxy_gateway
 from tests.wsclient import TestClient
-from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
-from twistedgw.proxy.agent import WebSocketAgents
-from twistedgw.proxy.client import ProxyFactory, make_ws_resource
-from twistedgw.registry import SandboxRegistry
-from twistedgw.testing.fakes import FakeAgent, FakeRuntime
-from twistedgw.web.api import GatewayAPI
-from twistedgw.web.site import make_site
 
 #: Seconds a reply may take before the test calls it missing.
 REPLY_DEADLINE = 5.0
@@ -30,28 +23,8 @@ SEED_RESULT_FIELDS = {"request_id", "command", "success", "output", "error", "re
 
 @pytest_twisted.async_yield_fixture
 async def gateway() -> AsyncIterator[Gateway]:
-    agent = FakeAgent(reactor)
-    agent_port = agent.listen(reactor)
-    runtime = FakeRuntime(agent=agent, agent_port=agent_port)
-    manager = SandboxManager(
-        SandboxRegistry(), runtime, reactor, agent_ready_timeout=5, agents=WebSocketAgents(reactor)
-    )
-    # The default policy (900 s default timeout, 3600 s maximum); nothing from
-    # twistedgw.protocol is imported, so this file also runs against the code before it.
-    factory = ProxyFactory(manager, reactor, maxMessagePayloadSize=4 * 1024 * 1024)
-    factory.doStart()
-    site = make_site(GatewayAPI(manager, make_ws_resource(factory)))
-    listening = reactor.listenTCP(0, site, interface="127.0.0.1")
-    gw = Gateway(manager, runtime, agent, factory, listening.getHost().port, [])
-    try:
+    async with proxy_gateway(max_message_size=4 * 1024 * 1024) as gw:
         yield gw
-    finally:
-        for client in gw.clients:
-            if client.transport is not None:
-                client.transport.abortConnection()
-        await listening.stopListening()
-        await agent.stop()
-        factory.doStop()
 
 
 async def reply(client: TestClient) -> Any:
