@@ -118,7 +118,16 @@ def test_control_messages_are_normalised() -> None:
 
 def test_control_types_form_one_table() -> None:
     """Every message type but ``command`` comes from the one parser table (new types slot in)."""
-    assert set(CONTROL_PARSERS) == {"cancel", "stdin", "list_sessions", "close_session"}
+    assert set(CONTROL_PARSERS) == {
+        "cancel",
+        "stdin",
+        "list_sessions",
+        "close_session",
+        "attach",
+        "processes",
+        "signal",
+        "subscribe_events",
+    }
     assert protocol.MESSAGE_TYPES == ("command", *CONTROL_PARSERS)
 
 

@@ -64,7 +64,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeGuard
@@ -101,6 +101,28 @@ DEFAULT_TIMEOUT = 900.0
 DEFAULT_MAX_TIMEOUT = 3600.0
 #: ``returncode`` of a command that was never run (and of every error reply).
 NOT_RUN_RETURNCODE = -1
+#: ``on_disconnect`` values: run on when the connection closes (default), or be killed.
+ON_DISCONNECT_CONTINUE = "continue"
+ON_DISCONNECT_KILL = "kill"
+ON_DISCONNECT_VALUES = (ON_DISCONNECT_CONTINUE, ON_DISCONNECT_KILL)
+#: Output streams of a process, in the order replies list them.
+STREAMS = ("stdout", "stderr")
+#: Signals ``signal`` may send (names without ``SIG``), with their numbers on Linux.
+SIGNALS: Mapping[str, int] = MappingProxyType(
+    {
+        "HUP": 1,
+        "INT": 2,
+        "QUIT": 3,
+        "KILL": 9,
+        "USR1": 10,
+        "USR2": 12,
+        "TERM": 15,
+        "CONT": 18,
+        "STOP": 19,
+    }
+)
+#: Longest ``last_event_id`` accepted.
+MAX_EVENT_ID_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -149,6 +171,15 @@ ERROR_CODES: Mapping[str, str] = MappingProxyType(
         "invalid_interactive": "'interactive' is not true or false",
         "invalid_session": "'session' is not 1-64 of A-Za-z0-9_.-",
         "unsupported": "a combination that is not supported ('interactive' with 'session')",
+        # process handles (issue 14)
+        "invalid_ack": "'ack' is not true or false",
+        "invalid_background": "'background' is not true or false",
+        "invalid_yield_after": "'yield_after' is not a number > 0, or is above the maximum",
+        "invalid_on_disconnect": "'on_disconnect' is not 'continue' or 'kill'",
+        "invalid_pid": "'pid' is not a positive integer, or neither 'pid' nor 'request_id' given",
+        "invalid_since": "'since' is not an offset >= 0 (or an object of them per stream)",
+        "invalid_signal": "'signal' is not a signal name the agent sends",
+        "invalid_event_id": "'last_event_id' is not a string of at most 64 characters",
         # state at the agent
         "duplicate_request_id": "a command with this 'request_id' is already running",
         "too_many_commands": "the connection already runs its maximum of commands",
@@ -158,6 +189,8 @@ ERROR_CODES: Mapping[str, str] = MappingProxyType(
         "not_interactive": "stdin sent to a command not started with 'interactive'",
         "stdin_closed": "stdin sent after eof",
         "unknown_session": "no session of that name",
+        "unknown_process": "no process (running or kept) has this 'pid' or 'request_id'",
+        "not_running": "the process has already exited",
         # either end
         "agent_unavailable": "the gateway's connection to the sandbox agent is closed",
         "agent_restarted": "the sandbox agent restarted while the command was in flight; "
@@ -234,6 +267,11 @@ class Command:
     stream: bool = False
     interactive: bool = False
     session: str | None = None
+    # process handles (issue 14): all off by default, so the seed's behaviour is unchanged
+    ack: bool = False
+    background: bool = False
+    yield_after: float | None = None
+    on_disconnect: str = ON_DISCONNECT_CONTINUE
 
     def to_wire(self) -> dict[str, Any]:
         """The message the gateway forwards to the agent (no ``type``, as the seed's)."""
@@ -254,6 +292,14 @@ class Command:
             wire["interactive"] = True
         if self.session is not None:
             wire["session"] = self.session
+        if self.ack:
+            wire["ack"] = True
+        if self.background:
+            wire["background"] = True
+        if self.yield_after is not None:
+            wire["yield_after"] = self.yield_after
+        if self.on_disconnect != ON_DISCONNECT_CONTINUE:
+            wire["on_disconnect"] = self.on_disconnect
         return wire
 
     def error(self, code: str, message: str) -> ProtocolError:
@@ -329,7 +375,95 @@ class CloseSession:
         return ProtocolError(code, message, self.request_id, control=True)
 
 
-ControlMessage = Cancel | Stdin | ListSessions | CloseSession
+# process handles (issue 14) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attach:
+    """Replay a process's output from ``since`` (per stream), stream it live, then its result.
+
+    The process is named by ``pid`` or, failing that, by ``request_id`` (the most recent
+    process started with it).
+    """
+
+    TYPE: ClassVar[str] = "attach"
+
+    pid: int | None = None
+    request_id: str | None = None
+    since: Mapping[str, int] = field(default_factory=lambda: {name: 0 for name in STREAMS})
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "pid": self.pid,
+            "request_id": self.request_id,
+            "since": dict(self.since),
+        }
+
+    def error(self, code: str, message: str) -> ProtocolError:
+        return ProtocolError(code, message, self.request_id, control=True)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """List the running and recently finished processes."""
+
+    TYPE: ClassVar[str] = "processes"
+
+    request_id: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "request_id": self.request_id}
+
+    def error(self, code: str, message: str) -> ProtocolError:
+        return ProtocolError(code, message, self.request_id, control=True)
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Send ``signal`` to the process group of the process ``pid`` (or ``request_id``)."""
+
+    TYPE: ClassVar[str] = "signal"
+
+    signal: str
+    pid: int | None = None
+    request_id: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "pid": self.pid,
+            "request_id": self.request_id,
+            "signal": self.signal,
+        }
+
+    def error(self, code: str, message: str) -> ProtocolError:
+        return ProtocolError(code, message, self.request_id, control=True)
+
+
+@dataclass(frozen=True)
+class SubscribeEvents:
+    """Stream the agent's process events (``started``, ``exited``) after ``last_event_id``."""
+
+    TYPE: ClassVar[str] = "subscribe_events"
+
+    last_event_id: str | None = None
+    request_id: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "request_id": self.request_id,
+            "last_event_id": self.last_event_id,
+        }
+
+    def error(self, code: str, message: str) -> ProtocolError:
+        return ProtocolError(code, message, self.request_id, control=True)
+
+
+ControlMessage = (
+    Cancel | Stdin | ListSessions | CloseSession | Attach | Processes | Signal | SubscribeEvents
+)
 Message = Command | ControlMessage
 
 
@@ -586,7 +720,37 @@ def parse_command(
             raise fail(f"invalid_{flag}", f"'{flag}' must be true or false")
         flags[flag] = bool(value)
 
+    for flag in ("ack", "background"):
+        value = obj.get(flag)
+        if value is not None and not isinstance(value, bool):
+            raise fail(f"invalid_{flag}", f"'{flag}' must be true or false")
+        flags[flag] = bool(value)
+
+    yield_after = obj.get("yield_after")
+    yield_after_s: float | None = None
+    if yield_after is not None:
+        problem = _seconds_problem(yield_after, limits.max_timeout)
+        if problem is not None:
+            raise fail("invalid_yield_after", f"'yield_after' {problem}")
+        yield_after_s = float(yield_after)
+
+    on_disconnect = obj.get("on_disconnect")
+    if on_disconnect is None:
+        on_disconnect = ON_DISCONNECT_CONTINUE
+    elif on_disconnect not in ON_DISCONNECT_VALUES:
+        raise fail("invalid_on_disconnect", "'on_disconnect' must be 'continue' or 'kill'")
+
     session = obj.get("session")
+    handles = flags["ack"] or flags["background"] or yield_after_s is not None
+    if session is not None and handles:
+        raise fail(
+            "unsupported",
+            "'ack', 'background' and 'yield_after' are for plain commands, not 'session'",
+        )
+    if flags["interactive"] and (flags["background"] or yield_after_s is not None):
+        raise fail(
+            "unsupported", "'interactive' cannot be combined with 'background' or 'yield_after'"
+        )
     if session is not None:
         if not is_session_name(session):
             raise fail(
@@ -606,6 +770,10 @@ def parse_command(
         stream=flags["stream"],
         interactive=flags["interactive"],
         session=session,
+        ack=flags["ack"],
+        background=flags["background"],
+        yield_after=yield_after_s,
+        on_disconnect=on_disconnect,
     )
 
 
@@ -654,6 +822,85 @@ def _parse_close_session(obj: Mapping[str, Any]) -> CloseSession:
     return CloseSession(session, request_id)
 
 
+def _pid_and_request_id(obj: Mapping[str, Any], kind: str) -> tuple[int | None, str | None]:
+    """The process a message names: ``pid`` (a positive integer) and/or ``request_id``."""
+    request_id = _request_id(obj, required=False, kind=kind)
+    pid = obj.get("pid")
+    if pid is not None and (
+        isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 1 << 31
+    ):
+        raise ProtocolError(
+            "invalid_pid", "'pid' must be a positive integer", request_id, control=True
+        )
+    if pid is None and request_id is None:
+        raise ProtocolError(
+            "invalid_pid", f"a {kind} message needs a 'pid' or a 'request_id'", None, control=True
+        )
+    return pid, request_id
+
+
+def _offset(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return min(value, 1 << 62)
+
+
+def _parse_attach(obj: Mapping[str, Any]) -> Attach:
+    pid, request_id = _pid_and_request_id(obj, Attach.TYPE)
+    raw = obj.get("since")
+    since: dict[str, int] = {}
+    if raw is None:
+        since = {name: 0 for name in STREAMS}
+    elif isinstance(raw, dict) and set(raw) <= set(STREAMS):
+        for name in STREAMS:
+            offset = _offset(raw.get(name, 0))
+            if offset is None:
+                break
+            since[name] = offset
+    else:
+        offset = _offset(raw)
+        if offset is not None:
+            since = {name: offset for name in STREAMS}
+    if len(since) != len(STREAMS):
+        raise ProtocolError(
+            "invalid_since",
+            "'since' must be a byte offset >= 0, or an object of them for 'stdout'/'stderr'",
+            request_id,
+            control=True,
+        )
+    return Attach(pid, request_id, MappingProxyType(since))
+
+
+def _parse_processes(obj: Mapping[str, Any]) -> Processes:
+    return Processes(_request_id(obj, required=False, kind=Processes.TYPE))
+
+
+def _parse_signal(obj: Mapping[str, Any]) -> Signal:
+    pid, request_id = _pid_and_request_id(obj, Signal.TYPE)
+    name = obj.get("signal")
+    if isinstance(name, str) and name.upper().removeprefix("SIG") in SIGNALS:
+        return Signal(name.upper().removeprefix("SIG"), pid, request_id)
+    raise ProtocolError(
+        "invalid_signal",
+        f"'signal' must be one of {', '.join(SIGNALS)}",
+        request_id,
+        control=True,
+    )
+
+
+def _parse_subscribe_events(obj: Mapping[str, Any]) -> SubscribeEvents:
+    request_id = _request_id(obj, required=False, kind=SubscribeEvents.TYPE)
+    last = obj.get("last_event_id")
+    if last is not None and not (is_text(last) and len(last) <= MAX_EVENT_ID_LENGTH):
+        raise ProtocolError(
+            "invalid_event_id",
+            f"'last_event_id' must be a string of at most {MAX_EVENT_ID_LENGTH} characters",
+            request_id,
+            control=True,
+        )
+    return SubscribeEvents(last, request_id)
+
+
 #: Control message types and their parsers; a new type is one more entry.
 CONTROL_PARSERS: Mapping[str, Callable[[Mapping[str, Any]], ControlMessage]] = MappingProxyType(
     {
@@ -661,6 +908,10 @@ CONTROL_PARSERS: Mapping[str, Callable[[Mapping[str, Any]], ControlMessage]] = M
         Stdin.TYPE: _parse_stdin,
         ListSessions.TYPE: _parse_list_sessions,
         CloseSession.TYPE: _parse_close_session,
+        Attach.TYPE: _parse_attach,
+        Processes.TYPE: _parse_processes,
+        Signal.TYPE: _parse_signal,
+        SubscribeEvents.TYPE: _parse_subscribe_events,
     }
 )
 #: Every message type, in the order the error message lists them.
@@ -758,9 +1009,46 @@ def control_error(request_id: object, message: str, code: str) -> dict[str, Any]
     }
 
 
-def output_message(request_id: str, stream: str, data: str) -> dict[str, Any]:
-    """A chunk of a streamed command's output (``stream`` is ``stdout`` or ``stderr``)."""
-    return {"type": "output", "request_id": request_id, "stream": stream, "data": data}
+def output_message(
+    request_id: str, stream: str, data: str, offset: int | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A chunk of a streamed command's output (``stream`` is ``stdout`` or ``stderr``);
+    ``offset`` is the byte offset of its first byte in that stream."""
+    message: dict[str, Any] = {
+        "type": "output",
+        "request_id": request_id,
+        "stream": stream,
+        "data": data,
+    }
+    if offset is not None:
+        message["offset"] = offset
+    message.update(extra)
+    return message
+
+
+def started_message(request_id: str, pid: int, **extra: Any) -> dict[str, Any]:
+    """The early answer to a command with ``ack`` or ``background``: it runs, as ``pid``."""
+    return {"type": "started", "request_id": request_id, "pid": pid, **extra}
+
+
+def yielded_message(
+    request_id: str, pid: int, output: str, error: str, offset: Mapping[str, int]
+) -> dict[str, Any]:
+    """The answer when ``yield_after`` passes: the output so far; the command runs on.
+    ``offset`` (per stream) is where an ``attach`` should continue (pass it as ``since``)."""
+    return {
+        "type": "yielded",
+        "request_id": request_id,
+        "pid": pid,
+        "output": output,
+        "error": error,
+        "offset": dict(offset),
+    }
+
+
+def processes_message(request_id: str | None, processes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reply to ``processes``."""
+    return {"type": "processes", "request_id": request_id, "processes": processes}
 
 
 def sessions_message(request_id: str | None, sessions: list[dict[str, Any]]) -> dict[str, Any]:

@@ -91,6 +91,8 @@ class ChunkStream:
     Reads are coalesced: pending bytes are decoded and handed to ``emit(name, text)`` when they
     reach STREAM_FLUSH_BYTES, STREAM_FLUSH_DELAY after the first pending byte, or on ``flush``.
     An incremental decoder keeps a multi-byte character split across reads whole.
+    While ``emit`` runs, ``chunk_offset`` is the byte offset in the stream of the chunk's first
+    byte (bytes held back by the decoder belong to the next chunk).
     """
 
     def __init__(self, name: str, emit: Callable[[str, str], None], timers: Timers) -> None:
@@ -100,6 +102,8 @@ class ChunkStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = bytearray()
         self._timer: Any = None
+        self._fed = 0
+        self.chunk_offset = 0
 
     def write(self, data: bytes) -> None:
         self._pending += data
@@ -118,8 +122,11 @@ class ChunkStream:
         data = bytes(self._pending)
         self._pending.clear()
         text = self._decoder.decode(data, final)
+        self._fed += len(data)
         if text:
             self.emit(self.name, text)
+        # The next chunk starts after what was decoded (held bytes of a split character).
+        self.chunk_offset = self._fed - len(self._decoder.getstate()[0])
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -169,6 +176,15 @@ class StreamCapture:
             self.limit_hit = True
             self._on_limit()
 
+    def detach(self) -> None:
+        """Nobody will read this stream's chunks or result text any more: keep nothing (the
+        process table's log has the output), and never kill for the output's size."""
+        if self.chunks is not None:
+            self.chunks.cancel()
+            self.chunks = None
+        self.buffer = OutputBuffer(0)
+        self._kill_at = 0
+
     def finish(self) -> None:
         """Send the last chunk (streamed output)."""
         if self.chunks is not None:
@@ -180,6 +196,11 @@ class StreamCapture:
 
     def text(self) -> str:
         return self.buffer.text() if self.buffer is not None else ""
+
+    @property
+    def chunk_offset(self) -> int:
+        """While a chunk is emitted: its offset in the stream (see ``ChunkStream``)."""
+        return self.chunks.chunk_offset if self.chunks is not None else 0
 
     @property
     def truncated(self) -> bool:

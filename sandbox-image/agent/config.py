@@ -18,6 +18,13 @@ DEFAULT_TIMEOUT = protocol.DEFAULT_TIMEOUT
 DEFAULT_MAX_TIMEOUT = protocol.DEFAULT_MAX_TIMEOUT
 DEFAULT_MAX_RUNNING = 64
 DEFAULT_MAX_SESSIONS = 16
+#: Process handles (issue 14): bytes kept per output stream of each process, seconds a
+#: finished process's result and log are kept, background processes at once, and the bytes
+#: of finished processes' logs kept in all (the oldest are forgotten first past it).
+DEFAULT_LOG_SIZE = 2 * 1024 * 1024
+DEFAULT_RESULT_RETENTION = 900.0
+DEFAULT_MAX_BACKGROUND = 32
+DEFAULT_KEPT_LOG_BYTES = 64 * 1024 * 1024
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LOG_LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40}
 
@@ -44,6 +51,10 @@ class AgentConfig:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     log_level: int = LOG_LEVELS["info"]
     spawn_method: str = "posix_spawn"
+    log_size: int = DEFAULT_LOG_SIZE
+    result_retention: float = DEFAULT_RESULT_RETENTION
+    max_background: int = DEFAULT_MAX_BACKGROUND
+    kept_log_bytes: int = DEFAULT_KEPT_LOG_BYTES
     #: Who user processes run as, and their oom_score_adj (see agent.spawn).
     user: UserIdentity = field(default_factory=UserIdentity)
 
@@ -110,6 +121,16 @@ class AgentConfig:
             max_sessions=_int_env(environ, "AGENT_MAX_SESSIONS", DEFAULT_MAX_SESSIONS, 0, 1 << 16),
             log_level=LOG_LEVELS[level_name],
             spawn_method="fork" if environ.get("AGENT_SPAWN") == "fork" else "posix_spawn",
+            log_size=_int_env(environ, "AGENT_LOG_SIZE", DEFAULT_LOG_SIZE, 0, 1 << 32),
+            result_retention=_float_env(
+                environ, "AGENT_RESULT_RETENTION", DEFAULT_RESULT_RETENTION, 0.0, 1e9
+            ),
+            max_background=_int_env(
+                environ, "AGENT_MAX_BACKGROUND", DEFAULT_MAX_BACKGROUND, 0, 1 << 16
+            ),
+            kept_log_bytes=_int_env(
+                environ, "AGENT_KEPT_LOG_BYTES", DEFAULT_KEPT_LOG_BYTES, 0, 1 << 40
+            ),
             user=identity,
         )
 

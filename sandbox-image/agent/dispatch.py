@@ -7,12 +7,14 @@ the socket, ``lost`` is the end of the connection.  ``Agent`` holds what connect
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 from agent import log
 from agent.child import Reaper
 from agent.config import AgentConfig
+from agent.proctable import ProcessEntry, ProcessTable, Watcher
 from agent.runs import CommandRun, RunBase, resolve_cwd
 from agent.sessions import SessionManager, SessionRun
 from twistedgw import protocol
@@ -30,6 +32,13 @@ class Agent:
         )
         self.sessions = SessionManager(config, loop, self.reaper)
         self.connections: set[Connection] = set()
+        self.table = ProcessTable(
+            loop,
+            config.log_size,
+            config.result_retention,
+            config.max_background,
+            config.kept_log_bytes,
+        )
 
     def connect(self, send: Callable[[bytes], None], peer: str = "?") -> Connection:
         conn = Connection(self, send, peer)
@@ -42,6 +51,9 @@ class Agent:
             for run in list(conn.runs.values()):
                 if isinstance(run, CommandRun):
                     run.kill()
+        for entry in list(self.table.by_pid.values()):
+            if entry.run is not None:
+                entry.run.kill()
         self.sessions.kill_all()
 
 
@@ -55,6 +67,7 @@ class Connection:
         self.runs: dict[str, RunBase] = {}
         self.open = True
         self.output_paused = False
+        self.watchers: set[Watcher] = set()
 
     # from the socket ------------------------------------------------------------------------
 
@@ -76,8 +89,10 @@ class Connection:
                 self.send_message(
                     protocol.sessions_message(message.request_id, self.agent.sessions.describe())
                 )
-            else:
+            elif isinstance(message, protocol.CloseSession):
                 self._close_session(message)
+            else:
+                self._process_message(message)
         except protocol.ProtocolError as e:
             self.send_message(e.reply())
         except Exception:
@@ -98,20 +113,40 @@ class Connection:
         self.output_paused = paused
         for run in list(self.runs.values()):
             run.set_paused(paused)
+        if not paused:
+            for watcher in list(self.watchers):
+                watcher.pump()
 
     def lost(self) -> None:
-        """The connection closed: kill its plain commands, leave its session commands."""
+        """The connection closed: its plain commands run on (their results are kept), but
+        those sent with ``on_disconnect: kill``; its session commands run on unreported."""
         if not self.open:
             return
         self.open = False
         self.agent.connections.discard(self)
+        self.agent.table.events.subscribers.discard(self)
+        for watcher in list(self.watchers):
+            watcher.cancel()
+            watcher.entry.watchers.discard(watcher)
+        self.watchers.clear()
         runs = list(self.runs.values())
         self.runs.clear()
+        killed = 0
         for run in runs:
-            run.detach()
-            if isinstance(run, CommandRun):
+            if not isinstance(run, CommandRun):
+                run.detach()
+            elif run.spec.on_disconnect == protocol.ON_DISCONNECT_KILL:
+                run.detach()
                 run.kill()
-        log.info("connection closed from %s, killed %d", self.peer, len(runs))
+                killed += 1
+            else:
+                run.orphan()
+        log.info(
+            "connection closed from %s, killed %d, left %d running",
+            self.peer,
+            killed,
+            len(runs) - killed,
+        )
 
     # messages -------------------------------------------------------------------------------
 
@@ -124,6 +159,12 @@ class Connection:
             raise spec.error(
                 "too_many_commands",
                 f"too many commands on this connection (limit {config.max_running})",
+            )
+        table = self.agent.table
+        if spec.background and table.unowned_running() >= config.max_background:
+            raise spec.error(
+                "too_many_commands",
+                f"too many background processes (limit {config.max_background})",
             )
         try:
             cwd = resolve_cwd(config, spec.cwd)
@@ -139,9 +180,10 @@ class Connection:
                 )
             return
         command = CommandRun(spec, self, self.agent.loop, config, self.agent.reaper, cwd)
-        self.runs[rid] = command
+        if not spec.background:
+            self.runs[rid] = command
         try:
-            command.start(self.agent.loop)
+            command.start(self.agent.loop, table)
         except OSError as e:
             command.owner = None
             command.finished = True
@@ -149,9 +191,20 @@ class Connection:
             self.runs.pop(rid, None)
             raise spec.error("spawn_failed", f"could not start command: {e}") from None
         log.debug("started %s pid=%s", rid, command.pid)
+        if spec.ack or spec.background:
+            assert command.pid is not None
+            extra = {"background": True} if spec.background else {}
+            self.send_message(protocol.started_message(rid, command.pid, **extra))
+        if spec.background:
+            command.orphan()
 
     def _find(self, message: protocol.Cancel | protocol.Stdin) -> RunBase:
         run = self.runs.get(message.request_id)
+        if run is None and isinstance(message, protocol.Cancel):
+            # Any connection may cancel a running process by its request id.
+            entry = self.agent.table.find(None, message.request_id)
+            if entry is not None and entry.run is not None:
+                run = entry.run
         if run is None:
             raise message.error(
                 "unknown_request", f"no running command with request_id {message.request_id!r}"
@@ -179,6 +232,61 @@ class Connection:
             raise message.error("unknown_session", f"no session {message.session!r}")
         log.info("session %s closed by %s", message.session, self.peer)
         self.send_message(protocol.session_closed_message(message.request_id, message.session))
+
+    # process handles ------------------------------------------------------------------------
+
+    def _process_message(
+        self,
+        message: protocol.Attach | protocol.Processes | protocol.Signal | protocol.SubscribeEvents,
+    ) -> None:
+        table = self.agent.table
+        if isinstance(message, protocol.Processes):
+            self.send_message(protocol.processes_message(message.request_id, table.describe()))
+            return
+        if isinstance(message, protocol.SubscribeEvents):
+            events = table.events
+            for event in events.since(message.last_event_id):
+                self.send_message(event)
+            events.subscribers.add(self)
+            return
+        entry = table.find(message.pid, message.request_id)
+        if entry is None:
+            named = f"pid {message.pid}" if message.pid is not None else "request_id"
+            raise message.error(
+                "unknown_process",
+                f"no process with {named} {message.request_id or ''}".rstrip()
+                + " (running or kept)",
+            )
+        if isinstance(message, protocol.Signal):
+            self._signal(message, entry)
+            return
+        watcher = Watcher(entry, self, dict(message.since), self.agent.loop)
+        self.send_message(watcher.attached_message())
+        entry.watchers.add(watcher)
+        self.watchers.add(watcher)
+        watcher.pump()
+
+    def _signal(self, message: protocol.Signal, entry: ProcessEntry) -> None:
+        if not entry.running:
+            raise message.error("not_running", f"process {entry.pid} has already exited")
+        try:
+            os.killpg(entry.pid, protocol.SIGNALS[message.signal])
+            delivered = True
+        except OSError:
+            delivered = False
+        log.info("signal %s to process group %s by %s", message.signal, entry.pid, self.peer)
+        self.send_message(
+            {
+                "type": "signalled",
+                "request_id": entry.request_id,
+                "pid": entry.pid,
+                "signal": message.signal,
+                "delivered": delivered,
+            }
+        )
+
+    def watcher_done(self, watcher: Watcher) -> None:
+        self.watchers.discard(watcher)
 
     # RunOwner -------------------------------------------------------------------------------
 

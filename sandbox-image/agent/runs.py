@@ -10,6 +10,7 @@ from agent.capture import StreamCapture, Timers
 from agent.child import ChildProcess, Reaper
 from agent.config import AgentConfig
 from agent.procs import KILLED_RETURNCODE, kill_group, oom_kill_count
+from agent.proctable import ProcessEntry, ProcessTable
 from agent.spawn import start_process
 from twistedgw import protocol
 
@@ -40,11 +41,12 @@ class RunBase:
         self.owner: RunOwner | None = owner
         self.timers = timers
         self.config = config
-        emit = self._emit_chunk if spec.stream else None
+        emit = self._emit_chunk if spec.stream and not spec.background else None
+        # A background command's output lives only in its process log (see ``proctable``).
+        max_output = 0 if spec.background else config.max_output
+        kill_output = 0 if spec.background else config.kill_output
         for name in ("stdout", "stderr"):
-            capture = StreamCapture(
-                name, config.max_output, config.kill_output, self._output_limit, emit, timers
-            )
+            capture = StreamCapture(name, max_output, kill_output, self._output_limit, emit, timers)
             setattr(self, name, capture)
         self.stdout: StreamCapture
         self.stderr: StreamCapture
@@ -57,6 +59,10 @@ class RunBase:
         self.session_restarted = False
         self._timeout_call: Any = None
         self._oom_kills_before: int | None = None
+        #: The process table's entry (plain commands only, once started).
+        self.entry: ProcessEntry | None = None
+        self.pid: int | None = None
+        self._yield_call: Any = None
 
     # lifecycle ------------------------------------------------------------------------------
 
@@ -100,17 +106,25 @@ class RunBase:
     def capture(self, fd: int, data: bytes) -> None:
         if fd == 1:
             self.stdout.write(data)
+            if self.entry is not None:
+                self.entry.write("stdout", data)
         elif fd == 2:
             self.stderr.write(data)
+            if self.entry is not None:
+                self.entry.write("stderr", data)
 
     def _emit_chunk(self, stream: str, text: str) -> None:
         if self.owner is not None:
-            self.owner.send_message(protocol.output_message(self.request_id, stream, text))
+            offset = getattr(self, stream).chunk_offset
+            self.owner.send_message(protocol.output_message(self.request_id, stream, text, offset))
 
     def stop_timers(self) -> None:
         if self._timeout_call is not None:
             self._timeout_call.cancel()
             self._timeout_call = None
+        if self._yield_call is not None:
+            self._yield_call.cancel()
+            self._yield_call = None
 
     def finish(self, returncode: int) -> None:
         """Build the result (flushing streamed output first) and hand it to the owner."""
@@ -137,6 +151,11 @@ class RunBase:
             extra["session"] = self.spec.session
         if self.session_restarted:
             extra["session_restarted"] = True
+        entry = self.entry
+        if entry is not None:
+            extra["pid"] = entry.pid
+            if any(entry.dropped().values()):
+                extra["dropped"] = entry.dropped()
         result = protocol.result_message(
             self.request_id,
             self.command,
@@ -152,6 +171,8 @@ class RunBase:
         log.debug(
             "finished %s rc=%s in %.1f ms", self.request_id, returncode, result["duration_ms"]
         )
+        if entry is not None:
+            entry.table.exited(entry, result)
         self._hand_over(result)
 
     def fail(self, message: str, code: str) -> None:
@@ -197,12 +218,12 @@ class CommandRun(RunBase):
         self.reaper = reaper
         self.cwd = cwd
         self.child: ChildProcess | None = None
-        self.pid: int | None = None
         self._reading_paused = False
         self._grace_call: Any = None
 
-    def start(self, loop: Any) -> None:
-        """Spawn the process (raises OSError if it cannot be started)."""
+    def start(self, loop: Any, table: ProcessTable | None = None) -> None:
+        """Spawn the process (raises OSError if it cannot be started) and, given the agent's
+        process ``table``, enter it there."""
         env = dict(self.config.child_env)
         env.update(self.spec.env or {})
         self._begin()
@@ -211,6 +232,12 @@ class CommandRun(RunBase):
             config.argv_for(self.command), env, self.cwd, config.spawn_method, config.user
         )
         self.pid = spawned.pid
+        if table is not None:
+            spec = self.spec
+            self.entry = table.add(spawned.pid, self.request_id, self.command, spec.background)
+            self.entry.run = self
+            if spec.yield_after is not None and not spec.background:
+                self._yield_call = self.timers.call_later(spec.yield_after, self._yield)
         self.child = ChildProcess(loop, self.reaper, spawned, self)
         if self.spec.stdin:
             self.child.write(self.spec.stdin.encode("utf-8"))
@@ -222,6 +249,39 @@ class CommandRun(RunBase):
     @property
     def stdin_open(self) -> bool:
         return self.child is not None and self.child.stdin_open
+
+    # ownership ------------------------------------------------------------------------------
+
+    def orphan(self) -> None:
+        """No connection waits on this command any more (background, yielded, or its
+        connection closed): it runs on into its process log, its result is kept."""
+        self.detach()
+        self.stdout.detach()
+        self.stderr.detach()
+        if self.entry is not None:
+            self.entry.owned = False
+        if self._yield_call is not None:
+            self._yield_call.cancel()
+            self._yield_call = None
+
+    def _yield(self) -> None:
+        """``yield_after`` passed: answer with the output so far; the command runs on."""
+        self._yield_call = None
+        owner, entry = self.owner, self.entry
+        if self.finished or owner is None or entry is None:
+            return
+        message = protocol.yielded_message(
+            self.request_id,
+            entry.pid,
+            entry.logs["stdout"].text(),
+            entry.logs["stderr"].text(),
+            entry.offsets(),
+        )
+        self.orphan()
+        try:
+            owner.run_done(self, message)
+        except Exception:
+            log.exception("yield handler failed for %s", self.request_id)
 
     # ChildHandler ---------------------------------------------------------------------------
 

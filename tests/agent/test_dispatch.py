@@ -73,9 +73,10 @@ def test_a_timeout_above_the_maximum_is_refused_not_clamped(loop: Loop) -> None:
     assert h.sent[0]["error_code"] == "invalid_timeout"
 
 
-def test_connection_loss_kills_plain_commands(loop: Loop) -> None:
+def test_connection_loss_kills_commands_sent_with_on_disconnect_kill(loop: Loop) -> None:
+    """The seed's behaviour, now opt-in: ``on_disconnect: kill``."""
     h = Harness(loop)
-    h.send({"request_id": "r", "command": "sleep 30"})
+    h.send({"request_id": "r", "command": "sleep 30", "on_disconnect": "kill"})
     run = h.conn.runs["r"]
     pid = getattr(run, "pid", None)
     assert pid

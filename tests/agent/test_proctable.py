@@ -1,0 +1,341 @@
+"""Process handles (issue 14): the ring log, attach replay, background, yield, processes,
+signal, the background cap, kept results and process events, in memory on a real loop."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from agent.loop import Loop
+from agent.proctable import RingLog
+
+from tests.agent.test_dispatch import Harness
+
+
+@pytest.fixture
+def loop() -> Iterator[Loop]:
+    loop = Loop()
+    yield loop
+    loop.close()
+
+
+# -- the ring log -----------------------------------------------------------------------------
+
+
+def test_a_ring_log_keeps_absolute_offsets_until_it_wraps() -> None:
+    log = RingLog(8)
+    log.write(b"abcde")
+    assert (log.start, log.end, log.dropped) == (0, 5, 0)
+    assert log.read(2) == (2, b"cde")
+    log.write(b"fghij")
+    # 10 bytes written, 8 kept: the first two are gone, offsets do not move.
+    assert (log.start, log.end, log.dropped) == (2, 10, 2)
+    assert log.read(2) == (2, b"cdefghij")
+    assert log.read(7) == (7, b"hij")
+
+
+def test_a_ring_log_read_before_the_window_starts_at_the_oldest_kept_byte() -> None:
+    log = RingLog(4)
+    log.write(b"0123456789")
+    assert log.read(0) == (6, b"6789")
+
+
+def test_a_ring_log_read_beyond_the_end_is_empty_at_the_end() -> None:
+    log = RingLog(4)
+    log.write(b"ab")
+    assert log.read(100) == (2, b"")
+
+
+def test_a_write_larger_than_the_ring_keeps_its_tail() -> None:
+    log = RingLog(4)
+    log.write(b"xy")
+    log.write(b"0123456789")
+    assert (log.start, log.end, bytes(log.buf)) == (8, 12, b"6789")
+
+
+def test_a_ring_log_read_is_bounded_by_its_limit() -> None:
+    log = RingLog(100)
+    log.write(b"a" * 50)
+    assert log.read(10, limit=5) == (10, b"aaaaa")
+
+
+# -- helpers over the dispatcher ----------------------------------------------------------------
+
+
+def second(h: Harness) -> tuple[Any, list[dict[str, Any]]]:
+    """Another connection to the same agent, and what it receives."""
+    sent: list[dict[str, Any]] = []
+    conn = h.agent.connect(lambda b: sent.append(json.loads(b)))
+    return conn, sent
+
+
+def run_until(loop: Loop, done: Any, timeout: float = 10.0) -> None:
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if done():
+            return
+        loop.run_once(0.02)
+    raise AssertionError("condition not met in time")
+
+
+def stdout_of(messages: list[dict[str, Any]], request_id: str) -> str:
+    return "".join(
+        m["data"]
+        for m in messages
+        if m.get("type") == "output" and m["request_id"] == request_id and m["stream"] == "stdout"
+    )
+
+
+def result_in(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((m for m in messages if m.get("type") == "result"), None)
+
+
+# -- background, attach ---------------------------------------------------------------------------
+
+
+def test_background_answers_started_at_once_and_attach_replays_everything(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "bg", "command": "for i in 1 2 3; do echo $i; done", "background": True})
+    started = h.sent.pop(0)
+    assert started["type"] == "started" and started["background"] is True
+    pid = started["pid"]
+    run_until(loop, lambda: not h.agent.table.by_pid[pid].running)
+    assert h.sent == []  # the starting connection gets no result: it did not attach
+    conn, got = second(h)
+    conn.handle(json.dumps({"type": "attach", "pid": pid, "since": 0}).encode(), False)
+    run_until(loop, lambda: result_in(got) is not None)
+    assert got[0]["type"] == "attached" and got[0]["since"] == {"stdout": 0, "stderr": 0}
+    assert stdout_of(got, "bg") == "1\n2\n3\n"
+    result = result_in(got)
+    assert result is not None
+    assert (result["returncode"], result["pid"], result["output"]) == (0, pid, "")
+
+
+def test_attach_since_an_offset_replays_only_what_follows_it(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "bg", "command": "printf 0123456789", "background": True})
+    pid = h.sent.pop(0)["pid"]
+    run_until(loop, lambda: not h.agent.table.by_pid[pid].running)
+    h.send({"type": "attach", "request_id": "bg", "since": 4})
+    run_until(loop, lambda: result_in(h.sent) is not None)
+    chunks = [m for m in h.sent if m.get("type") == "output"]
+    assert [(c["offset"], c["data"]) for c in chunks] == [(4, "456789")]
+
+
+def test_attach_beyond_the_end_starts_at_the_end(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "bg", "command": "printf abc", "background": True})
+    pid = h.sent.pop(0)["pid"]
+    run_until(loop, lambda: not h.agent.table.by_pid[pid].running)
+    h.send({"type": "attach", "pid": pid, "since": 1000})
+    run_until(loop, lambda: result_in(h.sent) is not None)
+    assert h.sent[0]["since"] == {"stdout": 3, "stderr": 0}
+    assert stdout_of(h.sent, "bg") == ""
+
+
+def test_attach_before_the_kept_window_says_how_much_was_dropped(loop: Loop) -> None:
+    h = Harness(loop, log_size=10)
+    h.send({"request_id": "bg", "command": "printf 0123456789abcdef", "background": True})
+    pid = h.sent.pop(0)["pid"]
+    run_until(loop, lambda: not h.agent.table.by_pid[pid].running)
+    h.send({"type": "attach", "pid": pid, "since": 0})
+    run_until(loop, lambda: result_in(h.sent) is not None)
+    attached = h.sent[0]
+    assert attached["since"]["stdout"] == 6 and attached["dropped"]["stdout"] == 6
+    assert stdout_of(h.sent, "bg") == "6789abcdef"
+    result = result_in(h.sent)
+    assert result is not None and result["dropped"] == {"stdout": 6, "stderr": 0}
+
+
+def test_two_watchers_each_get_the_live_output(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "bg", "command": "sleep 0.3; echo live", "background": True})
+    pid = h.sent.pop(0)["pid"]
+    conn, got = second(h)
+    conn.handle(json.dumps({"type": "attach", "pid": pid}).encode(), False)
+    h.send({"type": "attach", "pid": pid})
+    run_until(loop, lambda: result_in(got) is not None and result_in(h.sent) is not None)
+    assert stdout_of(got, "bg") == stdout_of(h.sent, "bg") == "live\n"
+
+
+def test_a_paused_watcher_falls_behind_and_reports_the_bytes_it_missed(loop: Loop) -> None:
+    """A slow watcher never holds the process back; it skips what wrapped out of the log."""
+    h = Harness(loop, log_size=1000)
+    conn, got = second(h)
+    h.send({"request_id": "bg", "command": "sleep 0.2; head -c 5000 /dev/zero", "background": True})
+    pid = h.sent.pop(0)["pid"]
+    conn.handle(json.dumps({"type": "attach", "pid": pid}).encode(), False)
+    conn.set_output_paused(True)
+    run_until(loop, lambda: not h.agent.table.by_pid[pid].running)  # not held back
+    conn.set_output_paused(False)
+    run_until(loop, lambda: result_in(got) is not None)
+    chunks = [m for m in got if m.get("type") == "output"]
+    assert sum(c.get("dropped", 0) for c in chunks) == 4000
+    assert sum(len(c["data"]) for c in chunks) == 1000
+
+
+def test_a_dropped_connection_no_longer_kills_its_command(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "r", "command": "sleep 0.3; echo done", "ack": True})
+    started = h.sent.pop(0)
+    assert started["type"] == "started" and "background" not in started
+    h.conn.lost()
+    conn, got = second(h)
+    conn.handle(json.dumps({"type": "attach", "request_id": "r"}).encode(), False)
+    run_until(loop, lambda: result_in(got) is not None)
+    assert stdout_of(got, "r") == "done\n"
+    result = result_in(got)
+    assert result is not None and result["returncode"] == 0
+
+
+def test_the_owner_still_gets_the_full_result_with_its_pid(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "r", "command": "echo hi"})
+    result = h.wait_for("result")
+    assert result["output"] == "hi\n"
+    assert result["pid"] in h.agent.table.by_pid
+    assert "dropped" not in result
+
+
+def test_streamed_chunk_offsets_add_up(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "r", "command": "printf ab; sleep 0.1; printf cde", "stream": True})
+    run_until(loop, lambda: result_in(h.sent) is not None)
+    chunks = [m for m in h.sent if m.get("type") == "output"]
+    assert [(c["offset"], c["data"]) for c in chunks] == [(0, "ab"), (2, "cde")]
+
+
+# -- yield_after -------------------------------------------------------------------------------
+
+
+def test_yield_after_returns_the_output_so_far_and_attach_completes_it(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "y", "command": "echo first; sleep 0.6; echo second", "yield_after": 0.3})
+    yielded = h.wait_for("yielded")
+    assert yielded["output"] == "first\n"
+    assert yielded["offset"] == {"stdout": 6, "stderr": 0}
+    assert "y" not in h.conn.runs
+    h.send({"type": "attach", "pid": yielded["pid"], "since": yielded["offset"]})
+    run_until(loop, lambda: result_in(h.sent) is not None)
+    assert stdout_of(h.sent, "y") == "second\n"
+
+
+def test_a_command_done_before_yield_after_gets_its_plain_result(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "y", "command": "echo quick", "yield_after": 5})
+    assert h.wait_for("result")["output"] == "quick\n"
+    assert not any(m.get("type") == "yielded" for m in h.sent)
+
+
+# -- processes, signal, errors, limits -------------------------------------------------------------
+
+
+def test_processes_lists_running_and_finished_commands(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "done", "command": "echo x"})
+    h.wait_for("result")
+    h.send({"request_id": "bg", "command": "sleep 5", "background": True})
+    pid = h.sent.pop(0)["pid"]
+    h.send({"type": "processes", "request_id": "q"})
+    listing = h.wait_for("processes")
+    by_rid = {p["request_id"]: p for p in listing["processes"]}
+    assert by_rid["done"]["state"] == "exited" and by_rid["done"]["returncode"] == 0
+    assert by_rid["done"]["bytes"] == {"stdout": 2, "stderr": 0}
+    assert by_rid["bg"]["state"] == "running" and by_rid["bg"]["pid"] == pid
+    h.send({"type": "signal", "pid": pid, "signal": "KILL"})
+    assert h.wait_for("signalled")["delivered"] is True
+
+
+def test_signal_term_reaches_the_whole_process_group(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "bg", "command": "sleep 30 & sleep 30; wait", "background": True})
+    pid = h.sent.pop(0)["pid"]
+    h.send({"type": "signal", "request_id": "bg", "signal": "TERM"})
+    assert h.wait_for("signalled")["signal"] == "TERM"
+    run_until(loop, lambda: not h.agent.table.by_pid[pid].running, timeout=5)
+    assert h.agent.table.by_pid[pid].returncode == -15
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ({"type": "attach", "pid": 999999}, "unknown_process"),
+        ({"type": "attach", "request_id": "nope"}, "unknown_process"),
+        ({"type": "signal", "pid": 999999, "signal": "TERM"}, "unknown_process"),
+        ({"type": "attach"}, "invalid_pid"),
+        ({"type": "attach", "pid": -3}, "invalid_pid"),
+        ({"type": "attach", "pid": 1, "since": -1}, "invalid_since"),
+        ({"type": "signal", "pid": 1, "signal": "BOOM"}, "invalid_signal"),
+        ({"command": "true", "background": "yes"}, "invalid_background"),
+        ({"command": "true", "yield_after": 0}, "invalid_yield_after"),
+        ({"command": "true", "on_disconnect": "explode"}, "invalid_on_disconnect"),
+        ({"command": "true", "background": True, "session": "s"}, "unsupported"),
+    ],
+)
+def test_bad_process_messages_get_an_error_code(
+    loop: Loop, message: dict[str, Any], code: str
+) -> None:
+    h = Harness(loop)
+    h.send(message)
+    assert h.sent[-1]["type"] == "error" and h.sent[-1]["error_code"] == code
+
+
+def test_signal_to_a_finished_process_is_not_running(loop: Loop) -> None:
+    h = Harness(loop)
+    h.send({"request_id": "r", "command": "true"})
+    pid = h.wait_for("result")["pid"]
+    h.send({"type": "signal", "pid": pid, "signal": "TERM"})
+    assert h.sent[-1]["error_code"] == "not_running"
+
+
+def test_background_processes_beyond_the_cap_are_too_many_commands(loop: Loop) -> None:
+    h = Harness(loop, max_background=2)
+    for i in range(2):
+        h.send({"request_id": f"b{i}", "command": "sleep 5", "background": True})
+    h.send({"request_id": "b2", "command": "sleep 5", "background": True})
+    assert h.sent[-1]["error_code"] == "too_many_commands"
+    assert len(h.agent.table.by_pid) == 2
+    h.agent.kill_all()
+
+
+def test_finished_results_are_forgotten_after_the_retention(loop: Loop) -> None:
+    h = Harness(loop, result_retention=0.3)
+    h.send({"request_id": "r", "command": "true"})
+    pid = h.wait_for("result")["pid"]
+    assert pid in h.agent.table.by_pid
+    run_until(loop, lambda: pid not in h.agent.table.by_pid, timeout=3)
+    h.send({"type": "attach", "pid": pid})
+    assert h.sent[-1]["error_code"] == "unknown_process"
+
+
+def test_kept_logs_are_bounded_in_all_oldest_first(loop: Loop) -> None:
+    h = Harness(loop, kept_log_bytes=3000)
+    pids = []
+    for i in range(3):
+        h.send({"request_id": f"r{i}", "command": "head -c 1200 /dev/zero"})
+        pids.append(h.wait_for("result")["pid"])
+    table = h.agent.table
+    assert pids[0] not in table.by_pid and pids[2] in table.by_pid
+    assert table.finished_bytes <= 3000
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+def test_events_report_started_and_exited_and_resume_after_an_id(loop: Loop) -> None:
+    h = Harness(loop)
+    conn, got = second(h)
+    conn.handle(json.dumps({"type": "subscribe_events", "request_id": "ev"}).encode(), False)
+    h.send({"request_id": "bg", "command": "exit 4", "background": True})
+    run_until(loop, lambda: any(e.get("event") == "exited" for e in got))
+    kinds = [(e["event"], e["request_id"]) for e in got]
+    assert kinds == [("started", "bg"), ("exited", "bg")]
+    assert got[1]["returncode"] == 4 and got[1]["pid"] == got[0]["pid"]
+    conn3, replay = second(h)
+    first_id = got[0]["id"]
+    conn3.handle(
+        json.dumps({"type": "subscribe_events", "last_event_id": first_id}).encode(), False
+    )
+    assert [e["event"] for e in replay] == ["exited"]
