@@ -43,6 +43,9 @@ class IAgents(Interface):
     def list_sessions(link: Any, timeout: float) -> Deferred[set[str]]:
         """The names of the sessions the agent behind ``link`` has now."""
 
+    def list_processes(link: Any, timeout: float) -> Deferred[list[dict[str, Any]]]:
+        """The process table of the agent behind ``link`` (``processes``' entries)."""
+
 
 @implementer(IAgents)
 class NoAgents:
@@ -56,6 +59,9 @@ class NoAgents:
         return _unavailable()
 
     def list_sessions(self, *args: Any, **kwargs: Any) -> Deferred[set[str]]:
+        return _unavailable()
+
+    def list_processes(self, *args: Any, **kwargs: Any) -> Deferred[list[dict[str, Any]]]:
         return _unavailable()
 
 

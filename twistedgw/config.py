@@ -88,6 +88,10 @@ class GatewayConfig:
     max_timeout: float
     max_output: int
     output_kill_limit: int
+    # Process handles (issue 14): passed to the agents.
+    result_retention: float
+    process_log_size: int
+    max_background: int
     # The edge.
     open_handshake_timeout: float
     max_connections: int
@@ -142,6 +146,9 @@ class GatewayConfig:
             max_timeout=options["max-timeout"],
             max_output=options["max-output"],
             output_kill_limit=options["output-kill-limit"],
+            result_retention=options["result-retention"],
+            process_log_size=options["process-log-size"],
+            max_background=options["max-background"],
             open_handshake_timeout=options["open-handshake-timeout"],
             max_connections=options["max-connections"],
             max_http_connections=options["max-http-connections"],

@@ -29,6 +29,7 @@ from twistedgw.service import ProxyService, ShutdownSignals
 from twistedgw.state import StateFile
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.auth import Authenticator, read_tokens
+from twistedgw.web.events import SandboxEvents
 from twistedgw.web.site import EdgePolicy, default_hosts, fit_descriptors, make_site
 
 __all__ = ["Options", "agent_message_limit", "edge_policy", "makeService"]
@@ -231,6 +232,27 @@ class Options(usage.Options):
             _positive_int("--output-kill-limit"),
         ],
         [
+            "result-retention",
+            None,
+            900.0,
+            "Seconds a finished command's result and output log are kept for 'attach'.",
+            _positive_float("--result-retention"),
+        ],
+        [
+            "process-log-size",
+            None,
+            2 * 1024 * 1024,
+            "Bytes of each output stream kept per process for 'attach' (oldest dropped).",
+            _positive_int("--process-log-size"),
+        ],
+        [
+            "max-background",
+            None,
+            32,
+            "Background processes a sandbox may run at once ('too_many_commands' beyond).",
+            _positive_int("--max-background"),
+        ],
+        [
             "open-handshake-timeout",
             None,
             10.0,
@@ -342,6 +364,9 @@ def makeService(options: Options) -> IService:
             "AGENT_KILL_OUTPUT": str(config.output_kill_limit),
             "AGENT_DEFAULT_TIMEOUT": str(config.default_timeout),
             "AGENT_MAX_TIMEOUT": str(config.max_timeout),
+            "AGENT_RESULT_RETENTION": str(config.result_retention),
+            "AGENT_LOG_SIZE": str(config.process_log_size),
+            "AGENT_MAX_BACKGROUND": str(config.max_background),
         },
     )
     runtime.setName("docker-runtime")
@@ -368,7 +393,8 @@ def makeService(options: Options) -> IService:
     manager.setName("sandbox-manager")
     manager.setServiceParent(root)
 
-    reaper = Reaper(manager)
+    events = SandboxEvents()
+    reaper = Reaper(manager, events, warn_before=max(60.0, 2 * config.reap_interval))
     make_reaper_service(reaper, config.reap_interval, reactor).setServiceParent(root)
 
     authenticator = Authenticator.from_tokens(config.tokens)
@@ -394,7 +420,7 @@ def makeService(options: Options) -> IService:
     ProxyService(factory, reactor).setServiceParent(root)
     ShutdownSignals(reactor).setServiceParent(root)
 
-    api = GatewayAPI(manager, make_ws_resource(factory), authenticator)
+    api = GatewayAPI(manager, make_ws_resource(factory), authenticator, events, clock=reactor)
     endpoint = serverFromString(reactor, config.port)
     web = StreamServerEndpointService(
         endpoint, make_site(api, policy=edge_policy(config, authenticator))

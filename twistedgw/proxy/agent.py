@@ -218,6 +218,50 @@ async def list_sessions(reactor: Any, agent: AgentSide, timeout: float = 2.0) ->
         agent.listener = None
 
 
+class _ProcessListing:
+    """An ``AgentListener`` waiting for the reply to one ``processes`` request."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.done: Deferred[list[dict[str, Any]]] = Deferred()
+
+    def agent_message(self, payload: bytes, is_binary: bool) -> None:
+        if self.done.called:
+            return
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return
+        if (
+            isinstance(message, dict)
+            and message.get("type") == "processes"
+            and message.get("request_id") == self.request_id
+            and isinstance(message.get("processes"), list)
+        ):
+            self.done.callback([p for p in message["processes"] if isinstance(p, dict)])
+
+    def agent_closed(self, code: int | None, reason: str | None) -> None:
+        if not self.done.called:
+            self.done.errback(AgentUnavailable(f"agent closed while listing processes ({code})"))
+
+
+async def list_processes(
+    reactor: Any, agent: AgentSide, timeout: float = 2.0
+) -> list[dict[str, Any]]:
+    """The agent's process table now (a ``processes`` round trip)."""
+    listing = _ProcessListing(f"gateway-{secrets.token_hex(8)}")
+    agent.listener = listing
+    request = {"type": "processes", "request_id": listing.request_id}
+    agent.send_json(json.dumps(request).encode())
+    listing.done.addTimeout(timeout, reactor)
+    try:
+        return await listing.done
+    except TimeoutError:
+        raise AgentUnavailable(f"agent did not list its processes within {timeout:g} s") from None
+    finally:
+        agent.listener = None
+
+
 @implementer(IAgents)
 class WebSocketAgents:
     """``IAgents`` over the agent's WebSocket: what the lifecycle uses to reach agents."""
@@ -253,3 +297,6 @@ class WebSocketAgents:
 
     def list_sessions(self, link: AgentSide, timeout: float) -> Deferred[set[str]]:
         return Deferred.fromCoroutine(list_sessions(self._reactor, link, timeout=timeout))
+
+    def list_processes(self, link: AgentSide, timeout: float) -> Deferred[list[dict[str, Any]]]:
+        return Deferred.fromCoroutine(list_processes(self._reactor, link, timeout=timeout))

@@ -69,6 +69,8 @@ _OUTPUT_PREFIXES = (b'{"type": "output"', b'{"type":"output"')
 _RESULT_HEAD = re.compile(
     rb'\{"type": ?"(?:result|error)", ?"request_id": ?("(?:[^"\\]|\\.)*"), ?"command"'
 )
+#: A ``yielded`` answer (``yield_after``) also ends a command on its connection.
+_YIELDED_HEAD = re.compile(rb'\{"type": ?"yielded", ?"request_id": ?("(?:[^"\\]|\\.)*")')
 
 
 def finished_request(payload: bytes) -> str | None:
@@ -76,7 +78,7 @@ def finished_request(payload: bytes) -> str | None:
     the error reply to it), or None for anything else (output chunks, control replies)."""
     if payload.startswith(_OUTPUT_PREFIXES):
         return None
-    head = _RESULT_HEAD.match(payload, 0, 1024)
+    head = _RESULT_HEAD.match(payload, 0, 1024) or _YIELDED_HEAD.match(payload, 0, 1024)
     if head is not None:
         try:
             request_id = json.loads(head.group(1))
@@ -243,7 +245,8 @@ class ClientSide(WebSocketServerProtocol):
                 self._send_own(encode(failure.reply(datetime.now())))
                 return False
             sandbox.sessions.add(session)
-        self.in_flight[message.request_id] = message.command
+        if not message.background:  # answered by ``started``; its result is not for us
+            self.in_flight[message.request_id] = message.command
         return True
 
     def agent_message(self, payload: bytes, is_binary: bool) -> None:

@@ -18,12 +18,15 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.routing import BaseConverter
 
+from twistedgw import protocol
+from twistedgw.agents import AgentUnavailable
 from twistedgw.lifecycle.errors import SandboxNotFound
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.sandbox import is_valid_sandbox_id
 from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.web.errors import APIError, error_answer
+from twistedgw.web.events import HEARTBEAT, EventStream, SandboxEvents
 from twistedgw.web.requests import header_text, json_answer, read_json_body, wants_details
 
 R = TypeVar("R")
@@ -76,10 +79,19 @@ class GatewayAPI:
         manager: SandboxManager,
         ws_resource: IResource | None = None,
         authenticator: Authenticator | None = None,
+        events: SandboxEvents | None = None,
+        heartbeat: float = HEARTBEAT,
+        clock: Any = None,
     ) -> None:
         self.manager = manager
         self._ws_resource = ws_resource
         self.authenticator = authenticator or Authenticator.from_tokens([])
+        #: The gateway's own sandbox events (the reaper's ``idle_warning``).
+        self.events = events or SandboxEvents()
+        self.heartbeat = heartbeat
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
 
     def resource(self) -> IResource:
         """The twisted.web resource serving this API."""
@@ -151,6 +163,36 @@ class GatewayAPI:
         return json_answer(
             request, 200, {"message": f"Sandbox {sandbox.sandbox_id} successfully deleted"}
         )
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/events", methods=["GET"])
+    @authenticated
+    async def sandbox_events(self, request: IRequest, sandbox_id: str, owner: str | None) -> None:
+        """Server-Sent Events: process ``started``/``exited`` (ids, ``Last-Event-ID``),
+        ``idle_warning`` and ``removed`` (see ``twistedgw.web.events``)."""
+        sandbox = self.manager.lookup(sandbox_id, owner)
+        last = header_text(request, b"last-event-id")
+        if not last:
+            args = request.args or {}
+            raw = (args.get(b"last_event_id") or [b""])[0]
+            last = raw.decode("utf-8", "replace")
+        if last and len(last) > protocol.MAX_EVENT_ID_LENGTH:
+            raise APIError(400, "Last-Event-ID is longer than 64 characters")
+        try:
+            link = await self.manager.open_agent(sandbox)
+        except AgentUnavailable:
+            raise APIError(503, "sandbox agent unreachable") from None
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        channel = getattr(request, "channel", None)
+        if channel is not None and hasattr(channel, "setTimeout"):
+            channel.setTimeout(None)  # a quiet stream is not an idle connection
+        stream = EventStream(
+            request, sandbox, self.manager, self.events, self.clock, self.heartbeat
+        )
+        stream.start(link, last or None)
+        await stream.done
 
     @app.route("/ws/<sandbox:sandbox_id>", methods=["GET"])
     @authenticated
