@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
 from tests.test_sandbox import Client
+from twistedgw.agents import IAgents, NoAgents
 from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.testing.fakes import FakeRuntime
+from twistedgw.web.events import SandboxEvents
 
 
 @pytest_twisted.ensureDeferred
@@ -134,3 +142,91 @@ async def test_reconcile_adopts_running_containers(
     adopted = fresh.lookup(first.sandbox_id)
     assert adopted.created_at == first.created_at
     assert adopted.agent_secret == first.agent_secret
+
+
+# -- running processes count as activity (issue 14) --------------------------------------------
+
+
+class _Link:
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@implementer(IAgents)
+class _ProcessAgents(NoAgents):
+    """Agents whose process table says ``running`` processes run; counts the questions."""
+
+    def __init__(self, running: int) -> None:
+        self.running = running
+        self.asked = 0
+        self.links: list[_Link] = []
+
+    def connect(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        link = _Link()
+        self.links.append(link)
+        return succeed(link)
+
+    def list_processes(self, link: Any, timeout: float) -> Deferred[list[dict[str, Any]]]:
+        self.asked += 1
+        return succeed([{"pid": 10 + i, "state": "running"} for i in range(self.running)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_running_process_keeps_an_idle_sandbox_until_its_lifetime(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """Idle past its timeout with a process still running: kept (and the agent link closed);
+    once the process is gone it is reaped; the lifetime wins over processes."""
+    agents = _ProcessAgents(running=1)
+    manager.agents = agents
+    sandbox = await manager.create()
+    reaper = Reaper(manager)
+    clock.advance(150)  # idle timeout 100
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    assert agents.asked == 1 and all(link.closed for link in agents.links)
+    agents.running = 0
+    clock.advance(150)
+    await reaper.sweep()
+    assert sandbox.sandbox_id not in manager.registry
+
+
+@pytest_twisted.ensureDeferred
+async def test_processes_do_not_outlive_the_lifetime(manager: SandboxManager, clock: Clock) -> None:
+    manager.agents = _ProcessAgents(running=3)
+    settings = settings_from_body(manager.policy, {"max_lifetime": 1000}, None, None)
+    sandbox = await manager.create(settings)
+    reaper = Reaper(manager)
+    for _ in range(16):
+        clock.advance(60)
+        await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry  # 960 s, idle, processes running
+    clock.advance(60)
+    await reaper.sweep()
+    assert sandbox.sandbox_id not in manager.registry
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_warning_is_published_once_before_idle_removal(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    manager.agents = _ProcessAgents(running=0)
+    events = SandboxEvents()
+    sandbox = await manager.create()
+    heard: list[tuple[str, dict[str, Any]]] = []
+    events.subscribe(sandbox.sandbox_id, lambda name, data: heard.append((name, data)))
+    reaper = Reaper(manager, events, warn_before=30)
+    clock.advance(60)  # 40 s before removal: no warning yet
+    await reaper.sweep()
+    assert heard == []
+    clock.advance(20)  # 20 s before removal
+    await reaper.sweep()
+    clock.advance(5)
+    await reaper.sweep()
+    assert [name for name, _ in heard] == ["idle_warning"]
+    assert heard[0][1]["remove_in"] == pytest.approx(20)
+    clock.advance(20)
+    await reaper.sweep()
+    assert sandbox.sandbox_id not in manager.registry
