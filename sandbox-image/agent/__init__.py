@@ -24,6 +24,8 @@ Modules, along the agent's seams:
 * ``child``    - a started process on the loop (pipes, pause/resume, stdin, SIGCHLD reaping);
 * ``procs``    - /proc scans, killing process groups, the cgroup OOM counter;
 * ``runs``     - plain commands; ``sessions`` - persistent shells with end markers;
+* ``proctable`` - the process table: bounded per-stream logs, kept results, attach
+  watchers, process events (issue 14);
 * ``dispatch`` - the protocol over that process model (testable without a socket);
 * ``wsproto``  - handshake and framing; ``server`` - HTTP + WebSocket on the loop;
 * ``loop``     - the event loop (asyncio's method names); ``log`` - stderr logging;
@@ -36,7 +38,10 @@ Behaviour (what PROTOCOL.md leaves to the agent)
   process group (``posix_spawn`` with ``setsid``: no fork of the agent's memory), with a small
   clean environment (HOME, USER, LOGNAME, PATH, LANG, SHELL, plus ``SANDBOX_COMMAND_ENV`` and
   the command's ``env``), in ``$HOME`` or ``cwd`` (relative to ``$HOME``; it must exist).
-* ``timeout``, cancel and a closed connection SIGKILL the command's whole process group.
+* ``timeout`` and cancel SIGKILL the command's whole process group; a closed connection only
+  does for commands sent with ``on_disconnect: kill``.  Other plain commands run on into the
+  process table (``proctable``), which outlives connections: their output goes to a ring per
+  stream, their result is kept for ``$AGENT_RESULT_RETENTION`` s for ``attach``.
 * ``stream: true``: output chunks in order per stream (UTF-8 decoded incrementally), small
   reads coalesced (a stream's pending bytes go out at 64 KiB or 5 ms after the first unsent
   byte, and always before the result).  When the WebSocket's send buffer passes 512 KiB the
@@ -76,4 +81,8 @@ Environment:
     AGENT_MAX_SESSIONS     sessions per agent (default 16; 0 = no sessions)
     AGENT_LOG_LEVEL        debug | info | warn | error (default info); per-command lines are debug
     AGENT_SPAWN            ``fork`` to start commands with fork+exec instead of posix_spawn
+    AGENT_LOG_SIZE         bytes kept per output stream of each process (default 2097152)
+    AGENT_RESULT_RETENTION seconds a finished process's result and log are kept (default 900)
+    AGENT_MAX_BACKGROUND   background processes running at once (default 32)
+    AGENT_KEPT_LOG_BYTES   bytes of finished processes' logs kept in all (default 67108864)
 """
