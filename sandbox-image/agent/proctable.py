@@ -393,14 +393,18 @@ class ProcessTable:
             if not over:
                 break
             self._forget(entry)
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        if self.finished:
+        # One timer, for the oldest kept entry (later ones finished later). It is not moved
+        # when that entry goes early: firing early just looks again. (Re-arming per command
+        # would leave a cancelled handle per command in the loop's heap for the retention.)
+        if self._expiry is None and self.finished:
             entry = next(iter(self.finished.values()))
             assert entry.finished_at is not None
             delay = entry.finished_at + self.retention - now
-            self._expiry = self.timers.call_later(max(0.0, delay) + 0.01, self.expire)
+            self._expiry = self.timers.call_later(max(0.0, delay) + 0.01, self._on_expiry)
+
+    def _on_expiry(self) -> None:
+        self._expiry = None
+        self.expire()
 
     def _forget(self, entry: ProcessEntry) -> None:
         if self.by_pid.get(entry.pid) is entry:

@@ -339,3 +339,13 @@ def test_events_report_started_and_exited_and_resume_after_an_id(loop: Loop) -> 
         json.dumps({"type": "subscribe_events", "last_event_id": first_id}).encode(), False
     )
     assert [e["event"] for e in replay] == ["exited"]
+
+
+def test_many_finished_commands_arm_one_expiry_timer(loop: Loop) -> None:
+    """Keeping results must not leave a timer per command in the loop for the retention."""
+    h = Harness(loop)
+    for i in range(20):
+        h.send({"request_id": f"r{i}", "command": "true"})
+        h.wait_for("result")
+    expiry = [t for t in loop._timers if getattr(t.callback, "__self__", None) is h.agent.table]
+    assert len(expiry) == 1 and not expiry[0].cancelled
