@@ -393,3 +393,60 @@ def test_env_names_must_be_variable_names(ws: ClientConnection, name: str) -> No
     """Drift item: the old agent accepted any key without '=' (the gateway did not)."""
     result = run(ws, "true", env={name: "v"})
     assert (result["type"], result["error_code"]) == ("error", "invalid_env")
+
+
+# -- process handles (issue 14) -------------------------------------------------------------------
+
+
+def open_ws(server: AgentServer) -> ClientConnection:
+    return unix_connect(
+        server.socket,
+        "ws://localhost/agent",
+        additional_headers={"Authorization": f"Bearer {server.secret}"},
+        max_size=None,
+        open_timeout=10,
+    )
+
+
+def test_a_command_of_a_closed_connection_runs_on_and_is_attached_to(
+    server: AgentServer,
+) -> None:
+    """Closing the WebSocket no longer kills the command; another connection attaches by
+    request id and gets all of its output, then its result."""
+    with open_ws(server) as first:
+        send(first, {"request_id": "bb-orphan", "command": "sleep 0.5; echo end", "ack": True})
+        started = recv(first)
+        assert started["type"] == "started"
+    with open_ws(server) as second:
+        send(second, {"type": "attach", "request_id": "bb-orphan"})
+        assert recv(second)["type"] == "attached"
+        chunks = []
+        while True:
+            msg = recv(second)
+            if msg["type"] == "result":
+                break
+            chunks.append(msg["data"])
+    assert "".join(chunks) == "end\n"
+    assert (msg["returncode"], msg["pid"]) == (0, started["pid"])
+
+
+def test_a_background_writer_leaves_the_agent_s_memory_bounded(
+    server: AgentServer, ws: ClientConnection
+) -> None:
+    """A background process writing 40 MB with nobody attached costs the agent at most its
+    log (2 MiB per stream) plus slack; the log says how much it dropped."""
+    before = server.rss_kib()
+    size = 40_000_000
+    send(ws, {"request_id": "bb-flood", "command": f"head -c {size} /dev/zero", "background": True})
+    pid = recv(ws)["pid"]
+    deadline = time.monotonic() + 60
+    while True:
+        send(ws, {"type": "processes"})
+        entry = next(p for p in recv(ws)["processes"] if p["pid"] == pid)
+        if entry["state"] == "exited" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert entry["state"] == "exited" and entry["bytes"]["stdout"] == size
+    assert entry["dropped"]["stdout"] == size - 2 * 1024 * 1024
+    grown_mib = (server.rss_kib() - before) / 1024
+    assert grown_mib < 12, f"agent grew by {grown_mib:.1f} MiB"
