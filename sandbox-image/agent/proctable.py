@@ -124,7 +124,9 @@ class ProcessEntry:
         self.result: dict[str, Any] | None = None
         #: Whether a connection still receives the process's result (its owner).
         self.owned = not background
-        self.logs = {name: RingLog(log_size) for name in protocol.STREAMS}
+        self.stdout = RingLog(log_size)
+        self.stderr = RingLog(log_size)
+        self.logs = {"stdout": self.stdout, "stderr": self.stderr}
         self.watchers: set[Watcher] = set()
         #: The run (``runs.CommandRun``) while the process runs: cancel, kill.
         self.run: Any = None
@@ -135,12 +137,13 @@ class ProcessEntry:
 
     @property
     def log_bytes(self) -> int:
-        return sum(len(log.buf) for log in self.logs.values())
+        return len(self.stdout.buf) + len(self.stderr.buf)
 
     def write(self, stream: str, data: bytes) -> None:
         self.logs[stream].write(data)
-        for watcher in self.watchers:
-            watcher.schedule()
+        if self.watchers:
+            for watcher in self.watchers:
+                watcher.schedule()
 
     def offsets(self) -> dict[str, int]:
         return {name: log.end for name, log in self.logs.items()}
@@ -281,7 +284,7 @@ class EventLog:
             "type": "event",
             "id": f"{self.boot}-{self.seq}",
             "event": event,
-            "timestamp": protocol.timestamp(),
+            "time": time.time(),
             **fields,
         }
         self.events.append((self.seq, message))
