@@ -87,7 +87,7 @@ def main() -> int:
             while time.monotonic() - t0 < args.seconds:
                 time.sleep(5)
                 if stalled is None and time.monotonic() - t0 >= args.seconds / 2:
-                    stalled = connect(url, max_size=None)
+                    stalled = connect(url, max_size=None).__enter__()
                     stalled.send(json.dumps({"type": "attach", "pid": pid, "since": 0}))
                     # ...and never reads again.
                 samples.append((round(time.monotonic() - t0), rss_kib(gateway.pid), rss_kib(agent)))
