@@ -199,6 +199,17 @@ def test_finished_request_reads_results_but_not_output_or_control_replies() -> N
     assert finished_request(b"not json") is None
 
 
+def test_a_yielded_answer_ends_a_command_but_started_does_not() -> None:
+    """``yield_after``: ``yielded`` is the last message about the command on its connection;
+    ``started`` (``ack``) comes before its result (issue 14)."""
+    from twistedgw import protocol
+
+    offset = {"stdout": 3, "stderr": 0}
+    yielded = protocol.yielded_message("y", 42, "ab\n", "", offset)
+    assert finished_request(protocol.encode(yielded)) == "y"
+    assert finished_request(protocol.encode(protocol.started_message("y", 42))) is None
+
+
 @pytest_twisted.ensureDeferred
 async def test_delete_closes_attached_clients(gateway: Gateway) -> None:
     """Deleting a connected sandbox closes its clients with code 4000 and says why."""
@@ -289,3 +300,23 @@ async def test_partial_messages_of_all_clients_are_bounded(gateway: Gateway) -> 
     first.endMessage()
     assert (await first.messages.get())["output"].startswith("a")
     assert gateway.factory.buffered == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_command_is_forwarded_and_not_reported_lost(gateway: Gateway) -> None:
+    """``background`` reaches the agent; its result is not this connection's, so an agent
+    restart does not list it among the lost requests (issue 14)."""
+    sandbox = await gateway.manager.create()
+    client = await gateway.client(sandbox.sandbox_id)
+    client.send_json({"command": "sleep 5", "request_id": "bg", "background": True})
+    client.send_json({"command": "sleep 5", "request_id": "fg", "yield_after": 2})
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, 0.2, lambda: None)
+    sent = {m["request_id"]: m for m in gateway.agent.received if "request_id" in m}
+    assert sent["bg"]["background"] is True and sent["fg"]["yield_after"] == 2.0
+    gateway.agent.restart()
+    notice = await client.messages.get()
+    while notice.get("type") != "agent_restarted":
+        notice = await client.messages.get()
+    assert notice["lost_requests"] == ["fg"]
