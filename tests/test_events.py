@@ -107,3 +107,14 @@ def test_a_client_leaving_closes_the_agent_link() -> None:
     stream, request, link, sandbox, hub, _ = _stream()
     request.finish()  # a finished request notifies as a client that left would
     assert link.closed and stream.done.called and not hub.watched(sandbox.sandbox_id)
+
+
+def test_a_client_that_does_not_read_is_ended_not_buffered_for() -> None:
+    from types import SimpleNamespace
+
+    stream, request, link, sandbox, hub, _ = _stream()
+    request.channel = SimpleNamespace(transport=SimpleNamespace(dataBuffer=b"x" * (2 << 20)))
+    written = len(request.written)
+    hub.publish(sandbox.sandbox_id, "idle_warning", {})
+    assert len(request.written) == written  # not written: the stream ended instead
+    assert stream.done.called and link.closed

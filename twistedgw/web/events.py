@@ -21,9 +21,13 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from twistedgw import protocol
+from twistedgw.proxy.flow import unsent_bytes
 
 #: Seconds between heartbeat comments.
 HEARTBEAT = 15.0
+#: Bytes of events a client may leave unread before its stream is ended (it reconnects with
+#: ``Last-Event-ID`` and loses nothing the agent still keeps): no unbounded buffering.
+MAX_UNREAD = 1024 * 1024
 
 Listener = Callable[[str, dict[str, Any]], None]
 
@@ -141,8 +145,17 @@ class EventStream:
         self._write(b": heartbeat\n\n")
 
     def _write(self, data: bytes) -> None:
-        if not self._finished:
-            self.request.write(data)
+        if self._finished:
+            return
+        transport = getattr(getattr(self.request, "channel", None), "transport", None)
+        if transport is not None and unsent_bytes(transport) > MAX_UNREAD:
+            self._log.info(
+                "event stream of {sandbox_id}: client not reading; ending it",
+                sandbox_id=self.sandbox.sandbox_id,
+            )
+            self.finish()
+            return
+        self.request.write(data)
 
     def _client_gone(self, _: object) -> None:
         self._finished = True
