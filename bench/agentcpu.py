@@ -45,15 +45,19 @@ def measure(tree: Path, commands: int) -> tuple[float, float]:
     proc = subprocess.Popen([sys.executable, "-m", "agent"], env=env, cwd=workdir)
     try:
         deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
-            if time.monotonic() > deadline:
-                raise RuntimeError("agent did not start")
-            time.sleep(0.02)
-        with unix_connect(
-            sock,
-            "ws://localhost/agent",
-            additional_headers={"Authorization": f"Bearer {secret}"},
-        ) as ws:
+        while True:  # the socket file appears before the agent listens on it
+            try:
+                ws = unix_connect(
+                    sock,
+                    "ws://localhost/agent",
+                    additional_headers={"Authorization": f"Bearer {secret}"},
+                )
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with ws:
             for _ in range(50):  # warm-up
                 ws.send(json.dumps({"command": "echo x"}))
                 ws.recv(timeout=30)
