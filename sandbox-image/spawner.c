@@ -6,29 +6,30 @@
  * The agent starts it once, through runas, as `sandbox` with no capability; from then on it
  * only forks. For each request on fd 0 (a stream socket) it receives
  *
- *     u32 length, u32 argc, u32 envc      (native byte order), with 5 fds by SCM_RIGHTS:
- *                                         stdin, stdout, stderr, go (read), status (write)
+ *     u32 length, u32 argc, u32 envc      (native byte order), with 4 fds by SCM_RIGHTS:
+ *                                         stdin, stdout, stderr, status (a pipe's write end)
  *     length bytes: cwd NUL argv[0] NUL ... argv[argc-1] NUL env[0] NUL ... env[envc-1] NUL
  *
- * and creates the process with clone(CLONE_PARENT | SIGCHLD): the new process is the AGENT's
- * child (not the spawner's), so the agent waits for it, sees its exit status and signals it
- * as before. It answers at once with  i32 pid, i32 errno  (pid > 0, errno 0; or pid 0 and the
- * errno of the failed clone).
+ * and creates the process the way posix_spawn does (clone with CLONE_VM | CLONE_VFORK, on a
+ * stack of its own: no copy of the address space, and the spawner waits until the process has
+ * exec'd or failed), plus CLONE_PARENT: the new process is the AGENT's child, not the
+ * spawner's, so the agent waits for it, sees its exit status and signals it as before. Then it
+ * answers  i32 pid, i32 errno  (pid > 0 and 0; or 0 and the errno of the failed clone).
  *
- * The new process first closes its copy of the spawner's socket and waits for one byte on the
- * go pipe, which the agent writes only once it has the pid and has checked that it is its own
- * child. If the go pipe reaches end of file instead (the agent gave up on this spawner: it
- * died, hung or answered nonsense), the process exits with status 125 without running
- * anything, so the agent may retry the command without it running twice. Then it calls
- * setsid, puts the three fds on 0, 1, 2, changes to cwd and execs argv[0] (an absolute path:
- * no PATH search) with exactly env. If chdir or exec fails it writes  i32 stage (1 chdir,
- * 2 exec), i32 errno  on the status pipe (close-on-exec: end of file there means the exec
- * happened) and exits with status 127.
+ * The new process first writes its pid (i32) on the status pipe, then calls setsid, puts the
+ * three fds on 0, 1, 2, changes to cwd and execs argv[0] (an absolute path: no PATH search)
+ * with exactly env; if chdir or exec fails it writes  i32 stage (1 chdir, 2 exec), i32 errno
+ * there too and exits with status 127. The status pipe is close-on-exec. The pid record is
+ * what lets the agent recover from a spawner that dies or hangs in the middle of a request:
+ * a process that was created announced itself there (the agent adopts it, it is not started
+ * twice), and one that cannot write it (the agent closed the pipe, having given up) exits
+ * with status 125 without running anything.
  *
  * A malformed request ends the spawner (status 1); so does end of file on fd 0 (the agent is
  * gone), and the death of the agent (PR_SET_PDEATHSIG): it never outlives the agent, so its
  * CLONE_PARENT children cannot end up with another parent. Signal dispositions and the
- * signal mask are left as they were inherited (as the exec'd wrapper left them).
+ * signal mask are left as they were inherited (as the exec'd wrapper left them); every other
+ * inherited fd is closed at its start.
  *
  * It holds nothing user code could not have: it runs as the same uid as user code, with no
  * capability, no secret in its environment (the agent starts it with an empty one) and only
@@ -50,7 +51,8 @@
 #include <unistd.h>
 
 #define CHANNEL 0
-#define NFDS 5
+#define NFDS 4
+#define STACK_SIZE (256 * 1024)
 #define MAX_REQUEST (16u << 20)
 #define STAGE_CHDIR 1
 #define STAGE_EXEC 2
@@ -153,6 +155,13 @@ static char **split(char *buf, uint32_t length, uint32_t argc, uint32_t envc, ch
     return vec;
 }
 
+struct job {
+    int fds[NFDS];
+    char *cwd;
+    char **argv;
+    char **envp;
+};
+
 static void child_fail(int status_fd, int32_t stage)
 {
     int32_t report[2] = {stage, errno};
@@ -161,25 +170,24 @@ static void child_fail(int status_fd, int32_t stage)
     _exit(127);
 }
 
-static void child(int fds[NFDS], char *cwd, char **argv, char **envp)
+/* Runs in the new process, on its own stack, in the spawner's memory (which is suspended
+ * until the exec): only system calls, no allocation. */
+static int child(void *arg)
 {
-    close(CHANNEL);
-    char go;
-    ssize_t n;
-    do
-        n = read(fds[3], &go, 1);
-    while (n < 0 && errno == EINTR);
-    if (n != 1)
-        _exit(125);
+    struct job *job = arg;
+    int32_t pid = (int32_t)getpid();
+    if (write(job->fds[3], &pid, sizeof pid) != (ssize_t)sizeof pid)
+        _exit(125); /* the agent gave up on this request: run nothing */
     if (setsid() < 0)
-        child_fail(fds[4], STAGE_EXEC);
+        child_fail(job->fds[3], STAGE_EXEC);
     for (int i = 0; i < 3; i++)
-        if (dup2(fds[i], i) < 0)
-            child_fail(fds[4], STAGE_EXEC);
-    if (chdir(cwd) != 0)
-        child_fail(fds[4], STAGE_CHDIR);
-    execve(argv[0], argv, envp);
-    child_fail(fds[4], STAGE_EXEC);
+        if (dup2(job->fds[i], i) < 0)
+            child_fail(job->fds[3], STAGE_EXEC);
+    if (chdir(job->cwd) != 0)
+        child_fail(job->fds[3], STAGE_CHDIR);
+    execve(job->argv[0], job->argv, job->envp);
+    child_fail(job->fds[3], STAGE_EXEC);
+    return 127;
 }
 
 static void close_from(int first)
@@ -192,6 +200,8 @@ static void close_from(int first)
     for (long fd = first; fd < (max > 0 ? max : 1024); fd++)
         close((int)fd);
 }
+
+static char stack[STACK_SIZE] __attribute__((aligned(16)));
 
 int main(int argc, char **argv)
 {
@@ -221,10 +231,9 @@ int main(int argc, char **argv)
         char **vec = split(buf, length, head[1], head[2], &cwd);
         if (vec == NULL)
             return 1;
-        long pid = syscall(SYS_clone, (unsigned long)(CLONE_PARENT | SIGCHLD), 0UL, 0UL, 0UL,
-                           0UL);
-        if (pid == 0)
-            child(fds, cwd, vec, vec + head[1] + 1);
+        struct job job = {{fds[0], fds[1], fds[2], fds[3]}, cwd, vec, vec + head[1] + 1};
+        int pid = clone(child, stack + STACK_SIZE, CLONE_VM | CLONE_VFORK | CLONE_PARENT | SIGCHLD,
+                        &job);
         int error = pid < 0 ? errno : 0;
         for (int i = 0; i < NFDS; i++)
             close(fds[i]);

@@ -3,23 +3,27 @@
 When user processes run under another uid than the agent, starting each one through an exec'd
 wrapper (``runas``) costs an exec per command. Instead the agent starts the spawner ONCE
 through that wrapper (as the user, with no capability, with an empty environment) and then
-asks it for each process over a socketpair: the process's stdin/stdout/stderr and two control
-pipes go over by SCM_RIGHTS, argv/env/cwd as a compact request. The spawner forks with
-``clone(CLONE_PARENT)``, so the process is the agent's own child (its waitpid, exit status,
-signals and OOM detection do not change), and answers the pid.
+asks it for each process over a socketpair: the process's stdin/stdout/stderr and a status
+pipe go over by SCM_RIGHTS, argv/env/cwd as a compact request. The spawner creates the process
+as posix_spawn does (``CLONE_VM | CLONE_VFORK``), plus ``CLONE_PARENT``, so it is the agent's
+own child (its waitpid, exit status, signals and OOM detection do not change), and answers the
+pid once the process has exec'd or failed.
 
 User code runs as the same uid as the spawner, so it can kill, stop or ptrace it. The agent
 therefore never trusts it and never waits on it without a deadline:
 
 * the answer is awaited for at most ``timeout`` seconds, and not at all once the spawner is
-  seen stopped (``/proc/PID/stat`` state T/t); end of file, a timeout or a malformed answer
+  seen stopped (``/proc/PID/stat`` state T/t); end of file, a timeout or a wrong answer
   discards the spawner (SIGKILL, reaped) and a new one is started for the next attempt;
-* the new process waits on a "go" pipe that only the agent writes, after it has checked that
-  the pid is its own child (``/proc/PID/stat``'s ppid): when the agent gives up on a request,
-  it closes that pipe and a process the spawner may have created exits (status 125) without
-  running anything, so the request is retried once on a fresh spawner, never run twice;
-* a chdir or exec failure comes back on a close-on-exec status pipe as an errno and is raised
-  as the OSError the direct spawn would raise.
+* the new process writes its own pid on the status pipe (which only the agent reads) before
+  anything else, so after a failed attempt the agent knows whether a process was created: if
+  so it adopts it (the command is not started twice), if not it retries once on a fresh
+  spawner; a process that comes too late to write it (the agent has closed the pipe) exits
+  with status 125 without running anything;
+* every pid is checked to be the agent's own child (``waitid`` with WNOWAIT) before it is
+  used;
+* a chdir or exec failure comes back on the status pipe (close-on-exec) as an errno and is
+  raised as the OSError the direct spawn would raise.
 
 ``SpawnerUnavailable`` tells the caller (``agent.spawn``) to start the process the old way.
 """
@@ -33,6 +37,7 @@ import signal
 import socket
 import struct
 import time
+from dataclasses import dataclass
 
 #: Where the image installs it.
 SPAWNER = "/opt/agent/spawner"
@@ -46,6 +51,7 @@ STAGE_CHDIR, STAGE_EXEC = 1, 2
 
 _HEAD = struct.Struct("=III")
 _ANSWER = struct.Struct("=ii")
+_PID = struct.Struct("=i")
 
 
 class SpawnerUnavailable(Exception):
@@ -141,50 +147,64 @@ class Spawner:
             pid = self._request(sock, request, fds, argv[0], cwd)
             if pid is not None:
                 return pid
-            self.discard()
-        raise SpawnerUnavailable("the spawner did not answer twice in a row")
+        raise SpawnerUnavailable("the spawner failed twice in a row")
 
     def _request(
-        self, sock: socket.socket, request: bytes, fds: tuple[int, int, int], program: str, cwd: str
+        self,
+        sock: socket.socket,
+        request: bytes,
+        fds: tuple[int, int, int],
+        program: str,
+        cwd: str,
     ) -> int | None:
-        """One attempt: the pid, or None when this spawner is unusable (nothing was run)."""
-        go_r, go_w = os.pipe()
+        """One attempt: the pid, or None when this spawner failed and nothing was started."""
         status_r, status_w = os.pipe()
         try:
             deadline = time.monotonic() + self.timeout
-            rights = struct.pack("5i", *fds, go_r, status_w)
-            try:
-                # Non-blocking: a spawner that stopped reading must not block the agent.
-                sent = sock.sendmsg(
-                    [request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], socket.MSG_DONTWAIT
-                )
-                if sent < len(request) and not self._send_rest(sock, request[sent:], deadline):
-                    return None
-            except OSError:
-                return None
-            os.close(go_r)
+            sent = self._send(sock, request, struct.pack("4i", *fds, status_w), deadline)
             os.close(status_w)
-            go_r = status_w = -1
-            answer = self._receive(sock, _ANSWER.size, deadline)
-            if answer is None:
+            status_w = -1
+            answer = self._receive(sock, _ANSWER.size, deadline) if sent else None
+            report: StatusReport | None = None
+            if answer is not None:
+                pid, error = _ANSWER.unpack(answer)
+                if error and pid == 0:
+                    raise OSError(error, os.strerror(error), program)  # clone failed
+                # The new process has exec'd or failed (CLONE_VFORK): its records are there.
+                report = _read_status(status_r, 0.0)
+                if report.pid != pid or not is_own_child(pid):
+                    report = None  # nonsense: this spawner is not trusted any more
+            if report is None:
+                # Dead, stopped, hung or lying. Once it is gone, the status pipe says whether a
+                # process was created (it wrote its pid first) and how its exec went; one that
+                # has not written it by the deadline never will (we close the pipe).
+                self.discard()
+                report = _read_status(status_r, max(deadline - time.monotonic(), 0.1))
+                if report.pid is None or not is_own_child(report.pid):
+                    return None
+            child = report.pid
+            if child is None:
                 return None
-            pid, error = _ANSWER.unpack(answer)
-            if error:
-                raise OSError(error, os.strerror(error), program)
-            if pid <= 0 or not is_own_child(pid):
-                return None  # nonsense: closing go stops whatever it started
-            os.write(go_w, b"\0")
-            report = _read_status(status_r, deadline)
-            if report is not None:
-                stage, error = report
-                _reap(pid)
-                where = cwd if stage == STAGE_CHDIR else program
-                raise OSError(error, os.strerror(error), where)
-            return pid
+            if report.error is not None:
+                _reap(child)
+                stage, error = report.error
+                raise OSError(error, os.strerror(error), cwd if stage == STAGE_CHDIR else program)
+            return child
         finally:
-            for fd in (go_r, go_w, status_r, status_w):
+            for fd in (status_r, status_w):
                 if fd >= 0:
                     os.close(fd)
+
+    def _send(self, sock: socket.socket, request: bytes, rights: bytes, deadline: float) -> bool:
+        """Send the request with its fds; False when the spawner does not take it."""
+        try:
+            # Non-blocking: a spawner that stopped reading must not block the agent.
+            sent = sock.sendmsg(
+                [request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], socket.MSG_DONTWAIT
+            )
+            return sent == len(request) or self._send_rest(sock, request[sent:], deadline)
+        except OSError:
+            return False
 
     def _send_rest(self, sock: socket.socket, data: bytes, deadline: float) -> bool:
         view = memoryview(data)
@@ -254,9 +274,12 @@ def _proc_stat(pid: int) -> list[bytes] | None:
 
 
 def is_own_child(pid: int) -> bool:
-    """Whether ``pid`` is a child of this process (its ppid in /proc is ours)."""
-    fields = _proc_stat(pid)
-    return fields is not None and len(fields) > 1 and fields[1] == str(os.getpid()).encode()
+    """Whether ``pid`` is a child of this process (waitid without reaping it)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
 
 def is_stopped(pid: int) -> bool:
@@ -265,25 +288,39 @@ def is_stopped(pid: int) -> bool:
     return fields is not None and fields[0] in (b"T", b"t")
 
 
-def _read_status(fd: int, deadline: float) -> tuple[int, int] | None:
-    """A failure report from the new process, or None: it exec'd (end of file), or did not get
-    there before the deadline (then it is left to run or fail like any command)."""
+@dataclass
+class StatusReport:
+    """What a new process wrote on its status pipe: its pid, and a failure before its exec."""
+
+    pid: int | None = None
+    error: tuple[int, int] | None = None
+
+
+def _read_status(fd: int, timeout: float) -> StatusReport:
+    """Read the status pipe until end of file, 12 bytes, or ``timeout`` (0: what is there)."""
+    os.set_blocking(fd, False)
     data = b""
+    deadline = time.monotonic() + timeout
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    while len(data) < _ANSWER.size:
-        left = deadline - time.monotonic()
-        if left <= 0 or not poller.poll(left * 1000):
-            return None
+    while len(data) < _PID.size + _ANSWER.size:
         try:
-            chunk = os.read(fd, _ANSWER.size - len(data))
-        except OSError:
-            return None
+            chunk = os.read(fd, _PID.size + _ANSWER.size - len(data))
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left > 0 and poller.poll(left * 1000):
+                continue
+            break
         if not chunk:
-            return None
+            break
         data += chunk
-    stage, error = _ANSWER.unpack(data)
-    return stage, error or errno.EIO
+    report = StatusReport()
+    if len(data) >= _PID.size:
+        report.pid = _PID.unpack_from(data)[0]
+    if len(data) == _PID.size + _ANSWER.size:
+        stage, error = _ANSWER.unpack_from(data, _PID.size)
+        report.error = (stage, error or errno.EIO)
+    return report
 
 
 def _reap(pid: int) -> None:

@@ -209,12 +209,11 @@ def test_a_pid_that_is_not_the_callers_child_is_not_trusted(tmp_path: Path) -> N
     assert (sp.started, sp.discarded) == (2, 2)
 
 
-def test_a_process_whose_go_pipe_closes_exits_without_running(
-    spawner_binary: str, tmp_path: Path
-) -> None:
-    """The new process waits for the agent's go byte: when the agent closes the go pipe instead
-    (it gave up on that spawner), the process exits with 125 and the command never ran, which
-    is what makes a retry safe."""
+def request_by_hand(
+    spawner_binary: str, argv: list[str], status_w: int
+) -> tuple[socket.socket, int, tuple[int, int]]:
+    """A spawner started here (so its CLONE_PARENT children are ours) and one request sent
+    to it: (its socket, its pid, its answer)."""
     ours, theirs = socket.socketpair()
     pid = os.posix_spawn(
         spawner_binary,
@@ -223,26 +222,81 @@ def test_a_process_whose_go_pipe_closes_exits_without_running(
         file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 0)],
     )
     theirs.close()
-    marker = tmp_path / "ran"
-    go_r, go_w = os.pipe()
+    rights = struct.pack("4i", 1, 1, 2, status_w)
+    ours.sendmsg([spawner.encode(argv, {}, "/")], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+    child, error = struct.unpack("=ii", ours.recv(8))
+    return ours, pid, (child, error)
+
+
+def test_the_new_process_announces_itself_on_the_status_pipe_before_it_runs(
+    spawner_binary: str,
+) -> None:
+    """The first thing on the status pipe is the new process's pid (what lets the agent adopt
+    a process whose spawner died before answering), then end of file at its exec."""
     status_r, status_w = os.pipe()
+    sock, pid, (child, error) = request_by_hand(spawner_binary, ["/bin/true"], status_w)
     try:
-        request = spawner.encode(["/bin/sh", "-c", f"touch {marker}"], {}, "/")
-        rights = struct.pack("5i", 1, 1, 2, go_r, status_w)
-        ours.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-        child, error = struct.unpack("=ii", ours.recv(8))
+        os.close(status_w)
         assert error == 0 and spawner.is_own_child(child)
-        os.close(go_w)
-        go_w = -1
+        assert os.read(status_r, 100) == struct.pack("=i", child)
+        assert os.read(status_r, 100) == b""
+        os.waitpid(child, 0)
+    finally:
+        os.close(status_r)
+        sock.close()
+        os.waitpid(pid, 0)  # end of file on its socket ends the spawner
+
+
+def test_a_process_that_cannot_announce_itself_exits_without_running(
+    spawner_binary: str, tmp_path: Path
+) -> None:
+    """When the agent has closed the status pipe (it gave up on that request), the new process
+    exits with 125 and the command never runs: what makes a retry safe."""
+    marker = tmp_path / "ran"
+    status_r, status_w = os.pipe()
+    os.close(status_r)
+    sock, pid, (child, error) = request_by_hand(
+        spawner_binary, ["/bin/sh", "-c", f"touch {marker}"], status_w
+    )
+    try:
+        os.close(status_w)
+        assert error == 0
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 125
         assert not marker.exists()
     finally:
-        for fd in (go_r, go_w, status_r, status_w):
-            if fd >= 0:
-                os.close(fd)
-        ours.close()
-        os.waitpid(pid, 0)  # end of file on its socket ends the spawner
+        sock.close()
+        os.waitpid(pid, 0)
+
+
+def test_a_process_created_by_a_spawner_that_then_dies_is_adopted_not_run_twice(
+    tmp_path: Path,
+) -> None:
+    """A spawner that starts the process and dies before it answers (as `kill -9 -1` at the
+    wrong moment would do): the agent finds the pid on the status pipe and returns that
+    process; the command runs once, and no second spawner is needed."""
+    marker = tmp_path / "ran"
+    body = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "child = libc.syscall(56, 0x8000 | 17, 0, 0, 0, 0)  # clone(CLONE_PARENT | SIGCHLD)\n"
+        "if child == 0:\n"
+        "    os.write(fds[3], struct.pack('=i', os.getpid()))\n"
+        f"    os.execv('/bin/sh', ['sh', '-c', 'echo x >> {marker}'])\n"
+        "os._exit(0)  # dies without answering"
+    )
+    sp = spawner.Spawner((), fake_spawner(tmp_path, body), timeout=2.0)
+    r, w = os.pipe()
+    try:
+        pid = sp.spawn(["/bin/sh", "-c", "unused"], {}, "/", (r, w, w))
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(r)
+        os.close(w)
+        sp.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert marker.read_text() == "x\n"
+    assert (sp.started, sp.discarded) == (1, 1)
 
 
 def test_the_spawner_and_its_processes_get_the_raised_oom_score_adj(spawner_binary: str) -> None:
