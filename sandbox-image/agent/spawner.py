@@ -39,12 +39,18 @@ import struct
 import time
 from dataclasses import dataclass
 
+from agent import log
+
 #: Where the image installs it.
 SPAWNER = "/opt/agent/spawner"
 #: Longest wait for an answer before the spawner is given up on (seconds).
 DEFAULT_TIMEOUT = 2.0
 #: How often a wait checks whether the spawner has been stopped (seconds).
 STOP_CHECK_INTERVAL = 0.05
+#: After this many spawners in a row failed without starting anything, the old way is used for
+#: ``BACKOFF`` seconds (a spawner that cannot work must not cost every command two starts).
+MAX_FAILURES = 4
+BACKOFF = 5.0
 #: Larger requests go the old way (the spawner refuses more than 16 MiB).
 MAX_REQUEST = 8 << 20
 STAGE_CHDIR, STAGE_EXEC = 1, 2
@@ -83,6 +89,8 @@ class Spawner:
         #: How many spawners were started, and given up on (for tests and logs).
         self.started = 0
         self.discarded = 0
+        self._failures = 0
+        self._resume_at = 0.0
 
     # lifecycle ------------------------------------------------------------------------------
 
@@ -141,12 +149,22 @@ class Spawner:
         SpawnerUnavailable when two spawners in a row could not start it (then it was not
         started), ValueError/SpawnerUnavailable for requests it cannot carry.
         """
+        if self._resume_at and time.monotonic() < self._resume_at:
+            raise SpawnerUnavailable("the spawner is resting after repeated failures")
         request = encode(argv, env, cwd)
         for _attempt in range(2):
             sock = self._ensure()
             pid = self._request(sock, request, fds, argv[0], cwd)
             if pid is not None:
+                self._failures = 0
+                self._resume_at = 0.0
                 return pid
+            self._failures += 1
+            log.warn("the spawner failed (%d in a row); starting another", self._failures)
+            self.discard()
+            if self._failures >= MAX_FAILURES:
+                self._resume_at = time.monotonic() + BACKOFF
+                break
         raise SpawnerUnavailable("the spawner failed twice in a row")
 
     def _request(

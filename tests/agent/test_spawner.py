@@ -366,3 +366,18 @@ def test_the_spawner_exits_when_its_socket_closes(spawner_binary: str) -> None:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         pytest.fail("the spawner outlived its socket")
+
+
+def test_a_spawner_that_keeps_failing_is_rested_and_the_wrapper_used_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """Spawners that die on every request: after MAX_FAILURES in a row no new one is started
+    for BACKOFF seconds (each command would otherwise pay two spawner starts), and commands
+    still run, the old way."""
+    sp = spawner.Spawner((), fake_spawner(tmp_path, "os._exit(0)"), timeout=1.0)
+    user = spawn.UserIdentity(spawner=sp)
+    for _ in range(3):
+        _, out, code = run(user, ["/bin/echo", "ok"])
+        assert (out, code) == ("ok\n", 0)
+    assert sp.started == spawner.MAX_FAILURES
+    assert sp.pid is None
