@@ -3,8 +3,8 @@
  *
  *     spawner AGENT_PID          (fd 0: the agent's end of a socketpair; see agent/spawner.py)
  *
- * The agent starts it once, through runas, as `sandbox` with no capability; from then on it
- * only forks. For each request on fd 0 (a stream socket) it receives
+ * The agent starts it once, through runas, as `sandbox` with no capability, with stdout and
+ * stderr on /dev/null; from then on it only creates processes. For each request on fd 0 (a stream socket) it receives
  *
  *     u32 length, u32 argc, u32 envc      (native byte order), with 4 fds by SCM_RIGHTS:
  *                                         stdin, stdout, stderr, status (a pipe's write end)
@@ -210,9 +210,8 @@ int main(int argc, char **argv)
     pid_t agent = (pid_t)strtol(argv[1], NULL, 10);
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 || getppid() != agent)
         return 1;
-    /* Nothing but the channel and stdout/stderr stays open (whatever else was inherited must
-     * not reach user processes); the channel must not reach them either (the child also
-     * closes it before it waits). */
+    /* Nothing but the channel and stdout/stderr (/dev/null) stays open: whatever else was
+     * inherited must not reach user processes, and neither must the channel (close-on-exec). */
     close_from(3);
     if (fcntl(CHANNEL, F_SETFD, FD_CLOEXEC) != 0)
         return 1;

@@ -101,7 +101,10 @@ class Spawner:
         try:
             actions = [
                 (os.POSIX_SPAWN_DUP2, theirs.fileno(), 0),
+                # Not the agent's stderr (the container's log): user code may open the
+                # spawner's fds (same uid), and must not be able to write the agent's log.
                 (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
             ]
             argv = [*self.prefix, self.path, str(os.getpid())]
             raised = self.oom_score_adj is not None and _write_oom(self.oom_score_adj[0])

@@ -381,3 +381,22 @@ def test_a_spawner_that_keeps_failing_is_rested_and_the_wrapper_used_meanwhile(
         assert (out, code) == ("ok\n", 0)
     assert sp.started == spawner.MAX_FAILURES
     assert sp.pid is None
+
+
+def test_the_spawner_holds_only_its_socket_and_dev_null(client: spawner.Spawner) -> None:
+    """User code (same uid) can open the spawner's fds through /proc: they are its socket and
+    /dev/null, never the agent's stderr (the container's log) or anything else it inherited."""
+    inherited = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
+    os.set_inheritable(inherited, True)  # an fd the caller forgot to make close-on-exec
+    try:
+        run(spawn.UserIdentity(spawner=client), ["/bin/true"])
+    finally:
+        os.close(inherited)
+    assert client.pid is not None
+    targets = {
+        fd: os.readlink(f"/proc/{client.pid}/fd/{fd}")
+        for fd in os.listdir(f"/proc/{client.pid}/fd")
+    }
+    assert set(targets) == {"0", "1", "2"}
+    assert targets["0"].startswith("socket:")
+    assert targets["1"] == targets["2"] == "/dev/null"
