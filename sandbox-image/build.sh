@@ -11,7 +11,7 @@
 #                   the host's apt sources that serve bookworm, else deb.debian.org)
 #
 # The image carries the label org.twistedgw.image-hash = sha256 of the files that go into it
-# (the whole build context: Dockerfile, supervise, runas.c, agent/*.py, twistedgw/__init__.py,
+# (the whole build context: Dockerfile, supervise, runas.c, spawner.c, agent/*.py, twistedgw/__init__.py,
 # twistedgw/protocol.py); when the existing image has the same hash, nothing is rebuilt.  The context is assembled in a
 # temporary directory, because Docker cannot COPY the repository's twistedgw/protocol.py from
 # outside sandbox-image/; the image gets an EMPTY twistedgw/__init__.py.
@@ -113,6 +113,8 @@ assemble_context() {
     chmod 0755 "$CONTEXT/supervise"
     [ -f "$SCRIPT_DIR/runas.c" ] || die "missing $SCRIPT_DIR/runas.c"
     cp "$SCRIPT_DIR/runas.c" "$CONTEXT/runas.c"
+    [ -f "$SCRIPT_DIR/spawner.c" ] || die "missing $SCRIPT_DIR/spawner.c"
+    cp "$SCRIPT_DIR/spawner.c" "$CONTEXT/spawner.c"
     mkdir -p "$CONTEXT/agent" "$CONTEXT/twistedgw"
     for f in "$SCRIPT_DIR"/agent/*.py; do
         cp "$f" "$CONTEXT/agent/"

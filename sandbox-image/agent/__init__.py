@@ -21,6 +21,8 @@ Modules, along the agent's seams:
 * ``config``   - the environment (below), read once;
 * ``capture``  - output capture: head+tail capped buffer, chunk coalescing for streams;
 * ``spawn``    - ``start_process``, the one function that starts user processes;
+* ``spawner``  - its client of the persistent spawner (``spawner.c``), which starts them as
+  ``sandbox`` without an exec'd wrapper per process;
 * ``child``    - a started process on the loop (pipes, pause/resume, stdin, SIGCHLD reaping);
 * ``procs``    - /proc scans, killing process groups, the cgroup OOM counter;
 * ``runs``     - plain commands; ``sessions`` - persistent shells with end markers;
@@ -81,6 +83,9 @@ Environment:
     AGENT_MAX_SESSIONS     sessions per agent (default 16; 0 = no sessions)
     AGENT_LOG_LEVEL        debug | info | warn | error (default info); per-command lines are debug
     AGENT_SPAWN            ``fork`` to start commands with fork+exec instead of posix_spawn
+                           (where they are not started by the spawner)
+    AGENT_SPAWNER          ``off`` to start every user process through the runas wrapper
+                           instead of the persistent spawner (default on, when the image has it)
     AGENT_LOG_SIZE         bytes kept per output stream of each process (default 2097152)
     AGENT_RESULT_RETENTION seconds a finished process's result and log are kept (default 900)
     AGENT_MAX_BACKGROUND   background processes running at once (default 32)

@@ -209,3 +209,68 @@ def test_agent_killed_from_outside_comes_back(
     details = gateway.get(f"/sandboxes/{sandbox}?details=true").json()
     assert details["status"] != "removed"
     assert details["agent_restarts"] == 1
+
+
+#: Prints the in-container pid of the persistent spawner (see sandbox-image/spawner.c).
+FIND_SPAWNER = (
+    "for p in /proc/[0-9]*; do "
+    "case \"$(tr '\\0' ' ' < $p/cmdline 2>/dev/null)\" in '/opt/agent/spawner '*) "
+    'echo "${p#/proc/}";; esac; done'
+)
+
+
+def test_user_processes_come_from_the_spawner_as_the_agents_children(
+    gateway: GatewayProcess, sandbox: str
+) -> None:
+    """The spawner runs as `sandbox` with no capability and an empty environment, and a
+    command it starts is the agent's own child (clone(CLONE_PARENT)), as `sandbox`, with no
+    capability and oom_score_adj 500."""
+    with connect(f"{gateway.ws_url}/ws/{sandbox}") as ws:
+        agent = run(ws, FIND_AGENT)["output"].strip()
+        spawner = run(ws, FIND_SPAWNER)["output"].strip()
+        assert spawner.isdigit(), spawner
+        status = run(ws, f"grep -E '^(PPid|Uid|CapPrm|CapEff|CapAmb):' /proc/{spawner}/status")
+        fields = dict(line.split(":", 1) for line in status["output"].splitlines())
+        assert fields["PPid"].strip() == agent
+        assert fields["Uid"].split() == ["1000"] * 4
+        for cap in ("CapPrm", "CapEff", "CapAmb"):
+            assert int(fields[cap], 16) == 0
+        assert run(ws, f"wc -c < /proc/{spawner}/environ")["output"].strip() == "0"
+        own = run(ws, "echo $PPID $(id -u) $(cat /proc/self/oom_score_adj)")["output"].split()
+        assert own == [agent, "1000", "500"]
+        caps = run(ws, "grep -E '^Cap(Prm|Eff|Amb):' /proc/self/status")["output"].split()
+        assert [int(v, 16) for v in caps[1::2]] == [0, 0, 0]
+
+
+def test_kill_everything_kills_the_spawner_and_the_next_command_still_works(
+    gateway: GatewayProcess, sandbox: str
+) -> None:
+    """`kill -9 -1` from user code also kills the spawner (same uid): the next commands run
+    (each once), from a new spawner, and a session started afterwards works."""
+    with connect(f"{gateway.ws_url}/ws/{sandbox}") as ws:
+        before = run(ws, FIND_SPAWNER)["output"].strip()
+        assert before.isdigit(), before
+        run(ws, "kill -9 -1", timeout=10)
+        assert run(ws, "echo once >> counted; cat counted")["output"] == "once\n"
+        after = run(ws, FIND_SPAWNER)["output"].strip()
+        assert after.isdigit() and after != before
+        assert run(ws, "echo in-session", session="s1")["output"] == "in-session\n"
+        assert run(ws, "exit 3")["returncode"] == 3
+
+
+def test_a_stopped_spawner_does_not_hang_the_agent(gateway: GatewayProcess, sandbox: str) -> None:
+    """`kill -STOP <spawner>` from user code: the next command completes within a few seconds
+    (the agent gives up on the stopped spawner and starts another), and so do the ones after."""
+    with connect(f"{gateway.ws_url}/ws/{sandbox}") as ws:
+        stopped = run(ws, FIND_SPAWNER)["output"].strip()
+        assert stopped.isdigit(), stopped
+        assert run(ws, f"kill -STOP {stopped}")["success"]
+        began = time.monotonic()
+        result = run(ws, "echo served", timeout=5)
+        assert (result["output"], result["returncode"]) == ("served\n", 0)
+        assert time.monotonic() - began < 3.0
+        replaced = run(ws, FIND_SPAWNER)["output"].strip()
+        assert replaced.isdigit() and replaced != stopped
+        assert run(ws, f"test -e /proc/{stopped} || echo gone")["output"] == "gone\n"
+        for _ in range(5):
+            assert run(ws, "true", timeout=5)["success"]
