@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from agent import procs
@@ -48,9 +49,15 @@ def test_kill_group_kills_the_whole_group() -> None:
     background = int(proc.stdout.readline())
     procs.kill_group(proc.pid)
     assert proc.wait(timeout=5) == -signal.SIGKILL
-    # the background sleep was in the same group: it got SIGKILL too (dead or a zombie)
-    try:
-        state = Path(f"/proc/{background}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        state = "gone"
+    # the background sleep was in the same group: it got SIGKILL too (dead or a zombie). A
+    # SIGKILLed process may still show as running for a moment, so wait for its end (bounded).
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            state = Path(f"/proc/{background}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        if state in ("Z", "X", "gone") or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert state in ("Z", "X", "gone")
