@@ -301,10 +301,10 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
         last = int(last_text) if last_text else size - 1
     except ValueError:
         return None
-    if first < 0 or last < first:
-        return None
     if first >= size:
         raise Failed(416, f"range starts beyond the file's {size} bytes", size=size)
+    if first < 0 or last < first:
+        return None
     return first, min(last, size - 1)
 
 
@@ -326,6 +326,9 @@ def get_file(request: Request, out: Output) -> None:
             ("Content-Type", "application/octet-stream"),
             ("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True)),
             ("Accept-Ranges", "bytes"),
+            # The size again, for the gateway's HEAD answer (its HTTP client keeps no
+            # Content-Length for a response without a body).
+            ("X-File-Size", str(size)),
         ]
         status, first, count = 200, 0, size
         wanted = request.headers.get("range")
