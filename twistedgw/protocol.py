@@ -163,6 +163,7 @@ ERROR_CODES: Mapping[str, str] = MappingProxyType(
         "agent_restarted": "the sandbox agent restarted while the command was in flight; "
         "its result is lost",
         "session_lost": "the session was lost when the sandbox agent restarted (said once)",
+        "paused": "the sandbox is paused (POST /sandboxes/{id}/pause); resume it first",
         "internal_error": "a bug while handling the message (logged with a traceback)",
     }
 )

@@ -35,6 +35,10 @@ class Reaper:
         for sandbox in self.manager.registry:
             if sandbox.is_lifetime_over(now):
                 due.append((sandbox.sandbox_id, REASON_LIFETIME))
+            elif sandbox.paused_at is not None:
+                # Paused on purpose: kept for --paused-timeout, whatever its idle timeout.
+                if now - sandbox.paused_at > self.manager.paused_timeout:
+                    due.append((sandbox.sandbox_id, REASON_IDLE))
             elif sandbox.is_idle_expired(now):
                 due.append((sandbox.sandbox_id, REASON_IDLE))
         return due

@@ -229,6 +229,12 @@ class DockerRuntime(Service):
     def list_containers(self) -> Deferred[list[ContainerInfo]]:
         return self._defer(self._thd_list)
 
+    def pause(self, container_id: str) -> Deferred[None]:
+        return self._defer(self._thd_pause, container_id, True)
+
+    def unpause(self, container_id: str) -> Deferred[None]:
+        return self._defer(self._thd_pause, container_id, False)
+
     def watch(self, callback: Callable[[ContainerEvent], None]) -> None:
         self._watchers.append(callback)
         if self.running and self._events_thread is None:
@@ -418,6 +424,18 @@ class DockerRuntime(Service):
                 raise
         if self.socket_dir is not None and is_valid_sandbox_id(sandbox_id):
             shutil.rmtree(self.socket_dir / sandbox_id, ignore_errors=True)
+
+    def _thd_pause(self, container_id: str, pause: bool) -> None:
+        api = self._thd_client().api
+        state = api.inspect_container(container_id)["State"]
+        if pause and not state.get("Running"):
+            raise ContainerFailed(f"container {container_id[:12]} is not running")
+        if bool(state.get("Paused")) == pause:
+            return  # already so
+        if pause:
+            api.pause(container_id)
+        else:
+            api.unpause(container_id)
 
     def _filters(self) -> dict[str, list[str]]:
         return {"label": instance_labels(self.instance)}

@@ -21,9 +21,11 @@ from werkzeug.routing import BaseConverter
 from twistedgw.lifecycle.errors import SandboxNotFound
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
+from twistedgw.proxy.files import AgentFiles
 from twistedgw.sandbox import is_valid_sandbox_id
 from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.web.errors import APIError, error_answer
+from twistedgw.web.files import FileRoutes
 from twistedgw.web.requests import header_text, json_answer, read_json_body, wants_details
 
 R = TypeVar("R")
@@ -76,10 +78,14 @@ class GatewayAPI:
         manager: SandboxManager,
         ws_resource: IResource | None = None,
         authenticator: Authenticator | None = None,
+        files: FileRoutes | None = None,
     ) -> None:
         self.manager = manager
         self._ws_resource = ws_resource
         self.authenticator = authenticator or Authenticator.from_tokens([])
+        self.files = files or FileRoutes(
+            manager, self.authenticator, AgentFiles(getattr(manager, "_reactor", None))
+        )
 
     def resource(self) -> IResource:
         """The twisted.web resource serving this API."""
@@ -151,6 +157,46 @@ class GatewayAPI:
         return json_answer(
             request, 200, {"message": f"Sandbox {sandbox.sandbox_id} successfully deleted"}
         )
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/pause", methods=["POST"])
+    @authenticated
+    async def pause(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        sandbox = await self.manager.pause(sandbox_id, owner)
+        return json_answer(request, 200, sandbox.to_json(details=True))
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/resume", methods=["POST"])
+    @authenticated
+    async def resume(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        sandbox = await self.manager.resume(sandbox_id, owner)
+        return json_answer(request, 200, sandbox.to_json(details=True))
+
+    # -- files (twistedgw.web.files; HEAD goes with GET) -------------------------------------
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files", methods=["GET", "DELETE"])
+    @authenticated
+    async def files_item(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        return await self.files.forward(request, sandbox_id, owner, b"")
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files", methods=["PUT"])
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files/archive", methods=["PUT"])
+    @authenticated
+    async def files_upload(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        return await self.files.finish_upload(request, sandbox_id, owner)
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files/list", methods=["GET"])
+    @authenticated
+    async def files_list(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        return await self.files.forward(request, sandbox_id, owner, b"/list")
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files/mkdir", methods=["POST"])
+    @authenticated
+    async def files_mkdir(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        return await self.files.forward(request, sandbox_id, owner, b"/mkdir")
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files/archive", methods=["GET"])
+    @authenticated
+    async def files_archive(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        return await self.files.forward(request, sandbox_id, owner, b"/archive")
 
     @app.route("/ws/<sandbox:sandbox_id>", methods=["GET"])
     @authenticated
