@@ -27,6 +27,7 @@ from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.docker import DockerRuntime
 from twistedgw.runtime.hardening import ContainerLimits
 from twistedgw.service import ProxyService, ShutdownSignals
+from twistedgw.snapshots import SnapshotStore
 from twistedgw.state import StateFile
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.auth import Authenticator, read_tokens
@@ -419,7 +420,10 @@ def makeService(options: Options) -> IService:
     ShutdownSignals(reactor).setServiceParent(root)
 
     files = FileRoutes(manager, authenticator, AgentFiles(reactor), max_upload=config.max_upload)
-    api = GatewayAPI(manager, make_ws_resource(factory), authenticator, files=files)
+    snapshots = SnapshotStore(config.snapshot_dir, files.files, reactor)
+    api = GatewayAPI(
+        manager, make_ws_resource(factory), authenticator, files=files, snapshots=snapshots
+    )
     endpoint = serverFromString(reactor, config.port)
     web = StreamServerEndpointService(
         endpoint, make_site(api, policy=edge_policy(config, authenticator))

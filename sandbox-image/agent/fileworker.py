@@ -23,7 +23,7 @@ import signal
 import stat
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -520,12 +520,24 @@ def _checked_name(member: tarfile.TarInfo) -> str:
     return relative
 
 
-def _extract(tar: tarfile.TarFile, staging: str) -> None:
+Locate = Callable[[str, tarfile.TarInfo], tuple[str, str]]
+
+
+def _extract(tar: tarfile.TarFile, staging: str | Locate) -> None:
+    """Extract ``tar`` into ``staging`` (a directory, or a function giving the staging
+    directory and the name below it for each entry's checked name), refusing what
+    ``_checked_name`` refuses."""
     for member in tar:
         relative = _checked_name(member)
         if not relative:
             continue
-        dest = os.path.join(staging, relative)
+        if callable(staging):
+            base, relative = staging(relative, member)
+        else:
+            base = staging
+        if not relative:
+            continue
+        dest = os.path.join(base, relative)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         if member.isdir():
             if not os.path.isdir(dest):
@@ -538,8 +550,12 @@ def _extract(tar: tarfile.TarFile, staging: str) -> None:
         if member.issym():
             os.symlink(member.linkname, dest)
         elif member.islnk():
-            tparts = [p for p in member.linkname.split("/") if p not in ("", ".")]
-            os.link(os.path.join(staging, *tparts), dest, follow_symlinks=False)
+            target = "/".join(p for p in member.linkname.split("/") if p not in ("", "."))
+            if callable(staging):
+                link_base, target = staging(target, member)
+                if link_base != base:
+                    raise _refuse(member.name, "hard link across directories")
+            os.link(os.path.join(base, target), dest, follow_symlinks=False)
         else:
             source = tar.extractfile(member)
             assert source is not None
@@ -605,6 +621,78 @@ def put_archive(request: Request, out: Output) -> None:
     out.json(201, {"path": root, "entries": count})
 
 
+def _add_tree(tar: tarfile.TarFile, path: str, arcname: str) -> None:
+    """Add ``path`` and what is below it, skipping what the user cannot read (other users'
+    files in /tmp) and upload staging directories."""
+    try:
+        tar.add(path, arcname=arcname, recursive=False)
+    except OSError:
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        try:
+            names = sorted(os.listdir(path))
+        except OSError:
+            return
+        for name in names:
+            if not name.startswith(".archive-upload-"):
+                _add_tree(tar, os.path.join(path, name), f"{arcname}/{name}")
+
+
+def snapshot_roots(request: Request) -> list[str]:
+    """The writable directories a snapshot holds: the home directory and the tmpfs ones."""
+    return [request.home, "/tmp", "/var/tmp"]
+
+
+def get_snapshot(request: Request, out: Output) -> None:
+    """The writable state as one tar, names relative to ``/`` (``home/sandbox/...``)."""
+    out.head(200, [("Content-Type", "application/x-tar")])
+    with tarfile.open(fileobj=out, mode="w|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+        for root in snapshot_roots(request):
+            if os.path.isdir(root):
+                names = sorted(os.listdir(root))
+                for name in names:
+                    if not name.startswith(".archive-upload-"):
+                        _add_tree(tar, os.path.join(root, name), f"{root.strip('/')}/{name}")
+    out.end()
+
+
+def put_snapshot(request: Request, out: Output) -> None:
+    """Restore a snapshot tar: each entry below one of the snapshot roots, extracted (with
+    the checks of any tar upload) into a staging directory in that root, then merged."""
+    roots = {root.strip("/"): root for root in snapshot_roots(request)}
+    stagings: dict[str, str] = {}
+
+    def locate(relative: str, member: tarfile.TarInfo) -> tuple[str, str]:
+        for prefix, root in roots.items():
+            if relative == prefix:
+                return root, ""
+            if relative.startswith(prefix + "/"):
+                if root not in stagings:
+                    staging = os.path.join(root, f".archive-upload-{os.urandom(6).hex()}")
+                    os.mkdir(staging, 0o700)
+                    stagings[root] = staging
+                return stagings[root], relative[len(prefix) + 1 :]
+        raise _refuse(member.name, "not below the home directory, /tmp or /var/tmp")
+
+    try:
+        try:
+            with tarfile.open(fileobj=request.body, mode="r|*", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+                _extract(tar, locate)
+        except tarfile.TarError as e:
+            raise Failed(400, f"not a tar archive: {e}") from None
+        except OSError as e:
+            raise os_failure(e, "/") from None
+        for root, staging in stagings.items():
+            try:
+                _merge(staging, root)
+            except OSError as e:
+                raise os_failure(e, root) from None
+    finally:
+        for staging in stagings.values():
+            shutil.rmtree(staging, ignore_errors=True)
+    out.json(201, {"restored": sorted(stagings)})
+
+
 ROUTES = {
     ("GET", "/files"): get_file,
     ("HEAD", "/files"): get_file,
@@ -614,6 +702,8 @@ ROUTES = {
     ("POST", "/files/mkdir"): mkdir,
     ("GET", "/files/archive"): get_archive,
     ("PUT", "/files/archive"): put_archive,
+    ("GET", "/files/snapshot"): get_snapshot,
+    ("PUT", "/files/snapshot"): put_snapshot,
 }
 
 

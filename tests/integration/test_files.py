@@ -412,22 +412,33 @@ def test_slow_1gib_upload_keeps_gateway_memory_flat(docker_client: Any, tmp_path
                 samples.append(rss_kib(gateway.pid))
                 time.sleep(0.2)
 
-        def slow_body() -> Iterator[bytes]:
-            start = time.monotonic()
-            for i in range(total):
-                # About 25 MiB/s: a slow client, for a gateway on loopback.
-                lag = start + i / 25.0 - time.monotonic()
+        class SlowBody:
+            """A file-like body of ``total`` MiB (so it has a Content-Length), read at about
+            25 MiB/s: a slow client, for a gateway on loopback."""
+
+            def __init__(self) -> None:
+                self.sent = 0
+                self.start = time.monotonic()
+
+            def __len__(self) -> int:
+                return total * len(piece)
+
+            def read(self, size: int = -1) -> bytes:
+                if self.sent >= total:
+                    return b""
+                lag = self.start + self.sent / 25.0 - time.monotonic()
                 if lag > 0:
                     time.sleep(lag)
-                yield piece
+                self.sent += 1
+                return piece
 
         watcher = threading.Thread(target=sample, daemon=True)
         watcher.start()
         response = requests.put(
             files_url(gateway, sandbox_id),
             params={"path": "big.bin"},
-            data=slow_body(),
-            headers={**A, "Content-Length": str(total * len(piece))},
+            data=SlowBody(),
+            headers=A,
             timeout=600,
         )
         done.set()
@@ -441,3 +452,38 @@ def test_slow_1gib_upload_keeps_gateway_memory_flat(docker_client: Any, tmp_path
     finally:
         gateway.stop()
         remove_instance_containers(docker_client, gateway.instance)
+
+
+# -- snapshots -------------------------------------------------------------------------------
+
+
+def test_snapshot_then_create_from_it(gateway: GatewayProcess, sandbox: str) -> None:
+    """A snapshot holds home and /tmp; a sandbox created from it has those files; the
+    snapshot is listed, used and deleted by its owner only (404 for another token)."""
+    assert put(gateway, sandbox, "snap/keep.bin", ALL_BYTES, mkdirs="true").status_code == 201
+    sh(gateway, sandbox, "echo scratch > /tmp/scratch.txt")
+    made = requests.post(f"{gateway.url}/sandboxes/{sandbox}/snapshots", headers=A, timeout=60)
+    assert made.status_code == 201, made.text
+    snapshot = made.json()
+    assert set(snapshot) >= {"snapshot_id", "size", "created_at"}
+    assert snapshot["size"] > len(ALL_BYTES)
+    sid = snapshot["snapshot_id"]
+    mine = requests.get(f"{gateway.url}/snapshots", headers=A, timeout=30).json()
+    assert sid in [s["snapshot_id"] for s in mine]
+    assert requests.get(f"{gateway.url}/snapshots", headers=B, timeout=30).json() == []
+    theirs = requests.post(
+        f"{gateway.url}/sandboxes", json={"from_snapshot": sid}, headers=B, timeout=60
+    )
+    assert theirs.status_code == 404
+    restored = gateway.create(headers=A, json={"from_snapshot": sid})
+    try:
+        assert get(gateway, restored, "snap/keep.bin").content == ALL_BYTES
+        assert get(gateway, restored, "/tmp/scratch.txt").content == b"scratch\n"
+        owner = sh(gateway, restored, "stat -c %U /home/sandbox/snap/keep.bin")["output"]
+        assert owner == "sandbox\n"
+    finally:
+        requests.delete(f"{gateway.url}/sandboxes/{restored}", headers=A, timeout=60)
+    url = f"{gateway.url}/snapshots/{sid}"
+    assert requests.delete(url, headers=B, timeout=30).status_code == 404
+    assert requests.delete(url, headers=A, timeout=30).status_code == 200
+    assert requests.get(f"{gateway.url}/snapshots", headers=A, timeout=30).json() == []
