@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from agent import log
+from agent import log, watches
 from agent.child import Reaper
 from agent.config import AgentConfig
 from agent.runs import CommandRun, RunBase, resolve_cwd
@@ -76,6 +76,8 @@ class Connection:
                 self.send_message(
                     protocol.sessions_message(message.request_id, self.agent.sessions.describe())
                 )
+            elif isinstance(message, protocol.Watch | protocol.Unwatch):
+                watches.handle(self, message)
             else:
                 self._close_session(message)
         except protocol.ProtocolError as e:
@@ -104,6 +106,7 @@ class Connection:
         if not self.open:
             return
         self.open = False
+        watches.drop(self)
         self.agent.connections.discard(self)
         runs = list(self.runs.values())
         self.runs.clear()

@@ -761,11 +761,113 @@ def serve(stdin: int = 0, stdout: int = 1) -> int:
     return 0
 
 
+# -- watching -----------------------------------------------------------------------------
+
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED, IN_ISDIR = 0x400, 0x800, 0x8000, 0x40000000
+IN_Q_OVERFLOW = 0x4000
+IN_CLOEXEC = 0o2000000
+WATCH_MASK = (
+    IN_MODIFY
+    | IN_ATTRIB
+    | IN_CLOSE_WRITE
+    | IN_MOVED_FROM
+    | IN_MOVED_TO
+    | IN_CREATE
+    | IN_DELETE
+    | IN_DELETE_SELF
+    | IN_MOVE_SELF
+)
+
+
+def _emit(**fields: Any) -> None:
+    os.write(1, json.dumps(fields).encode("utf-8") + b"\n")
+
+
+def watch(path: str, recursive: bool) -> int:
+    """Watch ``path`` with inotify, as the sandbox user; one JSON line per event on stdout
+    (``{"ready": path}`` first, ``{"error": ...}`` if it cannot), until killed."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(IN_CLOEXEC)
+    if fd < 0:
+        _emit(error=f"inotify: {os.strerror(ctypes.get_errno())}")
+        return 1
+    dirs: dict[int, str] = {}
+
+    def add(target: str) -> bool:
+        wd = libc.inotify_add_watch(fd, os.fsencode(target), WATCH_MASK)
+        if wd < 0:
+            return False
+        dirs[wd] = target
+        return True
+
+    def add_tree(top: str) -> None:
+        for current, subdirs, _ in os.walk(top):
+            for name in subdirs:
+                add(os.path.join(current, name))
+
+    if not add(path):
+        _emit(error=f"cannot watch {path}: {os.strerror(ctypes.get_errno())}")
+        return 1
+    if recursive and os.path.isdir(path):
+        add_tree(path)
+    _emit(ready=path)
+    header = struct.Struct("iIII")
+    moved = IN_MOVED_FROM | IN_MOVED_TO | IN_MOVE_SELF
+    while True:
+        data = os.read(fd, 64 * 1024)
+        offset = 0
+        while offset + header.size <= len(data):
+            wd, mask, _cookie, length = header.unpack_from(data, offset)
+            raw = data[offset + header.size : offset + header.size + length]
+            offset += header.size + length
+            if mask & IN_Q_OVERFLOW:
+                _emit(event="overflow", path=path)
+                continue
+            base = dirs.get(wd)
+            if base is None:
+                continue
+            name = raw.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            where = os.path.join(base, name) if name else base
+            if mask & IN_IGNORED:
+                dirs.pop(wd, None)
+                if not dirs:
+                    _emit(gone=path)
+                    return 0
+                continue
+            if mask & IN_CREATE:
+                kind = "created"
+                if recursive and mask & IN_ISDIR:
+                    add(where)
+                    add_tree(where)
+            elif mask & (IN_DELETE | IN_DELETE_SELF):
+                kind = "deleted"
+            elif mask & moved:
+                kind = "moved"
+                if recursive and mask & IN_MOVED_TO and mask & IN_ISDIR:
+                    add(where)
+                    add_tree(where)
+            else:
+                kind = "modified"
+            _emit(event=kind, path=where)
+
+
 def _terminated(signum: int, frame: Any) -> None:
     raise BodyIncomplete("terminated by the agent")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 3 and args[0] == "watch":
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            return watch(args[1], args[2] == "recursive")
+        except (BrokenPipeError, KeyboardInterrupt):
+            return 0
     return serve()
 
 

@@ -9,6 +9,7 @@ nothing partial left behind.
 from __future__ import annotations
 
 import io
+import json
 import secrets
 import tarfile
 import threading
@@ -21,7 +22,7 @@ import requests
 from websockets.sync.client import connect
 
 from tests.integration.conftest import GatewayProcess, remove_instance_containers
-from tests.integration.helpers import rss_kib, run
+from tests.integration.helpers import recv, rss_kib, run
 
 TOKEN_A = secrets.token_urlsafe(24)
 TOKEN_B = secrets.token_urlsafe(24)
@@ -487,3 +488,49 @@ def test_snapshot_then_create_from_it(gateway: GatewayProcess, sandbox: str) -> 
     assert requests.delete(url, headers=B, timeout=30).status_code == 404
     assert requests.delete(url, headers=A, timeout=30).status_code == 200
     assert requests.get(f"{gateway.url}/snapshots", headers=A, timeout=30).json() == []
+
+
+# -- watching --------------------------------------------------------------------------------
+
+
+def test_watch_sees_a_touch(gateway: GatewayProcess, sandbox: str) -> None:
+    """A watch on a directory answers ``watching``, then reports a ``touch`` (created) and an
+    append (modified) of a file in it, and a file in a subdirectory when recursive, until
+    ``unwatch``."""
+    sh(gateway, sandbox, "mkdir -p /home/sandbox/watched/sub")
+    with connect(f"{gateway.ws_url}/ws/{sandbox}", additional_headers=A) as ws:
+        ws.send(
+            json.dumps({"type": "watch", "path": "watched", "recursive": True, "request_id": "w1"})
+        )
+        assert recv(ws) == {"type": "watching", "request_id": "w1", "path": "/home/sandbox/watched"}
+        events: list[tuple[str, str]] = []
+
+        def note(message: dict[str, Any]) -> None:
+            if message.get("type") == "fs_event":
+                assert message["request_id"] == "w1"
+                events.append((message["event"], message["path"]))
+
+        command = "touch watched/new.txt && echo x >> watched/new.txt && touch watched/sub/deep.txt"
+        ws.send(json.dumps({"command": command, "request_id": "c1"}))
+        while "returncode" not in (message := recv(ws)):
+            note(message)
+        assert message["returncode"] == 0
+        deadline = time.monotonic() + 10
+        wanted = {
+            ("created", "/home/sandbox/watched/new.txt"),
+            ("modified", "/home/sandbox/watched/new.txt"),
+            ("created", "/home/sandbox/watched/sub/deep.txt"),
+        }
+        while not wanted <= set(events) and time.monotonic() < deadline:
+            note(recv(ws, 10))
+        assert wanted <= set(events), events
+        ws.send(json.dumps({"type": "unwatch", "request_id": "w1"}))
+        while (message := recv(ws))["type"] == "fs_event":
+            pass
+        assert message == {"type": "unwatched", "request_id": "w1"}
+        # Nothing more comes for that watch: the next message is the command's result.
+        ws.send(json.dumps({"command": "touch watched/after.txt", "request_id": "c2"}))
+        assert recv(ws)["returncode"] == 0
+        ws.send(json.dumps({"type": "watch", "path": "no/such/dir", "request_id": "w2"}))
+        failed = recv(ws)
+        assert failed["error_code"] == "watch_failed" and failed["request_id"] == "w2"
