@@ -134,3 +134,31 @@ async def test_reconcile_adopts_running_containers(
     adopted = fresh.lookup(first.sandbox_id)
     assert adopted.created_at == first.created_at
     assert adopted.agent_secret == first.agent_secret
+
+
+@pytest_twisted.ensureDeferred
+async def test_paused_sandbox_is_kept_for_the_paused_timeout(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """A paused sandbox is not reaped as idle (its idle timeout is 100 s here) until
+    --paused-timeout has passed since the pause; resumed, its idle clock starts again."""
+    manager.paused_timeout = 1000
+    sandbox = await manager.create()
+    reaper = Reaper(manager)
+    await manager.pause(sandbox.sandbox_id)
+    assert runtime.paused == {sandbox.container_id}
+    clock.advance(500)
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    await manager.resume(sandbox.sandbox_id)
+    assert runtime.paused == set()
+    clock.advance(90)
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    await manager.pause(sandbox.sandbox_id)
+    clock.advance(999)
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    clock.advance(2)
+    await reaper.sweep()
+    assert sandbox.sandbox_id not in manager.registry
