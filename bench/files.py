@@ -62,8 +62,9 @@ def docker_cp(*args: str) -> None:
 
 
 def docker_exec(container: str, command: str) -> None:
+    # As root: docker cp leaves files owned by the host's uid.
     subprocess.run(
-        ["docker", "exec", "-u", "sandbox", container, "sh", "-c", command],
+        ["docker", "exec", "-u", "root", container, "sh", "-c", command],
         check=True,
         stdout=subprocess.DEVNULL,
     )

@@ -24,7 +24,13 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    URI,
+    Agent,
+    HTTPConnectionPool,
+    ResponseDone,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -42,6 +48,12 @@ class AgentAnswer:
 
     status: int
     body: Any
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    """One factory per agent request: its start/stop log lines are noise."""
+
+    noisy = False
 
 
 @implementer(IAgentEndpointFactory)
@@ -67,6 +79,7 @@ class AgentFiles:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._pool = HTTPConnectionPool(reactor, persistent=False)
+        self._pool._factory = _QuietFactory
 
     def request(
         self,
@@ -191,6 +204,8 @@ class UploadBody:
         if self._failure is None:
             self._failure = Failure(AgentUnavailable(reason))
         self._held.clear()
+        # Whatever the client still sends is read and dropped (the edge's refusal lingers).
+        self._resume_client()
         if self._finished is not None:
             finished, self._finished = self._finished, None
             finished.errback(self._failure)

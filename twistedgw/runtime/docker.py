@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +59,8 @@ from twistedgw.sandbox import is_valid_sandbox_id
 
 #: Container events the gateway cares about.
 WATCHED_ACTIONS = frozenset({"die", "destroy", "oom"})
+#: Tries of a pause that runc could not freeze (0.5 s apart).
+PAUSE_ATTEMPTS = 6
 
 T = TypeVar("T")
 
@@ -432,10 +435,21 @@ class DockerRuntime(Service):
             raise ContainerFailed(f"container {container_id[:12]} is not running")
         if bool(state.get("Paused")) == pause:
             return  # already so
-        if pause:
-            api.pause(container_id)
-        else:
+        if not pause:
             api.unpause(container_id)
+            return
+        import docker.errors
+
+        # runc gives up freezing a cgroup whose processes stay busy in the kernel for a
+        # moment ("unable to freeze", seen on a loaded host after heavy file I/O): retry.
+        for attempt in range(PAUSE_ATTEMPTS):
+            try:
+                api.pause(container_id)
+                return
+            except docker.errors.APIError as e:
+                if "unable to freeze" not in str(e) or attempt == PAUSE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5)
 
     def _filters(self) -> dict[str, list[str]]:
         return {"label": instance_labels(self.instance)}
