@@ -208,6 +208,15 @@ class Body:
             want = min(size, self.in_chunk)
         else:
             want = min(size, self.remaining)
+            if not self.buffer:
+                # The common case: straight from the pipe, no copy through the buffer.
+                data = os.read(self.fd, want)
+                if not data:
+                    raise BodyIncomplete("the request body ended early")
+                self.received += len(data)
+                self.remaining -= len(data)
+                self.done = self.remaining == 0
+                return data
         if not self.buffer:
             self._fill()
         data = bytes(self.buffer[:want])
