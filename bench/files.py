@@ -85,7 +85,7 @@ def main() -> int:
     parser.add_argument("--only", choices=("file", "tree"), default=None)
     options = parser.parse_args()
 
-    client = docker.from_env()
+    client = docker.from_env(timeout=600)  # removing 30,000 files on a loaded host is slow
     work = Path(tempfile.mkdtemp(prefix="twistedgw-bench-files-"))
     instance = f"bench-files-{secrets.token_hex(3)}"
     memory = f"{max(1024, 2 * options.size_mib + 512)}m"
@@ -203,12 +203,15 @@ def main() -> int:
                 "gateway_down_s": statistics.median(tar_down),
                 "docker_cp_down_s": statistics.median(cp_tar_down_s),
             }
+            print(json.dumps(results["tree"]), flush=True)
     finally:
         gateway.stop()
-        for c in client.containers.list(
-            all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}
-        ):
-            c.remove(force=True)
+        mine = {"label": f"{LABEL_INSTANCE}={instance}"}
+        try:
+            for c in client.containers.list(all=True, filters=mine):
+                c.remove(force=True)
+        except Exception as e:  # the figures matter more than a tidy exit
+            print(f"cleanup: {e} (remove containers labelled {mine['label']})", flush=True)
         shutil.rmtree(work, ignore_errors=True)
     results["load_after"] = os.getloadavg()
     report(results)
