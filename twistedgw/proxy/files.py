@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
     Agent,
@@ -38,6 +39,8 @@ from zope.interface import implementer
 from twistedgw.agents import AgentUnavailable
 from twistedgw.sandbox import Sandbox
 
+#: Bytes a file-carrying connection reads and buffers at a time.
+TRANSFER_BUFFER = 512 * 1024
 #: Largest error (or small JSON) body read from an agent.
 SMALL_BODY = 64 * 1024
 
@@ -50,10 +53,27 @@ class AgentAnswer:
     body: Any
 
 
+class _AgentHTTP(HTTP11ClientProtocol):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        set_transfer_buffer(self.transport)
+
+
 class _QuietFactory(_HTTP11ClientFactory):
-    """One factory per agent request: its start/stop log lines are noise."""
+    """One factory per agent request: its start/stop log lines are noise; its connections
+    move bulk data (bigger reads, more buffered before backpressure)."""
 
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _AgentHTTP(self._quiescentCallback)
+
+
+def set_transfer_buffer(transport: Any) -> None:
+    """Let a connection that carries a file read and buffer ``TRANSFER_BUFFER`` bytes at a
+    time instead of Twisted's 64 KiB: a quarter of the reactor turns per MiB."""
+    if transport is not None and hasattr(transport, "bufferSize"):
+        transport.bufferSize = TRANSFER_BUFFER
 
 
 @implementer(IAgentEndpointFactory)
@@ -296,6 +316,7 @@ async def stream_response(request: Any, response: IResponse) -> bool:
     short (the agent or its worker died mid-way) aborts the client's connection, so that the
     client sees a truncated transfer rather than a short file."""
     streamer = _Streamer(request)
+    set_transfer_buffer(getattr(getattr(request, "channel", None), "transport", None))
     response.deliverBody(streamer)
     try:
         await streamer.done

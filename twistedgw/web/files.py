@@ -29,6 +29,7 @@ from twistedgw.proxy.files import (
     error_extra,
     error_text,
     read_answer,
+    set_transfer_buffer,
     stream_response,
 )
 from twistedgw.sandbox import Sandbox, SandboxPaused, is_valid_sandbox_id
@@ -179,6 +180,7 @@ class FileRoutes:
         if length is not None and length > self.max_upload:
             raise APIError(413, f"upload larger than --max-upload ({self.max_upload} bytes)")
         request.cap_body(self.max_upload)
+        set_transfer_buffer(channel.transport)
         body = UploadBody(channel.transport, length)
         request.body_sink = body
         response = self.files.request(sandbox, b"PUT", target, {}, body)
