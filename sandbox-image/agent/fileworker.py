@@ -474,6 +474,43 @@ def mkdir(request: Request, out: Output) -> None:
     out.json(201, {"path": path})
 
 
+class _Cached:
+    """``pwd``/``grp`` for tarfile with the answers remembered: tarfile looks the owner's
+    name up for every file, and each lookup reads /etc/passwd (10,000 files: most of the
+    time of a tar)."""
+
+    def __init__(self, module: Any, lookup: str) -> None:
+        self._module = module
+        self._lookup = lookup
+        self._cache: dict[int, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name != self._lookup:
+            return getattr(self._module, name)
+        return self._get
+
+    def _get(self, key: int) -> Any:
+        if key not in self._cache:
+            try:
+                self._cache[key] = getattr(self._module, self._lookup)(key)
+            except KeyError as e:
+                self._cache[key] = e
+        found = self._cache[key]
+        if isinstance(found, KeyError):
+            raise found
+        return found
+
+
+def _cache_owner_names() -> None:
+    import grp
+    import pwd
+
+    tar_module: Any = tarfile
+    if not isinstance(getattr(tar_module, "pwd", None), _Cached):
+        tar_module.pwd = _Cached(pwd, "getpwuid")
+        tar_module.grp = _Cached(grp, "getgrgid")
+
+
 def get_archive(request: Request, out: Output) -> None:
     root = request.path(default=".")
     gz = request.query.get("format", "tar") in ("tar.gz", "tgz")
@@ -486,8 +523,13 @@ def get_archive(request: Request, out: Output) -> None:
     except OSError as e:
         raise os_failure(e, root) from None
     kind = "application/gzip" if gz else "application/x-tar"
+    _cache_owner_names()
     out.head(200, [("Content-Type", kind)])
-    with tarfile.open(fileobj=out, mode="w|gz" if gz else "w|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+    # GNU format: long names and big files, without a PAX header per entry (PAX would carry
+    # sub-second mtimes, and costs as much again per entry).
+    with tarfile.open(  # type: ignore[call-overload]
+        fileobj=out, mode="w|gz" if gz else "w|", bufsize=CHUNK, format=tarfile.GNU_FORMAT
+    ) as tar:
         for name in names:
             tar.add(os.path.join(root, name), arcname=name)
     out.end()
@@ -674,8 +716,11 @@ def snapshot_roots(request: Request) -> list[str]:
 
 def get_snapshot(request: Request, out: Output) -> None:
     """The writable state as one tar, names relative to ``/`` (``home/sandbox/...``)."""
+    _cache_owner_names()
     out.head(200, [("Content-Type", "application/x-tar")])
-    with tarfile.open(fileobj=out, mode="w|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+    with tarfile.open(  # type: ignore[call-overload]
+        fileobj=out, mode="w|", bufsize=CHUNK, format=tarfile.GNU_FORMAT
+    ) as tar:
         for root in snapshot_roots(request):
             if os.path.isdir(root):
                 names = sorted(os.listdir(root))
