@@ -90,6 +90,7 @@ class Output:
         self.fd = fd
         self.chunked = False
         self.started = False
+        self.pending = bytearray()
         try:
             import fcntl
 
@@ -116,16 +117,26 @@ class Output:
         self.started = True
 
     def write(self, data: bytes) -> int:
+        """Body bytes; a chunked body is gathered into chunks of ``CHUNK`` bytes (tarfile
+        writes 10 KiB at a time)."""
         if not data:
             return 0
         if self.chunked:
-            self._write_all(b"%x\r\n" % len(data) + bytes(data) + b"\r\n")
+            self.pending += data
+            if len(self.pending) >= CHUNK:
+                self._flush()
         else:
             self._write_all(data)
         return len(data)
 
+    def _flush(self) -> None:
+        if self.pending:
+            self._write_all(b"%x\r\n" % len(self.pending) + self.pending + b"\r\n")
+            self.pending = bytearray()
+
     def end(self) -> None:
         if self.chunked:
+            self._flush()
             self._write_all(b"0\r\n\r\n")
 
     def json(self, status: int, body: Any) -> None:
@@ -528,7 +539,7 @@ def get_archive(request: Request, out: Output) -> None:
     # GNU format: long names and big files, without a PAX header per entry (PAX would carry
     # sub-second mtimes, and costs as much again per entry).
     with tarfile.open(  # type: ignore[call-overload]
-        fileobj=out, mode="w|gz" if gz else "w|", bufsize=CHUNK, format=tarfile.GNU_FORMAT
+        fileobj=out, mode="w|gz" if gz else "w|", format=tarfile.GNU_FORMAT
     ) as tar:
         for name in names:
             tar.add(os.path.join(root, name), arcname=name)
@@ -677,7 +688,9 @@ def put_archive(request: Request, out: Output) -> None:
     count = 0
     try:
         try:
-            with tarfile.open(fileobj=request.body, mode="r|*", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+            # tarfile's default stream buffer (10 KiB): its stream joins and slices that buffer
+            # for every 512-byte header, so a large one costs a copy of itself per entry.
+            with tarfile.open(fileobj=request.body, mode="r|*") as tar:  # type: ignore[call-overload]
                 count = _extract(tar, staging)
         except tarfile.TarError as e:
             raise Failed(400, f"not a tar archive: {e}") from None
@@ -719,7 +732,7 @@ def get_snapshot(request: Request, out: Output) -> None:
     _cache_owner_names()
     out.head(200, [("Content-Type", "application/x-tar")])
     with tarfile.open(  # type: ignore[call-overload]
-        fileobj=out, mode="w|", bufsize=CHUNK, format=tarfile.GNU_FORMAT
+        fileobj=out, mode="w|", format=tarfile.GNU_FORMAT
     ) as tar:
         for root in snapshot_roots(request):
             if os.path.isdir(root):
@@ -750,7 +763,9 @@ def put_snapshot(request: Request, out: Output) -> None:
 
     try:
         try:
-            with tarfile.open(fileobj=request.body, mode="r|*", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+            # tarfile's default stream buffer (10 KiB): its stream joins and slices that buffer
+            # for every 512-byte header, so a large one costs a copy of itself per entry.
+            with tarfile.open(fileobj=request.body, mode="r|*") as tar:  # type: ignore[call-overload]
                 _extract(tar, locate)
         except tarfile.TarError as e:
             raise Failed(400, f"not a tar archive: {e}") from None
