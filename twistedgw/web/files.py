@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
 
+from twistedgw.agents import AgentUnavailable
 from twistedgw.lifecycle.errors import SandboxNotFound
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.proxy.files import (
@@ -190,17 +191,19 @@ class FileRoutes:
             if body.ended or result.code < 400:
                 return result
             # The agent answered before the whole body went out (no such directory, disk
-            # full): tell the client now, drop the rest of the upload.
+            # full): nothing more goes to it; the rest of the body is read and dropped, and
+            # the route answers once it is in. (Answering at once and closing would reset
+            # the connection under a client still sending, which then never reads the
+            # answer; common clients read nothing before their body is sent anyway.)
             body.abort("the agent answered early")
-            Deferred.fromCoroutine(read_answer(result)).addCallback(
-                lambda answer: channel.refuse(answer.status, error_text(answer))
-            )
+            request.early_answer = Deferred.fromCoroutine(read_answer(result))
             return None
 
         def failed(failure: Failure) -> Failure | None:
             if body.ended:
                 return failure  # the route is waiting for it
-            channel.refuse(503, f"sandbox agent: {failure.getErrorMessage()}")
+            body.abort("the agent connection failed")
+            request.early_failure = failure
             return None
 
         response.addCallbacks(early, failed)
@@ -218,7 +221,15 @@ class FileRoutes:
         body.end()
         result = await response
         if result is None:
-            return b""  # answered early, by the edge
+            early = getattr(request, "early_answer", None)
+            if early is None:
+                failure = getattr(request, "early_failure", None)
+                reason = failure.getErrorMessage() if failure is not None else "no answer"
+                raise AgentUnavailable(f"file upload failed: {reason}")
+            result_answer = await early
+            raise APIError(
+                result_answer.status, error_text(result_answer), error_extra(result_answer)
+            )
         answer = await read_answer(result)
         if answer.status >= 400:
             raise APIError(answer.status, error_text(answer), error_extra(answer))
