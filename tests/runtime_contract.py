@@ -55,3 +55,25 @@ async def test_create_list_remove(runtime: Any) -> None:
 async def test_remove_unknown_container_succeeds(runtime: Any) -> None:
     """Removing a container that does not exist is not an error."""
     await runtime.remove("0" * 64)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pause_and_unpause(runtime: Any) -> None:
+    """Pausing a running container and unpausing it succeed, twice each (idempotent); a
+    missing container cannot be paused."""
+    from twistedgw.runtime.interface import ContainerFailed
+
+    info = await runtime.create(spec())
+    try:
+        await runtime.pause(info.container_id)
+        await runtime.pause(info.container_id)
+        await runtime.unpause(info.container_id)
+        await runtime.unpause(info.container_id)
+        failed = False
+        try:
+            await runtime.pause("0" * 64)
+        except ContainerFailed:
+            failed = True
+        assert failed
+    finally:
+        await runtime.remove(info.container_id, info.sandbox_id)

@@ -127,8 +127,36 @@ def test_control_types_form_one_table() -> None:
         "processes",
         "signal",
         "subscribe_events",
+        "watch",
+        "unwatch",
     }
     assert protocol.MESSAGE_TYPES == ("command", *CONTROL_PARSERS)
+
+
+def test_watch_and_unwatch_parse() -> None:
+    """``watch`` takes a path and an optional ``recursive``; both need a request id; a bad
+    path is an ``invalid_path`` control error."""
+    watch = protocol.parse_message(
+        b'{"type": "watch", "path": "src", "recursive": true, "request_id": "w"}', False
+    )
+    assert watch == protocol.Watch("w", "src", True)
+    assert watch.to_wire() == {"type": "watch", "request_id": "w", "path": "src", "recursive": True}
+    assert protocol.parse_message(b'{"type": "unwatch", "request_id": "w"}', False) == (
+        protocol.Unwatch("w")
+    )
+    for bad in (
+        b'"path": ""',
+        b'"path": "a\\u0000b"',
+        b'"path": 5',
+        b'"path": "a", "recursive": 1',
+    ):
+        with pytest.raises(protocol.ProtocolError) as info:
+            protocol.parse_message(b'{"type": "watch", "request_id": "w", ' + bad + b"}", False)
+        assert info.value.code == "invalid_path"
+        assert info.value.reply()["request_id"] == "w"
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.parse_message(b'{"type": "unwatch"}', False)
+    assert info.value.code == "invalid_request_id"
 
 
 # -- invalid messages ------------------------------------------------------------------------

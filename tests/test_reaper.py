@@ -230,3 +230,55 @@ async def test_idle_warning_is_published_once_before_idle_removal(
     clock.advance(20)
     await reaper.sweep()
     assert sandbox.sandbox_id not in manager.registry
+
+
+@pytest_twisted.ensureDeferred
+async def test_paused_sandbox_is_kept_for_the_paused_timeout(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """A paused sandbox is not reaped as idle (its idle timeout is 100 s here) until
+    --paused-timeout has passed since the pause; resumed, its idle clock starts again."""
+    manager.paused_timeout = 1000
+    sandbox = await manager.create()
+    reaper = Reaper(manager)
+    await manager.pause(sandbox.sandbox_id)
+    assert runtime.paused == {sandbox.container_id}
+    clock.advance(500)
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    await manager.resume(sandbox.sandbox_id)
+    assert runtime.paused == set()
+    clock.advance(90)
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    await manager.pause(sandbox.sandbox_id)
+    clock.advance(999)
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    clock.advance(2)
+    await reaper.sweep()
+    assert sandbox.sandbox_id not in manager.registry
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_paused_sandbox_is_neither_asked_for_processes_nor_warned(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """A paused sandbox's agent is frozen: the reaper does not query it (that would wait out
+    the timeout) and publishes no ``idle_warning``; --paused-timeout governs it instead."""
+    agents = _ProcessAgents(running=0)
+    manager.agents = agents
+    manager.paused_timeout = 1000
+    events = SandboxEvents()
+    sandbox = await manager.create()
+    heard: list[str] = []
+    events.subscribe(sandbox.sandbox_id, lambda name, data: heard.append(name))
+    await manager.pause(sandbox.sandbox_id)
+    reaper = Reaper(manager, events, warn_before=30)
+    clock.advance(90)  # 10 s before an idle removal, were it not paused
+    await reaper.sweep()
+    clock.advance(50)
+    await reaper.sweep()
+    assert agents.asked == 0
+    assert heard == []
+    assert sandbox.sandbox_id in manager.registry

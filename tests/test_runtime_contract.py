@@ -6,6 +6,7 @@ import pytest
 
 from tests.runtime_contract import (
     test_create_list_remove,
+    test_pause_and_unpause,
     test_provides_the_interface,
     test_remove_unknown_container_succeeds,
 )
@@ -13,6 +14,7 @@ from twistedgw.testing.fakes import FakeRuntime
 
 __all__ = [
     "test_create_list_remove",
+    "test_pause_and_unpause",
     "test_provides_the_interface",
     "test_remove_unknown_container_succeeds",
 ]

@@ -100,6 +100,17 @@ class GatewayConfig:
     allowed_hosts: tuple[str, ...]
     allowed_origins: frozenset[str]
     ping_interval: float
+    # Files, snapshots, pause.
+    max_upload: int = 1024 * 1024 * 1024
+    paused_timeout: float = 86400.0
+    snapshot_dir_option: str | None = None
+
+    @property
+    def snapshot_dir(self) -> Path:
+        """Where snapshots (tars and their sidecars) are kept."""
+        if self.snapshot_dir_option:
+            return Path(self.snapshot_dir_option)
+        return self.state_file.parent / "snapshots" / self.instance
 
     @property
     def socket_dir(self) -> Path:
@@ -154,6 +165,9 @@ class GatewayConfig:
             max_http_connections=options["max-http-connections"],
             body_timeout=options["body-timeout"],
             allowed_hosts=tuple(_listed(options["allowed-hosts"])),
+            max_upload=options.get("max-upload", 1024 * 1024 * 1024),
+            paused_timeout=options.get("paused-timeout", 86400.0),
+            snapshot_dir_option=options.get("snapshot-dir"),
             allowed_origins=frozenset(
                 o.lower().rstrip("/") for o in _listed(options["allowed-origins"])
             ),

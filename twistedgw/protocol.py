@@ -196,6 +196,12 @@ ERROR_CODES: Mapping[str, str] = MappingProxyType(
         "agent_restarted": "the sandbox agent restarted while the command was in flight; "
         "its result is lost",
         "session_lost": "the session was lost when the sandbox agent restarted (said once)",
+        "invalid_path": "a watch's 'path' is empty, holds NUL or is too long "
+        "(or 'recursive' is not true or false)",
+        "too_many_watches": "the connection already has its maximum of watches",
+        "watch_failed": "the path cannot be watched (missing, not permitted, no inotify)",
+        "unknown_watch": "no watch has this 'request_id'",
+        "paused": "the sandbox is paused (POST /sandboxes/{id}/pause); resume it first",
         "internal_error": "a bug while handling the message (logged with a traceback)",
     }
 )
@@ -461,8 +467,100 @@ class SubscribeEvents:
         return ProtocolError(code, message, self.request_id, control=True)
 
 
+# -- watching files (issue 15): watch / unwatch, answered by watching / fs_event / unwatched --
+
+#: Longest path a ``watch`` may name.
+MAX_WATCH_PATH_LENGTH = 4096
+#: Kinds of ``fs_event``.
+FS_EVENTS = ("created", "modified", "deleted", "moved")
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Watch ``path`` (relative to the home directory; below it too with ``recursive``):
+    ``watching`` once the watch is set, then ``fs_event`` messages until ``unwatch``."""
+
+    TYPE: ClassVar[str] = "watch"
+
+    request_id: str
+    path: str
+    recursive: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "request_id": self.request_id,
+            "path": self.path,
+            "recursive": self.recursive,
+        }
+
+    def error(self, code: str, message: str) -> ProtocolError:
+        return ProtocolError(code, message, self.request_id, control=True)
+
+
+@dataclass(frozen=True)
+class Unwatch:
+    """Stop the watch ``request_id`` (answered with ``unwatched``)."""
+
+    TYPE: ClassVar[str] = "unwatch"
+
+    request_id: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "request_id": self.request_id}
+
+    def error(self, code: str, message: str) -> ProtocolError:
+        return ProtocolError(code, message, self.request_id, control=True)
+
+
+def _parse_watch(obj: Mapping[str, Any]) -> Watch:
+    request_id = _request_id(obj, required=True, kind=Watch.TYPE)
+    assert request_id is not None
+    path = obj.get("path")
+    if not is_text(path) or not path or "\x00" in path or len(path) > MAX_WATCH_PATH_LENGTH:
+        raise ProtocolError(
+            "invalid_path", "'path' must be a non-empty path without NUL", request_id, None, True
+        )
+    recursive = obj.get("recursive", False)
+    if not isinstance(recursive, bool):
+        raise ProtocolError(
+            "invalid_path", "'recursive' must be true or false", request_id, None, True
+        )
+    return Watch(request_id, path, recursive)
+
+
+def _parse_unwatch(obj: Mapping[str, Any]) -> Unwatch:
+    request_id = _request_id(obj, required=True, kind=Unwatch.TYPE)
+    assert request_id is not None
+    return Unwatch(request_id)
+
+
+def watching_message(request_id: str, path: str) -> dict[str, Any]:
+    """The watch ``request_id`` is set on ``path`` (absolute)."""
+    return {"type": "watching", "request_id": request_id, "path": path}
+
+
+def fs_event_message(request_id: str, event: str, path: str) -> dict[str, Any]:
+    """Something happened at ``path`` (absolute) under the watch ``request_id``."""
+    return {"type": "fs_event", "request_id": request_id, "event": event, "path": path}
+
+
+def unwatched_message(request_id: str) -> dict[str, Any]:
+    """The watch ``request_id`` is gone (asked for, or its path went away)."""
+    return {"type": "unwatched", "request_id": request_id}
+
+
 ControlMessage = (
-    Cancel | Stdin | ListSessions | CloseSession | Attach | Processes | Signal | SubscribeEvents
+    Cancel
+    | Stdin
+    | ListSessions
+    | CloseSession
+    | Attach
+    | Processes
+    | Signal
+    | SubscribeEvents
+    | Watch
+    | Unwatch
 )
 Message = Command | ControlMessage
 
@@ -912,6 +1010,8 @@ CONTROL_PARSERS: Mapping[str, Callable[[Mapping[str, Any]], ControlMessage]] = M
         Processes.TYPE: _parse_processes,
         Signal.TYPE: _parse_signal,
         SubscribeEvents.TYPE: _parse_subscribe_events,
+        Watch.TYPE: _parse_watch,
+        Unwatch.TYPE: _parse_unwatch,
     }
 )
 #: Every message type, in the order the error message lists them.

@@ -55,6 +55,10 @@ class Reaper:
         for sandbox in self.manager.registry:
             if sandbox.is_lifetime_over(now):
                 due.append((sandbox.sandbox_id, REASON_LIFETIME))
+            elif sandbox.paused_at is not None:
+                # Paused on purpose: kept for --paused-timeout, whatever its idle timeout.
+                if now - sandbox.paused_at > self.manager.paused_timeout:
+                    due.append((sandbox.sandbox_id, REASON_IDLE))
             elif sandbox.is_idle_expired(now):
                 due.append((sandbox.sandbox_id, REASON_IDLE))
         return due
@@ -100,8 +104,8 @@ class Reaper:
         manager = self.manager
         for sandbox in list(manager.registry):
             now = manager.now()
-            if sandbox.clients or sandbox.is_lifetime_over(now):
-                continue
+            if sandbox.clients or sandbox.is_lifetime_over(now) or sandbox.paused_at is not None:
+                continue  # a paused sandbox's agent is frozen: it has --paused-timeout instead
             remaining = sandbox.settings.idle_timeout - sandbox.idle_for(now)
             if remaining > self.warn_before:
                 continue

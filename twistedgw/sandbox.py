@@ -70,6 +70,10 @@ class SandboxSettings:
     network: str = "bridge"
 
 
+class SandboxPaused(Exception):
+    """The sandbox is paused (``docker pause``): nothing runs in it until it is resumed."""
+
+
 @define
 class Sandbox:
     """One sandbox: a container of ours and what the gateway needs to reach its agent."""
@@ -100,6 +104,12 @@ class Sandbox:
     lost_sessions: set[str] = field(factory=set, repr=False, eq=False)
     #: How often this gateway saw the agent lost and back (killed and restarted in place).
     agent_restarts: int = 0
+    #: When the sandbox was paused (``POST .../pause``), ``None`` while it runs.
+    paused_at: float | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
 
     @property
     def clients(self) -> int:
@@ -171,6 +181,7 @@ class Sandbox:
                 expires_at=self.expires_at,
                 agent_restarts=self.agent_restarts,
                 lost_sessions=sorted(self.lost_sessions),
+                paused=self.paused,
             )
         return body
 

@@ -21,15 +21,18 @@ from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.protocol import Limits
 from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.client import ProxyFactory, make_ws_resource
+from twistedgw.proxy.files import AgentFiles
 from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.docker import DockerRuntime
 from twistedgw.runtime.hardening import ContainerLimits
 from twistedgw.service import ProxyService, ShutdownSignals
+from twistedgw.snapshots import SnapshotStore
 from twistedgw.state import StateFile
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.auth import Authenticator, read_tokens
 from twistedgw.web.events import SandboxEvents
+from twistedgw.web.files import FileRoutes
 from twistedgw.web.site import EdgePolicy, default_hosts, fit_descriptors, make_site
 
 __all__ = ["Options", "agent_message_limit", "edge_policy", "makeService"]
@@ -296,6 +299,27 @@ class Options(usage.Options):
             "separated.",
         ],
         [
+            "max-upload",
+            None,
+            1024 * 1024 * 1024,
+            "Largest file or tar upload (PUT .../files, .../files/archive), in bytes (413 beyond).",
+            _positive_int("--max-upload"),
+        ],
+        [
+            "paused-timeout",
+            None,
+            86400.0,
+            "Seconds a paused sandbox is kept before it is reaped (instead of its idle timeout).",
+            _positive_float("--paused-timeout"),
+        ],
+        [
+            "snapshot-dir",
+            None,
+            None,
+            "Directory for sandbox snapshots (POST /sandboxes/{id}/snapshots) "
+            "[default: snapshots/<instance> beside the state file].",
+        ],
+        [
             "ping-interval",
             None,
             30.0,
@@ -389,6 +413,7 @@ def makeService(options: Options) -> IService:
         agent_ready_timeout=config.agent_ready_timeout,
         max_message_size=config.agent_message_limit,
         agents=WebSocketAgents(reactor),
+        paused_timeout=config.paused_timeout,
     )
     manager.setName("sandbox-manager")
     manager.setServiceParent(root)
@@ -420,7 +445,17 @@ def makeService(options: Options) -> IService:
     ProxyService(factory, reactor).setServiceParent(root)
     ShutdownSignals(reactor).setServiceParent(root)
 
-    api = GatewayAPI(manager, make_ws_resource(factory), authenticator, events, clock=reactor)
+    files = FileRoutes(manager, authenticator, AgentFiles(reactor), max_upload=config.max_upload)
+    snapshots = SnapshotStore(config.snapshot_dir, files.files, reactor)
+    api = GatewayAPI(
+        manager,
+        make_ws_resource(factory),
+        authenticator,
+        events,
+        clock=reactor,
+        files=files,
+        snapshots=snapshots,
+    )
     endpoint = serverFromString(reactor, config.port)
     web = StreamServerEndpointService(
         endpoint, make_site(api, policy=edge_policy(config, authenticator))

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from agent import log
+from agent import log, watches
 from agent.child import Reaper
 from agent.config import AgentConfig
 from agent.proctable import ProcessEntry, ProcessTable, Watcher
@@ -89,6 +89,8 @@ class Connection:
                 self.send_message(
                     protocol.sessions_message(message.request_id, self.agent.sessions.describe())
                 )
+            elif isinstance(message, protocol.Watch | protocol.Unwatch):
+                watches.handle(self, message)
             elif isinstance(message, protocol.CloseSession):
                 self._close_session(message)
             else:
@@ -123,6 +125,7 @@ class Connection:
         if not self.open:
             return
         self.open = False
+        watches.drop(self)
         self.agent.connections.discard(self)
         self.agent.table.events.subscribers.discard(self)
         for watcher in list(self.watchers):

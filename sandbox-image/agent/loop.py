@@ -240,6 +240,15 @@ class SocketTransport:
         self._high = high
         self._low = high // 4
 
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (the protocol cannot take more for now)."""
+        if not self._closing and not self.closed:
+            self.loop.remove_reader(self.fd)
+
+    def resume_reading(self) -> None:
+        if not self._closing and not self.closed:
+            self.loop.add_reader(self.fd, self._read)
+
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
 

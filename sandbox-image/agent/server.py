@@ -14,6 +14,7 @@ from typing import Any
 
 from agent import log, wsproto
 from agent.dispatch import Agent, Connection
+from agent.files import FileRequest
 
 #: Pause streamed commands when this much is unsent (resume at a quarter of it).
 SEND_BUFFER_HIGH = 512 * 1024
@@ -29,6 +30,7 @@ class AgentHTTP:
         self.head = bytearray()
         self.parser: wsproto.FrameParser | None = None
         self.conn: Connection | None = None
+        self.files: FileRequest | None = None
         self.closing = False
         self.peer = "?"
 
@@ -42,6 +44,9 @@ class AgentHTTP:
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            return
+        if self.files is not None:
+            self.files.feed(data)
             return
         try:
             if self.parser is None:
@@ -59,10 +64,14 @@ class AgentHTTP:
                 self._close(wsproto.CLOSE_INTERNAL_ERROR, "internal error")
 
     def pause_writing(self) -> None:
+        if self.files is not None:
+            self.files.pause_writing()
         if self.conn is not None:
             self.conn.set_output_paused(True)
 
     def resume_writing(self) -> None:
+        if self.files is not None:
+            self.files.resume_writing()
         if self.conn is not None:
             self.conn.set_output_paused(False)
 
@@ -70,6 +79,8 @@ class AgentHTTP:
         self.closing = True
         if self.conn is not None:
             self.conn.lost()
+        if self.files is not None:
+            self.files.lost()
 
     # HTTP -----------------------------------------------------------------------------------
 
@@ -94,6 +105,9 @@ class AgentHTTP:
             else:
                 self._respond(405, "Method Not Allowed", b"", "Allow: GET, HEAD\r\n")
             return
+        if path == "/files" or path.startswith("/files/"):
+            self._file_request(request, rest)
+            return
         if path != "/agent":
             self._respond(404, "Not Found", b"not found\n")
             return
@@ -111,6 +125,22 @@ class AgentHTTP:
         log.info("connection open from %s", self.peer)
         if rest:
             self._websocket(rest)
+
+    def _file_request(self, request: wsproto.Request, rest: bytes) -> None:
+        """A file operation (``agent.files``): authenticated like the WebSocket, then served
+        by a worker process running as the sandbox user."""
+        if not self._authorized(request):
+            log.info("refused file request from %s: bad agent secret", self.peer)
+            self._respond(401, "Unauthorized", b"bad agent secret\n")
+            return
+        try:
+            self.files = FileRequest(self, request.method, request.path, request.headers)
+        except OSError as e:
+            log.warn("could not start a file worker: %s", e)
+            self._respond(503, "Service Unavailable", b"could not start a file worker\n")
+            return
+        if rest:
+            self.files.feed(rest)
 
     def _authorized(self, request: wsproto.Request) -> bool:
         presented = request.header("authorization").strip().encode("latin-1")

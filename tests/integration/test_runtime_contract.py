@@ -15,6 +15,7 @@ from tests.integration.conftest import IMAGE, remove_instance_containers
 from tests.runtime_contract import (
     spec,
     test_create_list_remove,
+    test_pause_and_unpause,
     test_provides_the_interface,
     test_remove_unknown_container_succeeds,
 )
@@ -23,6 +24,7 @@ from twistedgw.runtime.interface import ImageMissing
 
 __all__ = [
     "test_create_list_remove",
+    "test_pause_and_unpause",
     "test_provides_the_interface",
     "test_remove_unknown_container_succeeds",
 ]

@@ -71,8 +71,11 @@ class SandboxManager(Reconciliation):
         pool_size: int = 0,
         agent_recovery_timeout: float = 5.0,
         agents: IAgents | None = None,
+        paused_timeout: float = 86400.0,
     ) -> None:
         self.registry = registry
+        #: Seconds a paused sandbox is kept (not reaped as idle) before it is reaped.
+        self.paused_timeout = paused_timeout
         self.agents: IAgents = agents or NoAgents()
         self.runtime = runtime
         self.policy = policy
@@ -317,6 +320,27 @@ class SandboxManager(Reconciliation):
                 )
             if sandbox.expires_at is not None:
                 sandbox.expires_at = max(sandbox.expires_at, now + extend_by)
+        return sandbox
+
+    # -- pause -----------------------------------------------------------------------------
+
+    async def pause(self, sandbox_id: str, owner: str | None = None) -> Sandbox:
+        """Freeze the sandbox's processes (Docker's pause; memory is kept). Idempotent."""
+        sandbox = self.lookup(sandbox_id, owner)
+        if not sandbox.paused:
+            await self.runtime.pause(sandbox.container_id)
+            sandbox.paused_at = self.now()
+            self._log.info("paused sandbox {sandbox_id}", sandbox_id=sandbox_id)
+        return sandbox
+
+    async def resume(self, sandbox_id: str, owner: str | None = None) -> Sandbox:
+        """Thaw a paused sandbox; counts as activity. Idempotent."""
+        sandbox = self.lookup(sandbox_id, owner)
+        await self.runtime.unpause(sandbox.container_id)
+        if sandbox.paused:
+            sandbox.paused_at = None
+            self._log.info("resumed sandbox {sandbox_id}", sandbox_id=sandbox_id)
+        sandbox.touch(self.now())
         return sandbox
 
     # -- agents ----------------------------------------------------------------------------

@@ -217,6 +217,12 @@ class ClientSide(WebSocketServerProtocol):
             self._send_own(encode(failure.reply(datetime.now())))
             return
         sandbox = self.sandbox
+        if sandbox is not None and sandbox.paused:
+            failure = message.error(
+                "paused", f"sandbox {sandbox.sandbox_id} is paused; resume it first"
+            )
+            self._send_own(encode(failure.reply(datetime.now())))
+            return
         if sandbox is not None:
             sandbox.touch(manager.now())
             if not self._track(sandbox, message):

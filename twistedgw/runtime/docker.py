@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +59,8 @@ from twistedgw.sandbox import is_valid_sandbox_id
 
 #: Container events the gateway cares about.
 WATCHED_ACTIONS = frozenset({"die", "destroy", "oom"})
+#: Tries of a pause that runc could not freeze (0.5 s apart).
+PAUSE_ATTEMPTS = 6
 
 T = TypeVar("T")
 
@@ -228,6 +231,12 @@ class DockerRuntime(Service):
 
     def list_containers(self) -> Deferred[list[ContainerInfo]]:
         return self._defer(self._thd_list)
+
+    def pause(self, container_id: str) -> Deferred[None]:
+        return self._defer(self._thd_pause, container_id, True)
+
+    def unpause(self, container_id: str) -> Deferred[None]:
+        return self._defer(self._thd_pause, container_id, False)
 
     def watch(self, callback: Callable[[ContainerEvent], None]) -> None:
         self._watchers.append(callback)
@@ -418,6 +427,29 @@ class DockerRuntime(Service):
                 raise
         if self.socket_dir is not None and is_valid_sandbox_id(sandbox_id):
             shutil.rmtree(self.socket_dir / sandbox_id, ignore_errors=True)
+
+    def _thd_pause(self, container_id: str, pause: bool) -> None:
+        api = self._thd_client().api
+        state = api.inspect_container(container_id)["State"]
+        if pause and not state.get("Running"):
+            raise ContainerFailed(f"container {container_id[:12]} is not running")
+        if bool(state.get("Paused")) == pause:
+            return  # already so
+        if not pause:
+            api.unpause(container_id)
+            return
+        import docker.errors
+
+        # runc gives up freezing a cgroup whose processes stay busy in the kernel for a
+        # moment ("unable to freeze", seen on a loaded host after heavy file I/O): retry.
+        for attempt in range(PAUSE_ATTEMPTS):
+            try:
+                api.pause(container_id)
+                return
+            except docker.errors.APIError as e:
+                if "unable to freeze" not in str(e) or attempt == PAUSE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5)
 
     def _filters(self) -> dict[str, list[str]]:
         return {"label": instance_labels(self.instance)}

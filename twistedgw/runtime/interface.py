@@ -90,3 +90,11 @@ class IContainerRuntime(Interface):
 
     def watch(callback: Callable[[ContainerEvent], None]) -> None:
         """Call ``callback`` on the reactor thread for each event of our containers."""
+
+    def pause(container_id: str) -> Deferred[None]:
+        """Freeze every process of a running container (its memory stays); pausing a
+        paused one succeeds. ``ContainerFailed`` for a missing or stopped container."""
+
+    def unpause(container_id: str) -> Deferred[None]:
+        """Thaw a paused container; unpausing a running one succeeds. ``ContainerFailed``
+        for a missing container."""

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from twistedgw.runtime.interface import (
     ContainerEvent,
+    ContainerFailed,
     ContainerInfo,
     ContainerSpec,
     IContainerRuntime,
@@ -48,6 +49,7 @@ class FakeRuntime:
         self.fail_removes = 0
         self.watchers: list[Callable[[ContainerEvent], None]] = []
         self.creates = 0
+        self.paused: set[str] = set()
         self._next = 0
 
     def _unavailable(self) -> Deferred[Any]:
@@ -92,6 +94,23 @@ class FakeRuntime:
 
     def watch(self, callback: Callable[[ContainerEvent], None]) -> None:
         self.watchers.append(callback)
+
+    def pause(self, container_id: str) -> Deferred[None]:
+        if not self.available:
+            return self._unavailable()
+        info = self.containers.get(container_id)
+        if info is None or not info.running:
+            return fail(ContainerFailed(f"container {container_id} is not running"))
+        self.paused.add(container_id)
+        return succeed(None)
+
+    def unpause(self, container_id: str) -> Deferred[None]:
+        if not self.available:
+            return self._unavailable()
+        if container_id not in self.containers:
+            return fail(ContainerFailed(f"no container {container_id}"))
+        self.paused.discard(container_id)
+        return succeed(None)
 
     def kill(self, container_id: str, exit_code: int = 137, emit: bool = False) -> None:
         """Simulate a container that stopped behind the gateway's back."""

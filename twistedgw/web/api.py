@@ -23,10 +23,13 @@ from twistedgw.agents import AgentUnavailable
 from twistedgw.lifecycle.errors import SandboxNotFound
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
+from twistedgw.proxy.files import AgentFiles
 from twistedgw.sandbox import is_valid_sandbox_id
+from twistedgw.snapshots import Snapshot, SnapshotStore
 from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.web.errors import APIError, error_answer
 from twistedgw.web.events import HEARTBEAT, EventStream, SandboxEvents
+from twistedgw.web.files import FileRoutes
 from twistedgw.web.requests import header_text, json_answer, read_json_body, wants_details
 
 R = TypeVar("R")
@@ -82,6 +85,8 @@ class GatewayAPI:
         events: SandboxEvents | None = None,
         heartbeat: float = HEARTBEAT,
         clock: Any = None,
+        files: FileRoutes | None = None,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.manager = manager
         self._ws_resource = ws_resource
@@ -92,6 +97,10 @@ class GatewayAPI:
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
+        self.files = files or FileRoutes(
+            manager, self.authenticator, AgentFiles(getattr(manager, "_reactor", None))
+        )
+        self.snapshots = snapshots
 
     def resource(self) -> IResource:
         """The twisted.web resource serving this API."""
@@ -114,8 +123,19 @@ class GatewayAPI:
     async def create_sandbox(self, request: IRequest, owner: str | None) -> bytes:
         key = header_text(request, b"idempotency-key")
         body = read_json_body(request)
+        snapshot = None
+        if body is not None and "from_snapshot" in body:
+            snapshot = self._snapshot(body.pop("from_snapshot"), owner)
         settings = settings_from_body(self.manager.policy, body, key, owner)
         sandbox = await self.manager.create(settings)
+        if snapshot is not None:
+            assert self.snapshots is not None
+            try:
+                await self.snapshots.restore(snapshot, sandbox)
+            except BaseException:
+                # A sandbox without the files asked for is not what was asked for.
+                await self.manager.delete(sandbox.sandbox_id, owner=owner)
+                raise
         return json_answer(
             request,
             200,
@@ -193,6 +213,76 @@ class GatewayAPI:
         )
         stream.start(link, last or None)
         await stream.done
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/pause", methods=["POST"])
+    @authenticated
+    async def pause(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        sandbox = await self.manager.pause(sandbox_id, owner)
+        return json_answer(request, 200, sandbox.to_json(details=True))
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/resume", methods=["POST"])
+    @authenticated
+    async def resume(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        sandbox = await self.manager.resume(sandbox_id, owner)
+        return json_answer(request, 200, sandbox.to_json(details=True))
+
+    # -- snapshots (twistedgw.snapshots) ---------------------------------------------------
+
+    def _store(self) -> SnapshotStore:
+        if self.snapshots is None:
+            raise APIError(503, "snapshots are not configured on this gateway")
+        return self.snapshots
+
+    def _snapshot(self, snapshot_id: Any, owner: str | None) -> Snapshot:
+        if not isinstance(snapshot_id, str):
+            raise APIError(400, "'from_snapshot' must be a snapshot id")
+        return self._store().get(snapshot_id, owner)
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/snapshots", methods=["POST"])
+    @authenticated
+    async def snapshot(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        sandbox = self.files.sandbox(sandbox_id, owner)
+        snapshot = await self._store().create(sandbox, owner)
+        return json_answer(request, 201, snapshot.to_json())
+
+    @app.route("/snapshots", methods=["GET"])
+    @authenticated
+    def list_snapshots(self, request: IRequest, owner: str | None) -> bytes:
+        return json_answer(request, 200, [s.to_json() for s in self._store().visible_to(owner)])
+
+    @app.route("/snapshots/<snapshot_id>", methods=["DELETE"])
+    @authenticated
+    def delete_snapshot(self, request: IRequest, snapshot_id: str, owner: str | None) -> bytes:
+        self._store().delete(snapshot_id, owner)
+        return json_answer(request, 200, {"message": f"Snapshot {snapshot_id} deleted"})
+
+    # -- files (twistedgw.web.files; HEAD goes with GET) -------------------------------------
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files", methods=["GET", "DELETE"])
+    @authenticated
+    async def files_item(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        return await self.files.forward(request, sandbox_id, owner, b"")
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files", methods=["PUT"])
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files/archive", methods=["PUT"])
+    @authenticated
+    async def files_upload(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        return await self.files.finish_upload(request, sandbox_id, owner)
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files/list", methods=["GET"])
+    @authenticated
+    async def files_list(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        return await self.files.forward(request, sandbox_id, owner, b"/list")
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files/mkdir", methods=["POST"])
+    @authenticated
+    async def files_mkdir(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        return await self.files.forward(request, sandbox_id, owner, b"/mkdir")
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/files/archive", methods=["GET"])
+    @authenticated
+    async def files_archive(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
+        return await self.files.forward(request, sandbox_id, owner, b"/archive")
 
     @app.route("/ws/<sandbox:sandbox_id>", methods=["GET"])
     @authenticated

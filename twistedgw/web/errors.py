@@ -27,16 +27,19 @@ from twistedgw.lifecycle.errors import (
     SandboxNotFound,
 )
 from twistedgw.runtime.interface import ContainerFailed, ImageMissing, RuntimeUnavailable
+from twistedgw.sandbox import SandboxPaused
 from twistedgw.web.auth import Unauthorized
 
 
 class APIError(Exception):
-    """An error with an HTTP status, answered as ``{"error": message}``."""
+    """An error with an HTTP status, answered as ``{"error": message}`` (plus ``extra``
+    fields, such as the refused tar entry of a file upload)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.extra = extra or {}
 
 
 @frozen
@@ -85,6 +88,7 @@ ERRORS: dict[type[BaseException], ErrorRule] = {
     ImageMissing: ErrorRule(503, log="error"),
     AgentUnavailable: ErrorRule(503, lambda m: f"sandbox agent: {m}"),
     ContainerFailed: ErrorRule(502, log="error"),
+    SandboxPaused: ErrorRule(409),
 }
 
 #: How a logged row is logged.
@@ -106,7 +110,7 @@ def error_answer(request: IRequest, failure: Failure, log: Logger) -> ErrorAnswe
     """The answer to ``failure`` raised while serving ``request``."""
     error = failure.value
     if isinstance(error, APIError):
-        return ErrorAnswer(error.status, {"error": error.message})
+        return ErrorAnswer(error.status, {**error.extra, "error": error.message})
     if isinstance(error, HTTPException):
         # Routing: no such route (404) or method (405, with Allow).
         status = error.code or 400

@@ -36,7 +36,7 @@ from io import BytesIO
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -85,6 +85,9 @@ class BodyRule:
 BODY_RULES: tuple[BodyRule, ...] = (
     BodyRule(b"POST", re.compile(rb"/sandboxes/?"), MAX_BODY_BYTES),
     BodyRule(b"POST", re.compile(rb"/sandboxes/[^/]+/keepalive/?"), MAX_BODY_BYTES),
+    # File uploads stream to the sandbox's agent (twistedgw.web.files), capped there by
+    # --max-upload.
+    BodyRule(b"PUT", re.compile(rb"/sandboxes/[^/]+/files(/archive)?/?"), None, json=False),
 )
 _NO_BODY = BodyRule(b"", re.compile(rb""), 0, json=False)
 
@@ -244,8 +247,14 @@ class GatewayRequest(Request):
     channel: GatewayChannel
     #: Where a streamed body goes, chunk by chunk (set by ``EdgePolicy.on_streamed``).
     body_sink: Any = None
+    #: A streamed body (``BodyRule.limit is None``): no body deadline, only the idle timeout.
+    streamed = False
     _limit: int | None = 0
     _received = 0
+
+    def cap_body(self, limit: int) -> None:
+        """Cap a streamed body at ``limit`` bytes (413 as soon as it passes them)."""
+        self._limit = limit
 
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
@@ -263,10 +272,11 @@ class GatewayRequest(Request):
         if rule.limit is None:
             # Streamed: the route's sink takes the chunks; without one, Twisted's own
             # spooling file does.
+            self.streamed = True
             self.content = BytesIO()
             if policy.on_streamed is not None:
                 policy.on_streamed(self)
-            if self.body_sink is None:
+            if self.body_sink is None and not channel.refused:
                 super().gotLength(length)
         else:
             self.content = BytesIO()
@@ -399,7 +409,10 @@ class GatewayChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._disarm()
         super().allHeadersReceived()
-        if not self.refused and self.length != 0:
+        streamed = bool(self.requests) and getattr(self.requests[-1], "streamed", False)
+        if not self.refused and self.length != 0 and not streamed:
+            # (A streamed upload may take as long as it takes while data keeps coming; the
+            # idle timeout still drops a client that stops sending.)
             self._arm(self.policy.body_timeout, 408, "request body not received in time")
 
     def allContentReceived(self) -> None:
@@ -526,6 +539,8 @@ def make_site(
     oversized requests refused before they cost anything."""
     if policy is None:
         policy = EdgePolicy(authenticator=api.authenticator, header_timeout=header_timeout)
+    if policy.on_streamed is None:
+        policy = evolve(policy, on_streamed=api.files.begin_upload)
     site = Site(api.resource(), logFormatter=access_log_line, timeout=policy.idle_timeout)
     site.displayTracebacks = False
     site.requestFactory = GatewayRequest

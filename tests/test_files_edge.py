@@ -1,0 +1,93 @@
+"""File uploads at the HTTP edge, in memory: what is refused from the request headers alone,
+before any body byte is read or any agent is contacted (``FileRoutes.begin_upload``)."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet.task import Clock
+from twisted.web.server import Site
+
+from tests.test_edge import TOKEN, Conn, request
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.proxy.files import AgentFiles
+from twistedgw.sandbox import SandboxSettings
+from twistedgw.web.api import GatewayAPI
+from twistedgw.web.auth import Authenticator, owner_id
+from twistedgw.web.files import FileRoutes
+from twistedgw.web.site import LOOPBACK_HOSTS, EdgePolicy, make_site
+
+
+def files_site(manager: SandboxManager, clock: Clock, tokens: list[str] | None = None) -> Site:
+    auth = Authenticator.from_tokens(tokens or [])
+    routes = FileRoutes(manager, auth, AgentFiles(clock), max_upload=1000)
+    api = GatewayAPI(manager, authenticator=auth, files=routes)
+    return make_site(api, policy=EdgePolicy(authenticator=auth, allowed_hosts=LOOPBACK_HOSTS))
+
+
+def upload(conn: Conn, path: str, length: int, *headers: str) -> None:
+    conn.send(request("PUT", path, f"Content-Length: {length}", *headers))
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_sandbox_is_404_before_the_body(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """An upload to a sandbox that does not exist is answered 404 from the headers, and the
+    connection closes: the body is never waited for."""
+    conn = Conn(files_site(manager, clock), clock)
+    upload(conn, "/sandboxes/" + "0" * 32 + "/files?path=x", 500)
+    status, _, body = conn.response()
+    assert status == 404
+    assert "not found" in body["error"]
+    assert conn.transport.disconnecting
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_max_upload_is_413_before_the_body(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """A Content-Length over --max-upload is 413 at once, for files and for tars."""
+    sandbox = await manager.create()
+    for route in ("files", "files/archive"):
+        conn = Conn(files_site(manager, clock), clock)
+        upload(conn, f"/sandboxes/{sandbox.sandbox_id}/{route}?path=x", 1001)
+        status, _, body = conn.response()
+        assert status == 413, route
+        assert "--max-upload" in body["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_paused_sandbox_and_bad_paths_are_refused(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """A paused sandbox takes no upload (409); a missing or NUL path is 400."""
+    sandbox = await manager.create()
+    base = f"/sandboxes/{sandbox.sandbox_id}/files"
+    for target, wanted in ((base, 400), (base + "?path=", 400), (base + "?path=a%00b", 400)):
+        conn = Conn(files_site(manager, clock), clock)
+        upload(conn, target, 10)
+        assert conn.response()[0] == wanted, target
+    await manager.pause(sandbox.sandbox_id)
+    conn = Conn(files_site(manager, clock), clock)
+    upload(conn, base + "?path=x", 10)
+    status, _, body = conn.response()
+    assert status == 409
+    assert "paused" in body["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_tokens_sandbox_is_404_for_uploads(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """On a token gateway an upload without a token is 401, and with a token that does not
+    own the sandbox 404, both from the headers."""
+    other = "o" * 32
+    sandbox = await manager.create(SandboxSettings(idle_timeout=100, owner=owner_id(TOKEN)))
+    site = files_site(manager, clock, [TOKEN, other])
+    path = f"/sandboxes/{sandbox.sandbox_id}/files?path=x"
+    conn = Conn(site, clock)
+    upload(conn, path, 10)
+    assert conn.response()[0] == 401
+    conn = Conn(site, clock)
+    upload(conn, path, 10, f"Authorization: Bearer {other}")
+    assert conn.response()[0] == 404
