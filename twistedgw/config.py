@@ -13,7 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
+
+from twistedgw.egress.policy import EgressPolicy
+from twistedgw.lifecycle.resources import ResourcePolicy
 
 
 def agent_message_limit(max_message_size: int, max_output: int) -> int:
@@ -96,6 +99,9 @@ class GatewayConfig:
     allowed_hosts: tuple[str, ...]
     allowed_origins: frozenset[str]
     ping_interval: float
+    # Egress by allow-list and per-create resources (issue 17).
+    egress: EgressPolicy = field(factory=EgressPolicy)
+    resources: ResourcePolicy = field(factory=ResourcePolicy)
 
     @property
     def socket_dir(self) -> Path:
@@ -151,4 +157,6 @@ class GatewayConfig:
                 o.lower().rstrip("/") for o in _listed(options["allowed-origins"])
             ),
             ping_interval=options["ping-interval"],
+            egress=options.get("egress-policy") or EgressPolicy(),
+            resources=options.get("resource-policy") or ResourcePolicy(),
         )

@@ -53,6 +53,18 @@ class Attachment(Protocol):
 
 
 @frozen
+class Resources:
+    """What one sandbox may use: CPUs, memory (bytes) and disk (bytes of its home tmpfs)."""
+
+    cpus: float
+    memory: int
+    disk: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cpus": self.cpus, "memory": self.memory, "disk": self.disk}
+
+
+@frozen
 class SandboxSettings:
     """What a creator chose for a sandbox (within the server's maxima).
 
@@ -68,6 +80,11 @@ class SandboxSettings:
     owner: str | None = None
     #: ``bridge`` (Docker's default network, as in the seed) or ``none`` (no network at all).
     network: str = "bridge"
+    #: Egress by allow-list: ``host:port`` patterns (network ``none`` plus the gateway's
+    #: egress proxy); ``None``: no egress proxy.
+    egress: tuple[str, ...] | None = None
+    #: CPUs, memory and disk chosen at creation (``None``: the server's, as before).
+    resources: Resources | None = None
 
 
 @define
@@ -171,6 +188,11 @@ class Sandbox:
                 expires_at=self.expires_at,
                 agent_restarts=self.agent_restarts,
                 lost_sessions=sorted(self.lost_sessions),
+                network=self.settings.network,
+                egress=None if self.settings.egress is None else list(self.settings.egress),
+                resources=None
+                if self.settings.resources is None
+                else self.settings.resources.to_json(),
             )
         return body
 

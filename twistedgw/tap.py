@@ -5,6 +5,7 @@ result; ``makeService`` only connects the parts."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,20 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twistedgw.config import GatewayConfig, agent_message_limit, listen_interface
+from twistedgw.egress.policy import EgressPolicy, parse_cidrs, parse_patterns
+from twistedgw.egress.resolver import resolver_from_environ
+from twistedgw.egress.service import EgressProxies
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
+from twistedgw.lifecycle.resources import ResourcePolicy
 from twistedgw.protocol import Limits
 from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.client import ProxyFactory, make_ws_resource
 from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.docker import DockerRuntime
-from twistedgw.runtime.hardening import ContainerLimits
+from twistedgw.runtime.hardening import ContainerLimits, size_bytes
+from twistedgw.sandbox import Resources
 from twistedgw.service import ProxyService, ShutdownSignals
 from twistedgw.state import StateFile
 from twistedgw.web.api import GatewayAPI
@@ -86,6 +92,13 @@ class Options(usage.Options):
             "Give sandboxes a writable root filesystem (default: read-only "
             "root with sized tmpfs for /home/sandbox, /tmp and /var/tmp).",
         ],
+        [
+            "insecure-no-auth",
+            None,
+            "Allow listening beyond loopback without API tokens (anyone who reaches the port "
+            "drives the gateway). Without tokens and without this flag the gateway listens on "
+            "127.0.0.1 only.",
+        ],
     ]
 
     optParameters = [
@@ -144,6 +157,41 @@ class Options(usage.Options):
         ["pids-limit", None, 256, "Processes per sandbox.", _positive_int("--pids-limit")],
         ["nofile", None, 1024, "Open files per process in a sandbox.", _positive_int("--nofile")],
         ["home-size", None, "256m", "Size of the writable /home/sandbox (tmpfs)."],
+        [
+            "max-cpus",
+            None,
+            None,
+            "Most 'cpus' a creator may ask for (default: --cpus).",
+            _positive_float("--max-cpus"),
+        ],
+        ["max-memory", None, None, "Most 'memory' a creator may ask for (default: --memory)."],
+        [
+            "max-disk",
+            None,
+            None,
+            "Most 'disk' (home tmpfs size) a creator may ask for (default: --home-size).",
+        ],
+        [
+            "egress-allow",
+            None,
+            "",
+            "Server-wide egress allow-list (host[:port] and *.domain[:port] patterns, comma "
+            "separated) that creators' 'egress' lists must lie within (default: any name).",
+        ],
+        [
+            "egress-max",
+            None,
+            32,
+            "Most egress patterns per sandbox.",
+            _positive_int("--egress-max"),
+        ],
+        [
+            "egress-allow-cidr",
+            None,
+            "",
+            "Address ranges (comma separated) the egress proxy may connect to although they "
+            "are loopback, link-local, private or multicast (default: none).",
+        ],
         ["tmp-size", None, "128m", "Size of each of /tmp and /var/tmp (tmpfs)."],
         ["container-runtime", None, None, "OCI runtime for sandboxes, e.g. runsc (gVisor)."],
         [
@@ -307,9 +355,74 @@ class Options(usage.Options):
             self["tokens"] = read_tokens(tokens_file)
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot use the API tokens: {e}") from None
+        self["port"] = secure_port(self["port"], bool(self["tokens"]), self["insecure-no-auth"])
+        self._check_egress_and_resources()
         instance = self["instance"]
         if not instance or not all(c.isalnum() or c in "-_." for c in instance):
             raise usage.UsageError("--instance may hold only letters, digits, '-', '_' and '.'")
+
+    def _check_egress_and_resources(self) -> None:
+        """``--egress-*`` and ``--max-cpus/--max-memory/--max-disk`` (issue 17)."""
+        try:
+            allow = parse_patterns(_listed(self["egress-allow"])) or None
+            cidrs = parse_cidrs(_listed(self["egress-allow-cidr"]))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["egress-policy"] = EgressPolicy(
+            allow=allow, max_patterns=self["egress-max"], allow_cidrs=cidrs
+        )
+        for name in ("max-memory", "max-disk"):
+            value = self[name]
+            if value is not None and not re.fullmatch(r"[1-9][0-9]*[bkmg]?", str(value).lower()):
+                raise usage.UsageError(f"--{name} must be a size like 512m or 2g")
+        defaults = Resources(
+            cpus=self["cpus"],
+            memory=size_bytes(self["memory"]),
+            disk=size_bytes(self["home-size"]),
+        )
+        maxima = Resources(
+            cpus=self["max-cpus"] or defaults.cpus,
+            memory=size_bytes(self["max-memory"] or self["memory"]),
+            disk=size_bytes(self["max-disk"] or self["home-size"]),
+        )
+        if defaults.cpus > maxima.cpus:
+            raise usage.UsageError("--cpus must not exceed --max-cpus")
+        if defaults.memory > maxima.memory:
+            raise usage.UsageError("--memory must not exceed --max-memory")
+        if defaults.disk > maxima.disk:
+            raise usage.UsageError("--home-size must not exceed --max-disk")
+        self["resource-policy"] = ResourcePolicy(defaults=defaults, maxima=maxima)
+
+
+def secure_port(port: str, have_tokens: bool, insecure_no_auth: bool) -> str:
+    """The listening endpoint, secure by default: without tokens, a TCP or TLS endpoint that
+    names no interface listens on loopback only, and one that names another interface is a
+    ``UsageError`` unless ``--insecure-no-auth``."""
+    kind = port.split(":", 1)[0]
+    if have_tokens or insecure_no_auth or kind not in ("tcp", "tcp6", "ssl"):
+        return port
+    interface = listen_interface(port)
+    if interface is None:
+        return port + (r":interface=\:\:1" if kind == "tcp6" else ":interface=127.0.0.1")
+    if not _is_loopback(interface):
+        raise usage.UsageError(
+            f"listening on {interface} without API tokens needs --insecure-no-auth "
+            "(or give tokens with --tokens-file or $TWISTEDGW_TOKENS)"
+        )
+    return port
+
+
+def _is_loopback(interface: str) -> bool:
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def _listed(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def makeService(options: Options) -> IService:
@@ -353,9 +466,16 @@ def makeService(options: Options) -> IService:
         default_lifetime=config.default_lifetime,
         max_lifetime=config.max_lifetime,
         max_sandboxes=config.max_sandboxes,
+        egress=config.egress,
+        resources=config.resources,
     )
+    registry = SandboxRegistry()
+    egress = EgressProxies(reactor, config.egress, resolver_from_environ(reactor))
+    egress.setName("egress-proxies")
+    egress.setServiceParent(root)
+    registry.watch(egress.sandbox_added, egress.sandbox_removed)
     manager = SandboxManager(
-        SandboxRegistry(),
+        registry,
         runtime,
         reactor,
         policy=policy,

@@ -243,6 +243,15 @@ class SocketTransport:
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
 
+    def pause_reading(self) -> None:
+        """Stop reading until ``resume_reading`` (a consumer elsewhere is full)."""
+        if not self._closing and not self.closed:
+            self.loop.remove_reader(self.fd)
+
+    def resume_reading(self) -> None:
+        if not self._closing and not self.closed:
+            self.loop.add_reader(self.fd, self._read)
+
     def _read(self) -> None:
         try:
             data = self.sock.recv(RECV_SIZE)

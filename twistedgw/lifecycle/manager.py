@@ -230,6 +230,7 @@ class SandboxManager(Reconciliation):
             and not settings.env
             and not settings.metadata
             and settings.network == "bridge"
+            and settings.resources is None
         ):
             sandbox = await self._hand_out(settings)
             if sandbox is not None:

@@ -8,11 +8,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 
+from twistedgw.egress.policy import EgressPolicy
 from twistedgw.lifecycle.errors import InvalidSettings
+from twistedgw.lifecycle.resources import RESOURCE_FIELDS, ResourcePolicy
 from twistedgw.protocol import ProtocolError, validate_env
-from twistedgw.sandbox import SandboxSettings
+from twistedgw.sandbox import Resources, SandboxSettings
 
 METADATA_KEY_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 MAX_METADATA = 32
@@ -30,6 +32,9 @@ class LifecyclePolicy:
     default_lifetime: float | None = None
     max_lifetime: float | None = None
     max_sandboxes: int = 200
+    #: Egress by allow-list and per-create resources (issue 17).
+    egress: EgressPolicy = field(factory=EgressPolicy)
+    resources: ResourcePolicy = field(factory=ResourcePolicy)
 
 
 DEFAULT_LIFECYCLE = LifecyclePolicy()
@@ -83,7 +88,8 @@ def settings_from_body(
     """A creation request's settings: its JSON body (``None``: empty), its Idempotency-Key
     and its owner, validated against the operator's ``policy``; raises ``InvalidSettings``."""
     body = body or {}
-    unknown = set(body) - {"idle_timeout", "max_lifetime", "env", "metadata", "network"}
+    known = {"idle_timeout", "max_lifetime", "env", "metadata", "network"}
+    unknown = set(body) - known - set(EGRESS_AND_RESOURCE_FIELDS)
     if unknown:
         raise InvalidSettings(f"unknown creation option(s): {', '.join(sorted(unknown))}")
     idle_timeout = _positive_seconds(body, "idle_timeout") or policy.idle_timeout
@@ -101,6 +107,11 @@ def settings_from_body(
     network = body.get("network", "bridge")
     if network not in ("bridge", "none"):
         raise InvalidSettings('\'network\' must be "bridge" or "none"')
+    egress, resources = egress_and_resources(policy, body)
+    if egress is not None:
+        if "network" in body and network != "none":
+            raise InvalidSettings("'egress' sandboxes have no network but the egress proxy")
+        network = "none"
     key = None
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= 256:
@@ -116,4 +127,26 @@ def settings_from_body(
         idempotency_key=key,
         owner=owner,
         network=network,
+        egress=egress,
+        resources=resources,
     )
+
+
+# -- egress and resources (issue 17) -------------------------------------------------------
+
+#: The creation body's fields parsed by ``egress_and_resources``.
+EGRESS_AND_RESOURCE_FIELDS = ("egress", *RESOURCE_FIELDS)
+
+
+def egress_and_resources(
+    policy: LifecyclePolicy, body: Mapping[str, Any]
+) -> tuple[tuple[str, ...] | None, Resources | None]:
+    """The body's ``egress`` allow-list (``None``: no egress proxy) and its ``cpus``,
+    ``memory`` and ``disk`` (``None``: the server's), checked against the operator's caps."""
+    egress = None
+    if body.get("egress") is not None:
+        try:
+            egress = policy.egress.creation_patterns(body["egress"])
+        except ValueError as e:
+            raise InvalidSettings(str(e)) from None
+    return egress, policy.resources.from_body(body)

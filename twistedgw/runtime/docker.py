@@ -30,6 +30,8 @@ from twistedgw.runtime.hardening import (
     AGENT_PORT,
     AGENT_UID,
     DEFAULT_LIMITS,
+    EGRESS_PORT,
+    EGRESS_SOCKET_NAME,
     SOCKET_MOUNT,
     SOCKET_NAME,
     ContainerLimits,
@@ -357,7 +359,7 @@ class DockerRuntime(Service):
             "ulimits": [
                 docker.types.Ulimit(name="nofile", soft=self.limits.nofile, hard=self.limits.nofile)
             ],
-            **self.limits.run_options(),
+            **self.limits.for_resources(spec.settings.resources).run_options(),
         }
         if spec.settings.network == "none":
             # No network at all: the agent listens on a Unix socket in a per-sandbox host
@@ -367,6 +369,11 @@ class DockerRuntime(Service):
             options["network_mode"] = "none"
             options["volumes"] = {str(directory): {"bind": SOCKET_MOUNT, "mode": "rw"}}
             environment["AGENT_UNIX_SOCKET"] = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
+            if spec.settings.egress is not None:
+                # Egress by allow-list: the agent forwards 127.0.0.1:EGRESS_PORT to the
+                # gateway's proxy on this socket (twistedgw/egress).
+                environment["AGENT_EGRESS_SOCKET"] = f"{SOCKET_MOUNT}/{EGRESS_SOCKET_NAME}"
+                environment["AGENT_EGRESS_PORT"] = str(EGRESS_PORT)
         options.update(self._container_options)
         try:
             # create + start rather than run(): run() would try to pull a missing image from a

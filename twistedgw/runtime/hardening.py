@@ -4,9 +4,12 @@ expects (users, capabilities, the agent's port and socket)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from attrs import frozen
+from attrs import evolve, frozen
+
+if TYPE_CHECKING:
+    from twistedgw.sandbox import Resources
 
 #: Port the agent listens on inside the container.
 AGENT_PORT = 8765
@@ -14,6 +17,10 @@ AGENT_PORT = 8765
 #: Where a network-less sandbox's socket directory is mounted, and the agent's socket in it.
 SOCKET_MOUNT = "/run/twistedgw"
 SOCKET_NAME = "agent.sock"
+#: The gateway's egress proxy socket in that directory (sandboxes with an ``egress`` list),
+#: and the loopback port inside the sandbox where the agent forwards to it.
+EGRESS_SOCKET_NAME = "egress.sock"
+EGRESS_PORT = 3128
 #: The image's unprivileged user, who runs the user's code.
 SANDBOX_UID = 1000
 #: The image's agent user, who must be able to create the agent's socket (and no one else).
@@ -42,6 +49,20 @@ class ContainerLimits:
     #: Size of /dev/shm (a tmpfs Docker mounts nosuid, nodev, noexec; it counts towards the
     #: memory limit). /dev/mqueue is bounded by the kernel's per-user RLIMIT_MSGQUEUE.
     shm_size: str = "64m"
+
+    def for_resources(self, resources: Resources | None) -> ContainerLimits:
+        """These limits with a creator's ``cpus``, ``memory`` and ``disk``: ``disk`` sizes
+        the home tmpfs, and /tmp and /var/tmp keep the server's proportion to it."""
+        if resources is None:
+            return self
+        home, tmp = size_bytes(self.home_size), size_bytes(self.tmp_size)
+        return evolve(
+            self,
+            cpus=resources.cpus,
+            memory=str(resources.memory),
+            home_size=str(resources.disk),
+            tmp_size=str(max(1024 * 1024, resources.disk * tmp // home)),
+        )
 
     def run_options(self) -> dict[str, Any]:
         """``containers.run`` keyword arguments for these limits (less the Ulimit objects)."""
@@ -77,3 +98,18 @@ class ContainerLimits:
 
 
 DEFAULT_LIMITS = ContainerLimits()
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def size_bytes(text: str | int) -> int:
+    """``512m``, ``2g``, ``1048576`` (bytes) as a number of bytes; ``ValueError`` otherwise."""
+    if isinstance(text, int):
+        return text
+    raw = text.strip().lower()
+    unit = raw[-1:] if raw[-1:] in _UNITS else ""
+    number = raw[: len(raw) - len(unit)]
+    if not number.isdigit():
+        raise ValueError(f"{text!r} is not a size like 512m or 2g")
+    return int(number) * _UNITS[unit]

@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping
 
 from twistedgw.runtime.interface import ContainerSpec
-from twistedgw.sandbox import SandboxSettings
+from twistedgw.sandbox import Resources, SandboxSettings
 
 #: Label keys on every container this gateway creates.
 LABEL_MANAGED = "org.twistedgw.managed"
@@ -24,6 +24,11 @@ LABEL_OWNER = "org.twistedgw.owner"
 #: Set on warm-pool containers (created before anyone asked for them).
 LABEL_POOL = "org.twistedgw.pool"
 LABEL_NETWORK = "org.twistedgw.network"
+#: Egress allow-list (JSON list of ``host:port``) and per-create resources.
+LABEL_EGRESS = "org.twistedgw.egress"
+LABEL_CPUS = "org.twistedgw.cpus"
+LABEL_MEMORY = "org.twistedgw.memory"
+LABEL_DISK = "org.twistedgw.disk"
 
 #: Environment variable carrying the per-sandbox agent secret into the container.
 SECRET_ENV = "SANDBOX_AGENT_SECRET"
@@ -58,7 +63,30 @@ def settings_from(labels: Mapping[str, str], env: Mapping[str, str]) -> SandboxS
         idempotency_key=labels.get(LABEL_IDEMPOTENCY) or None,
         owner=labels.get(LABEL_OWNER) or None,
         network="none" if labels.get(LABEL_NETWORK) == "none" else "bridge",
+        egress=_egress_from(labels),
+        resources=_resources_from(labels),
     )
+
+
+def _egress_from(labels: Mapping[str, str]) -> tuple[str, ...] | None:
+    try:
+        value = json.loads(labels[LABEL_EGRESS])
+    except (KeyError, ValueError):
+        return None
+    if not isinstance(value, list):
+        return None
+    return tuple(str(item) for item in value)
+
+
+def _resources_from(labels: Mapping[str, str]) -> Resources | None:
+    try:
+        return Resources(
+            cpus=float(labels[LABEL_CPUS]),
+            memory=int(labels[LABEL_MEMORY]),
+            disk=int(labels[LABEL_DISK]),
+        )
+    except (KeyError, ValueError):
+        return None
 
 
 def labels_for(spec: ContainerSpec, instance: str) -> dict[str, str]:
@@ -82,6 +110,12 @@ def labels_for(spec: ContainerSpec, instance: str) -> dict[str, str]:
         labels[LABEL_POOL] = "true"
     if settings.network == "none":
         labels[LABEL_NETWORK] = "none"
+    if settings.egress is not None:
+        labels[LABEL_EGRESS] = json.dumps(list(settings.egress))
+    if settings.resources is not None:
+        labels[LABEL_CPUS] = repr(settings.resources.cpus)
+        labels[LABEL_MEMORY] = str(settings.resources.memory)
+        labels[LABEL_DISK] = str(settings.resources.disk)
     for key, value in settings.metadata.items():
         labels[LABEL_META_PREFIX + key] = value
     return labels
