@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -86,6 +86,8 @@ class EgressProxyFactory(Factory):
     """
 
     _log = Logger()
+    #: One line per decision is logged instead of Twisted's per-factory start/stop lines.
+    noisy = False
 
     def __init__(
         self,
@@ -112,7 +114,7 @@ class EgressProxyFactory(Factory):
     def _connect_tcp(self, address: str, port: int, protocol: Protocol) -> Deferred[Any]:
         endpoint_type = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
         endpoint = endpoint_type(self.reactor, address, port, timeout=CONNECT_TIMEOUT)
-        return connectProtocol(endpoint, protocol)
+        return endpoint.connect(_OneUpstream(protocol))
 
     def record(self, decision: Logged, kind: str) -> None:
         self.decisions.append(decision)
@@ -132,6 +134,18 @@ class EgressProxyFactory(Factory):
         """Drop every connection (the sandbox is going away)."""
         for connection in list(self.connections):
             connection.abort()
+
+
+class _OneUpstream(Factory):
+    """Builds the one upstream protocol of a connection (quietly, unlike connectProtocol)."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
 
 
 class _Upstream(Protocol):
@@ -324,6 +338,8 @@ class EgressProxy(Protocol):
         if self.method == b"CONNECT":
             self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         else:
+            self.up += len(self.forward_head)
+            metrics.EGRESS_BYTES.labels(direction="up").inc(len(self.forward_head))
             upstream_transport.write(self.forward_head)
         pending, self.pending = self.pending, []
         for chunk in pending:
