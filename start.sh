@@ -27,7 +27,10 @@ PATH="$here/.venv/bin:$PATH" sandbox-image/build.sh
 
 log "starting the gateway on port $port (Ctrl-C stops it; sandboxes are kept)"
 if [ -z "${TWISTEDGW_TOKENS:-}" ] && [[ " $* " != *" --tokens-file"* ]]; then
-    log "WARNING: no API tokens (--tokens-file or \$TWISTEDGW_TOKENS) and listening on all"
-    log "WARNING: interfaces: anyone who can reach port $port can create and drive sandboxes"
+    if [[ " $* " == *" --insecure-no-auth "* ]]; then
+        log "WARNING: no API tokens and --insecure-no-auth: anyone who reaches port $port drives sandboxes"
+    else
+        log "no API tokens: listening on 127.0.0.1 only (give --tokens-file, or --insecure-no-auth for all interfaces)"
+    fi
 fi
 exec "$here/.venv/bin/twistd" --nodaemon --pidfile= sandboxgw --port "tcp:$port" "$@"

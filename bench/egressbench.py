@@ -37,6 +37,7 @@ import requests
 from websockets.sync.client import connect
 
 from twistedgw.egress.resolver import TEST_HOSTS_ENV, TEST_HOSTS_MAGIC
+from twistedgw.runtime.hardening import EGRESS_SOCKET_NAME
 from twistedgw.runtime.labels import LABEL_INSTANCE
 from twistedgw.testing.process import GatewayProcess, gateway_env
 
@@ -127,11 +128,13 @@ def main() -> int:
     hosts = tmp / "hosts"
     hosts.write_text(f"{TEST_HOSTS_MAGIC}\n127.0.0.1 download.test\n")
     env = {**gateway_env(), TEST_HOSTS_ENV: str(hosts)}
-    instance = f"bench-egress-{secrets.token_hex(3)}"
+    # Short: the socket directory's path (under $TMPDIR, with the instance name twice) must
+    # leave the agent's socket path within the 107 bytes Unix sockets allow.
+    instance = f"eb-{secrets.token_hex(3)}"
     gateway = GatewayProcess(instance, "--egress-allow-cidr", "127.0.0.1/32", env=env)
-    gateway.start()
     client = docker.from_env()
     try:
+        gateway.start()
         created = requests.post(
             gateway.url + "/sandboxes", json={"egress": [f"download.test:{port}"]}, timeout=60
         )
@@ -141,7 +144,7 @@ def main() -> int:
         socket_dir = next(
             m["Source"] for m in attrs["Mounts"] if m["Destination"] == "/run/twistedgw"
         )
-        egress_socket = os.path.join(socket_dir, "egress.sock")
+        egress_socket = os.path.join(socket_dir, EGRESS_SOCKET_NAME)
         proxied = f"GET http://download.test:{port}/{size} HTTP/1.1\r\nHost: download.test\r\n\r\n"
         direct = f"GET /{size} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
 

@@ -236,7 +236,7 @@ def test_sandbox_has_only_loopback_and_the_proxy_variables(
             ws,
             "import socket\n"
             "try:\n"
-            "    socket.socket(socket.AF_UNIX).connect('/run/twistedgw/egress.sock')\n"
+            "    socket.socket(socket.AF_UNIX).connect('/run/twistedgw/proxy.sock')\n"
             "except OSError as e:\n"
             "    print(type(e).__name__)\n",
         )

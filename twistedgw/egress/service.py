@@ -1,8 +1,9 @@
 """``EgressProxies``: one egress proxy listener per egress sandbox, following the registry.
 
 An egress sandbox has no network (like ``network: none``) and a socket directory on the host,
-bind-mounted at ``/run/twistedgw``; the gateway listens on ``egress.sock`` in it, and the
-agent forwards the sandbox's proxy port there. The directory belongs to the agent's uid,
+bind-mounted at ``/run/twistedgw``; the gateway listens on ``proxy.sock`` in it (a name no
+longer than ``agent.sock``: Unix socket paths are limited to 107 bytes), and the agent
+forwards the sandbox's proxy port there. The directory belongs to the agent's uid,
 mode 0700, so user code reaches the proxy only through the agent's forwarder; the socket is
 given to the agent's uid too (mode 0600).
 

@@ -19,7 +19,7 @@ SOCKET_MOUNT = "/run/twistedgw"
 SOCKET_NAME = "agent.sock"
 #: The gateway's egress proxy socket in that directory (sandboxes with an ``egress`` list),
 #: and the loopback port inside the sandbox where the agent forwards to it.
-EGRESS_SOCKET_NAME = "egress.sock"
+EGRESS_SOCKET_NAME = "proxy.sock"
 EGRESS_PORT = 3128
 #: The image's unprivileged user, who runs the user's code.
 SANDBOX_UID = 1000
