@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -29,7 +29,7 @@ from twistedgw.egress.policy import (
     parse_patterns,
     refused_address,
 )
-from twistedgw.egress.proxy import EgressProxyFactory
+from twistedgw.egress.proxy import EgressProxyFactory, loopback_only
 from twistedgw.egress.resolver import (
     TEST_HOSTS_ENV,
     TEST_HOSTS_MAGIC,
@@ -151,6 +151,9 @@ def make_proxy(tmp_path: Path) -> Any:
 
         def recording(address: str, port: int, protocol: Any) -> Deferred[Any]:
             connects.append((address, port))
+            if address != "127.0.0.1":
+                # Never a packet beyond loopback, even when the code under test is wrong.
+                return fail(ConnectionRefusedError(f"test: no connects to {address}"))
             return real(address, port, protocol)
 
         factory.connect = recording
@@ -448,3 +451,23 @@ async def test_a_client_that_stalls_mid_body_does_not_fill_the_proxy(
     await client.done
     assert client.received > size
     gc.collect()
+
+
+def test_a_gateway_under_test_connects_to_loopback_only() -> None:
+    """The guard a gateway with a test name table runs with: any address but loopback fails
+    at once, without calling the real connector (so no test packet can leave this machine
+    even if the address rule were broken)."""
+    calls: list[str] = []
+
+    def connector(address: str, port: int, protocol: Any) -> Deferred[Any]:
+        calls.append(address)
+        return succeed(None)
+
+    guarded = loopback_only(connector)
+    failures: list[Any] = []
+    for address in ("169.254.169.254", "93.184.216.34", "10.0.0.1", "::ffff:169.254.169.254"):
+        guarded(address, 80, Protocol()).addErrback(failures.append)
+    assert [f.check(ConnectionRefusedError) for f in failures] == [ConnectionRefusedError] * 4
+    guarded("127.0.0.1", 80, Protocol())
+    guarded("::1", 80, Protocol())
+    assert calls == ["127.0.0.1", "::1"]

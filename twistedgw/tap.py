@@ -18,7 +18,8 @@ from twisted.python import usage
 
 from twistedgw.config import GatewayConfig, agent_message_limit, listen_interface
 from twistedgw.egress.policy import EgressPolicy, parse_cidrs, parse_patterns
-from twistedgw.egress.resolver import resolver_from_environ
+from twistedgw.egress.proxy import connect_tcp, loopback_only
+from twistedgw.egress.resolver import HostsResolver, resolver_from_environ
 from twistedgw.egress.service import EgressProxies
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
@@ -470,7 +471,10 @@ def makeService(options: Options) -> IService:
         resources=config.resources,
     )
     registry = SandboxRegistry()
-    egress = EgressProxies(reactor, config.egress, resolver_from_environ(reactor))
+    resolver = resolver_from_environ(reactor)
+    # A gateway under test (a .test name table) connects to loopback only, whatever happens.
+    guard = loopback_only(connect_tcp(reactor)) if isinstance(resolver, HostsResolver) else None
+    egress = EgressProxies(reactor, config.egress, resolver, connect=guard)
     egress.setName("egress-proxies")
     egress.setServiceParent(root)
     registry.watch(egress.sandbox_added, egress.sandbox_removed)

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -105,18 +105,13 @@ class EgressProxyFactory(Factory):
         self.policy = policy
         self.resolver = resolver
         self.reactor = reactor
-        self.connect = connect or self._connect_tcp
+        self.connect = connect or connect_tcp(reactor)
         self.connections: set[EgressProxy] = set()
         #: The latest decisions (tests and debugging; the log has them all).
         self.decisions: deque[Logged] = deque(maxlen=256)
 
     def buildProtocol(self, addr: Any) -> EgressProxy:
         return EgressProxy(self)
-
-    def _connect_tcp(self, address: str, port: int, protocol: Protocol) -> Deferred[Any]:
-        endpoint_type = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-        endpoint = endpoint_type(self.reactor, address, port, timeout=CONNECT_TIMEOUT)
-        return endpoint.connect(_OneUpstream(protocol))
 
     def record(self, decision: Logged, kind: str) -> None:
         self.decisions.append(decision)
@@ -136,6 +131,30 @@ class EgressProxyFactory(Factory):
         """Drop every connection (the sandbox is going away)."""
         for connection in list(self.connections):
             connection.abort()
+
+
+def connect_tcp(reactor: Any) -> Connector:
+    """The real connector: TCP to ``address`` (an IP address, never a name)."""
+
+    def connect(address: str, port: int, protocol: Protocol) -> Deferred[Any]:
+        endpoint_type = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+        endpoint = endpoint_type(reactor, address, port, timeout=CONNECT_TIMEOUT)
+        return endpoint.connect(_OneUpstream(protocol))
+
+    return connect
+
+
+def loopback_only(connect: Connector) -> Connector:
+    """``connect``, refusing (without a packet) any address but loopback: the guard a gateway
+    under test runs with (``TWISTEDGW_EGRESS_TEST_HOSTS``), so that even a broken address
+    rule cannot send test traffic off this machine."""
+
+    def guarded(address: str, port: int, protocol: Protocol) -> Deferred[Any]:
+        if not ipaddress.ip_address(address).is_loopback:
+            return fail(ConnectionRefusedError(f"test gateway: no connects to {address}"))
+        return connect(address, port, protocol)
+
+    return guarded
 
 
 class _OneUpstream(Factory):
