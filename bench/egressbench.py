@@ -116,6 +116,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--cpus", type=float, default=1.0, help="the sandbox's cpus")
     args = parser.parse_args()
     size = args.mib * 1024 * 1024
 
@@ -131,12 +132,16 @@ def main() -> int:
     # Short: the socket directory's path (under $TMPDIR, with the instance name twice) must
     # leave the agent's socket path within the 107 bytes Unix sockets allow.
     instance = f"eb-{secrets.token_hex(3)}"
-    gateway = GatewayProcess(instance, "--egress-allow-cidr", "127.0.0.1/32", env=env)
+    gateway = GatewayProcess(
+        instance, "--egress-allow-cidr", "127.0.0.1/32", "--max-cpus", str(args.cpus), env=env
+    )
     client = docker.from_env()
     try:
         gateway.start()
         created = requests.post(
-            gateway.url + "/sandboxes", json={"egress": [f"download.test:{port}"]}, timeout=60
+            gateway.url + "/sandboxes",
+            json={"egress": [f"download.test:{port}"], "cpus": args.cpus},
+            timeout=60,
         )
         created.raise_for_status()
         sandbox_id = created.json()["sandbox_id"]
@@ -165,7 +170,10 @@ def main() -> int:
                 assert int(got) == size, got
                 results["sandbox"].append(float(seconds))
         base = statistics.median(results["direct"])
-        print(f"== egress: {args.mib} MiB download, {args.runs} runs each, median (min..max)")
+        print(
+            f"== egress: {args.mib} MiB download, {args.runs} runs each, sandbox cpus "
+            f"{args.cpus:g}, median (min..max)"
+        )
         print(f"{'path':<16}{'seconds':>10}{'MiB/s':>10}{'range MiB/s':>18}{'vs direct':>11}")
         for name, samples in results.items():
             median = statistics.median(samples)

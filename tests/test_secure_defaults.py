@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.application.service import IServiceCollection
 from twisted.python import usage
 
+from twistedgw.config import GatewayConfig
 from twistedgw.tap import Options, makeService
 
 
@@ -44,6 +45,9 @@ async def test_without_tokens_the_gateway_listens_on_loopback_only() -> None:
     assert address.host == "127.0.0.1"
     assert parse("--port", "0")["port"] == "tcp:0:interface=127.0.0.1"
     assert parse("--port", "tcp6:0")["port"] == r"tcp6:0:interface=\:\:1"
+    assert GatewayConfig.from_options(parse("--port", "tcp6:0")).listens_on_loopback_only
+    wide = GatewayConfig.from_options(parse("--port", "tcp:0", "--insecure-no-auth"))
+    assert not wide.listens_on_loopback_only  # and so the gateway warns
 
 
 def test_other_interfaces_without_tokens_need_insecure_no_auth() -> None:

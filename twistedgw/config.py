@@ -7,6 +7,7 @@ than option strings.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -51,6 +52,16 @@ def listen_interface(port: str) -> str | None:
     if port.startswith("unix:"):
         interface = "localhost"
     return interface
+
+
+def is_loopback(interface: str) -> bool:
+    """Whether a listening interface is this machine's loopback."""
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
 
 
 @frozen
@@ -110,7 +121,8 @@ class GatewayConfig:
 
     @property
     def listens_on_loopback_only(self) -> bool:
-        return "127.0.0.1" in self.port or "::1" in self.port
+        interface = listen_interface(self.port)
+        return interface is not None and is_loopback(interface)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> GatewayConfig:

@@ -5,7 +5,6 @@ result; ``makeService`` only connects the parts."""
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from twistedgw.config import GatewayConfig, agent_message_limit, listen_interface
+from twistedgw.config import GatewayConfig, agent_message_limit, is_loopback, listen_interface
 from twistedgw.egress.policy import EgressPolicy, parse_cidrs, parse_patterns
 from twistedgw.egress.proxy import connect_tcp, loopback_only
 from twistedgw.egress.resolver import HostsResolver, resolver_from_environ
@@ -405,21 +404,12 @@ def secure_port(port: str, have_tokens: bool, insecure_no_auth: bool) -> str:
     interface = listen_interface(port)
     if interface is None:
         return port + (r":interface=\:\:1" if kind == "tcp6" else ":interface=127.0.0.1")
-    if not _is_loopback(interface):
+    if not is_loopback(interface):
         raise usage.UsageError(
             f"listening on {interface} without API tokens needs --insecure-no-auth "
             "(or give tokens with --tokens-file or $TWISTEDGW_TOKENS)"
         )
     return port
-
-
-def _is_loopback(interface: str) -> bool:
-    if interface == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(interface).is_loopback
-    except ValueError:
-        return False
 
 
 def _listed(value: str) -> list[str]:
