@@ -10,7 +10,9 @@ code (Python, reading 1 MiB at a time and discarding):
 * ``gateway proxy``: host client -> the sandbox's egress socket -> gateway proxy -> server
   (the gateway's part alone);
 * ``sandbox``: client in the sandbox -> agent forwarder (127.0.0.1:3128) -> egress socket ->
-  gateway proxy -> server (what sandbox code gets).
+  gateway proxy -> server (what sandbox code gets);
+* ``forwarder alone``: host client -> the agent's forwarder (``agent/egress.py``, run here on
+  the host's Python) -> a Unix socket server sending the bytes (the agent's part alone).
 
 Run: ``PYTHONPATH=$PWD .venv/bin/python bench/egressbench.py [--mib 100] [--runs 5]``
 (``SANDBOX_IMAGE`` names the image, as for the tests).
@@ -19,6 +21,7 @@ Run: ``PYTHONPATH=$PWD .venv/bin/python bench/egressbench.py [--mib 100] [--runs
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import secrets
@@ -103,6 +106,55 @@ print(got, time.monotonic() - started)
 """
 
 
+def forwarder_alone(size: int, tmp: Path) -> float:
+    """Seconds for ``size`` bytes through the agent's forwarder, on the host."""
+    from twistedgw.testing.process import REPO
+
+    sys.path.insert(0, str(REPO / "sandbox-image"))
+    egress: Any = importlib.import_module("agent.egress")
+    loop_module: Any = importlib.import_module("agent.loop")
+    path = str(tmp / "forward.sock")
+    if os.path.exists(path):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    loop = loop_module.Loop()
+    listening = egress.EgressForwarder(loop, path).listen(0)
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            loop.run_once(0.05)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        sent = 0
+        while sent < size:
+            n = min(len(CHUNK), size - sent)
+            conn.sendall(CHUNK[:n])
+            sent += n
+        conn.close()
+
+    threading.Thread(target=spin, daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", listening.getsockname()[1])) as sock:
+            started = time.monotonic()
+            got = 0
+            while got < size:
+                data = sock.recv(1024 * 1024)
+                if not data:
+                    break
+                got += len(data)
+            assert got == size, got
+            return time.monotonic() - started
+    finally:
+        stop.set()
+        listening.close()
+        server.close()
+
+
 def run_in_sandbox(ws: Any, code: str) -> str:
     ws.send(json.dumps({"command": f"python3 - <<'EOF'\n{code}\nEOF", "timeout": 300}))
     while True:
@@ -153,7 +205,12 @@ def main() -> int:
         proxied = f"GET http://download.test:{port}/{size} HTTP/1.1\r\nHost: download.test\r\n\r\n"
         direct = f"GET /{size} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
 
-        results: dict[str, list[float]] = {"direct": [], "gateway proxy": [], "sandbox": []}
+        results: dict[str, list[float]] = {
+            "direct": [],
+            "gateway proxy": [],
+            "sandbox": [],
+            "forwarder alone": [],
+        }
         with connect(f"{gateway.ws_url}/ws/{sandbox_id}", max_size=None) as ws:
             for _ in range(args.runs):
                 with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -169,6 +226,7 @@ def main() -> int:
                 got, seconds = run_in_sandbox(ws, code).split()
                 assert int(got) == size, got
                 results["sandbox"].append(float(seconds))
+                results["forwarder alone"].append(forwarder_alone(size, tmp))
         base = statistics.median(results["direct"])
         print(
             f"== egress: {args.mib} MiB download, {args.runs} runs each, sandbox cpus "
@@ -178,9 +236,11 @@ def main() -> int:
         for name, samples in results.items():
             median = statistics.median(samples)
             rates = (args.mib / max(samples), args.mib / min(samples))
+            # The forwarder's own server is a raw socket, not http.server: no ratio.
+            ratio = "-" if name == "forwarder alone" else f"{median / base:.2f}x"
             print(
                 f"{name:<16}{median:>10.3f}{args.mib / median:>10.0f}"
-                f"{f'{rates[0]:.0f}..{rates[1]:.0f}':>18}{median / base:>10.2f}x"
+                f"{f'{rates[0]:.0f}..{rates[1]:.0f}':>18}{ratio:>11}"
             )
     finally:
         gateway.stop()
