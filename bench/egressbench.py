@@ -11,6 +11,8 @@ code (Python, reading 1 MiB at a time and discarding):
   (the gateway's part alone);
 * ``sandbox``: client in the sandbox -> agent forwarder (127.0.0.1:3128) -> egress socket ->
   gateway proxy -> server (what sandbox code gets);
+* ``sandbox loopback``: client in the sandbox -> a server thread in the same sandbox on its
+  loopback (what the sandbox itself manages, CPU limit included: the ceiling for ``sandbox``);
 * ``forwarder alone``: host client -> the agent's forwarder (``agent/egress.py``, run here on
   the host's Python) -> a Unix socket server sending the bytes (the agent's part alone).
 
@@ -102,6 +104,33 @@ while got < {size}:
     if not chunk:
         break
     got += len(chunk)
+print(got, time.monotonic() - started)
+"""
+
+
+SANDBOX_LOOPBACK = """
+import socket, threading, time
+size = {size}
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(1)
+def serve():
+    conn, _ = server.accept()
+    chunk = b"x" * (1024 * 1024)
+    sent = 0
+    while sent < size:
+        conn.sendall(chunk[: min(len(chunk), size - sent)])
+        sent += min(len(chunk), size - sent)
+    conn.close()
+threading.Thread(target=serve, daemon=True).start()
+started = time.monotonic()
+s = socket.create_connection(server.getsockname())
+got = 0
+while got < size:
+    data = s.recv(1024 * 1024)
+    if not data:
+        break
+    got += len(data)
 print(got, time.monotonic() - started)
 """
 
@@ -209,6 +238,7 @@ def main() -> int:
             "direct": [],
             "gateway proxy": [],
             "sandbox": [],
+            "sandbox loopback": [],
             "forwarder alone": [],
         }
         with connect(f"{gateway.ws_url}/ws/{sandbox_id}", max_size=None) as ws:
@@ -226,6 +256,9 @@ def main() -> int:
                 got, seconds = run_in_sandbox(ws, code).split()
                 assert int(got) == size, got
                 results["sandbox"].append(float(seconds))
+                got, seconds = run_in_sandbox(ws, SANDBOX_LOOPBACK.format(size=size)).split()
+                assert int(got) == size, got
+                results["sandbox loopback"].append(float(seconds))
                 results["forwarder alone"].append(forwarder_alone(size, tmp))
         base = statistics.median(results["direct"])
         print(
@@ -237,7 +270,9 @@ def main() -> int:
             median = statistics.median(samples)
             rates = (args.mib / max(samples), args.mib / min(samples))
             # The forwarder's own server is a raw socket, not http.server: no ratio.
-            ratio = "-" if name == "forwarder alone" else f"{median / base:.2f}x"
+            ratio = (
+                "-" if name in ("forwarder alone", "sandbox loopback") else f"{median / base:.2f}x"
+            )
             print(
                 f"{name:<16}{median:>10.3f}{args.mib / median:>10.0f}"
                 f"{f'{rates[0]:.0f}..{rates[1]:.0f}':>18}{ratio:>11}"

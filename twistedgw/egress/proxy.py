@@ -20,7 +20,9 @@ reading on the other, so a stalled client holds at most a transport buffer here.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +58,8 @@ CONNECT_TIMEOUT = 10.0
 MAX_CONNECTIONS = 512
 #: Read size and write buffer (before the other side is paused) of each side of a transfer.
 TRANSFER_BUFFER = 256 * 1024
+#: Kernel send buffer of the Unix socket to the agent.
+SOCKET_BUFFER = 1024 * 1024
 #: Request headers that are the proxy's, not the destination's.
 _HOP_HEADERS = frozenset(
     {b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive", b"te"}
@@ -368,6 +372,9 @@ class EgressProxy(Protocol):
         # Twisted reads and buffers in bufferSize units (64 KiB): larger ones cut the
         # pause/resume churn of a bulk transfer to a quarter (BENCHMARKS.md, egress).
         self.transport.bufferSize = upstream_transport.bufferSize = TRANSFER_BUFFER
+        # Fewer wake-ups per MiB on the hop to the agent: a bigger kernel buffer on it.
+        with contextlib.suppress(AttributeError, OSError):
+            self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         # Backpressure both ways: each side pauses the other while its buffer is full.
         upstream_transport.registerProducer(self.transport, True)
         self.transport.registerProducer(upstream_transport, True)
