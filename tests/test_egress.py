@@ -37,7 +37,10 @@ from twistedgw.egress.resolver import (
     read_test_hosts,
     resolver_from_environ,
 )
-from twistedgw.egress.service import BACKLOG
+from twistedgw.egress.service import BACKLOG, EgressProxies
+from twistedgw.registry import SandboxRegistry
+from twistedgw.runtime.hardening import EGRESS_SOCKET_NAME
+from twistedgw.sandbox import Sandbox, SandboxSettings
 
 LOOPBACK = parse_cidrs(["127.0.0.0/8"])
 
@@ -471,3 +474,45 @@ def test_a_gateway_under_test_connects_to_loopback_only() -> None:
     guarded("127.0.0.1", 80, Protocol())
     guarded("::1", 80, Protocol())
     assert calls == ["127.0.0.1", "::1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxies_follow_the_registry(tmp_path: Path) -> None:
+    """An egress sandbox added to the registry (created or recovered) gets a proxy socket
+    beside its agent socket, which serves its allow-list; forgetting it stops the listener.
+    Sandboxes without ``egress`` get none."""
+    registry = SandboxRegistry()
+    proxies = EgressProxies(reactor, EgressPolicy(), HostsResolver({}))
+    registry.watch(proxies.sandbox_added, proxies.sandbox_removed)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    settings = SandboxSettings(idle_timeout=10.0, network="none", egress=("allowed.test:80",))
+    egress_sandbox = Sandbox(
+        "a" * 32,
+        "c1",
+        0.0,
+        "",
+        "",
+        0,
+        "s",
+        0.0,
+        settings,
+        agent_socket=str(tmp_path / "a/agent.sock"),
+    )
+    plain = Sandbox(
+        "b" * 32, "c2", 0.0, "", "", 0, "s", 0.0,
+        SandboxSettings(idle_timeout=10.0, network="none"),
+        agent_socket=str(tmp_path / "b/agent.sock"),
+    )  # fmt: skip
+    registry.add(egress_sandbox)
+    registry.add(plain)
+    socket_path = tmp_path / "a" / EGRESS_SOCKET_NAME
+    assert socket_path.is_socket() and not (tmp_path / "b" / EGRESS_SOCKET_NAME).exists()
+    assert set(proxies.listeners) == {"a" * 32}
+    answer = await Proxy(socket_path, proxies.listeners["a" * 32][1], []).ask(
+        b"GET http://denied.test/ HTTP/1.1\r\n\r\n"
+    )
+    assert status_of(answer) == 403
+    registry.remove("a" * 32)
+    await deferLater(reactor, 0.05, lambda: None)
+    assert proxies.listeners == {} and not socket_path.exists()
