@@ -161,8 +161,8 @@ class Options(usage.Options):
             "max-cpus",
             None,
             None,
-            "Most 'cpus' a creator may ask for (default: --cpus).",
-            _positive_float("--max-cpus"),
+            "Most 'cpus' a creator may ask for (default: --cpus)",
+            _number("--max-cpus", float, False, "A number of CPUs, greater than 0."),
         ],
         ["max-memory", None, None, "Most 'memory' a creator may ask for (default: --memory)."],
         [
