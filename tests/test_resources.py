@@ -10,7 +10,9 @@ import pytest
 import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.python import usage
 
+from twistedgw.config import GatewayConfig
 from twistedgw.egress.policy import EgressPolicy, parse_patterns
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
@@ -20,6 +22,7 @@ from twistedgw.runtime.hardening import ContainerLimits
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.runtime.labels import labels_for, settings_from
 from twistedgw.sandbox import Resources, SandboxSettings
+from twistedgw.tap import Options
 from twistedgw.testing.fakes import FakeRuntime
 from twistedgw.testing.rest import request
 from twistedgw.web.api import GatewayAPI
@@ -141,3 +144,35 @@ def test_resources_become_container_limits_and_labels() -> None:
     )
     spec = ContainerSpec("0" * 32, 1.0, "secret", settings)
     assert settings_from(labels_for(spec, "default"), {}) == settings
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--max-cpus", "0.5"),
+        ("--max-memory", "512m"),
+        ("--max-disk", "128m"),
+        ("--max-disk", "lots"),
+        ("--egress-allow-cidr", "10.0.0.0/33"),
+        ("--egress-allow", "exa mple.com"),
+        ("--egress-max", "0"),
+    ],
+)
+def test_bad_resource_and_egress_options_are_usage_errors(args: tuple[str, ...]) -> None:
+    """Maxima below the server's defaults, bad sizes, ranges or patterns stop start-up."""
+    options = Options()
+    with pytest.raises(usage.UsageError):
+        options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", *args])
+
+
+def test_options_become_the_lifecycle_policy() -> None:
+    """The operator's options reach the policy that checks creation bodies."""
+    options = Options()
+    args = ["--max-cpus", "4", "--max-memory", "8g", "--egress-allow", "*.example.org,a.test:8443"]
+    options.parseOptions([*args, "--egress-allow-cidr", "10.1.0.0/16", "--egress-max", "5"])
+    config = GatewayConfig.from_options(options)
+    assert config.resources.maxima == Resources(cpus=4.0, memory=8 * GIB, disk=256 * MIB)
+    assert config.resources.defaults == Resources(cpus=1.0, memory=GIB, disk=256 * MIB)
+    assert config.egress.max_patterns == 5
+    assert [str(p) for p in config.egress.allow or ()] == ["*.example.org", "a.test:8443"]
+    assert [str(n) for n in config.egress.allow_cidrs] == ["10.1.0.0/16"]
