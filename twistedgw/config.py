@@ -64,7 +64,10 @@ class GatewayConfig:
     max_idle_timeout: float
     default_lifetime: float | None
     max_lifetime: float | None
-    pool_size: int
+    #: Warm pool size per template (``default``: --pool-size N).
+    pool_sizes: Mapping[str, int]
+    #: Templates besides the default (``--image``): name to image.
+    templates: Mapping[str, str]
     max_sandboxes: int
     agent_ready_timeout: float
     reap_interval: float
@@ -75,6 +78,8 @@ class GatewayConfig:
     nofile: int
     writable_root: bool
     home_size: str
+    max_home_size: str
+    max_memory: str
     tmp_size: str
     container_runtime: str | None
     # The Docker engine.
@@ -119,7 +124,8 @@ class GatewayConfig:
             max_idle_timeout=options["max-idle-timeout"],
             default_lifetime=options["default-lifetime"] or None,
             max_lifetime=options["max-lifetime"] or None,
-            pool_size=options["pool-size"],
+            pool_sizes=dict(options["pool-sizes"]),
+            templates=dict(options["templates"]),
             max_sandboxes=options["max-sandboxes"],
             agent_ready_timeout=options["agent-ready-timeout"],
             reap_interval=options["reap-interval"],
@@ -129,6 +135,8 @@ class GatewayConfig:
             nofile=options["nofile"],
             writable_root=bool(options["writable-root"]),
             home_size=options["home-size"],
+            max_home_size=options["max-home-size"],
+            max_memory=options["max-memory"],
             tmp_size=options["tmp-size"],
             container_runtime=options["container-runtime"],
             docker_url=options["docker-url"],

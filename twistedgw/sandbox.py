@@ -68,6 +68,8 @@ class SandboxSettings:
     owner: str | None = None
     #: ``bridge`` (Docker's default network, as in the seed) or ``none`` (no network at all).
     network: str = "bridge"
+    #: The template (image and its resource defaults) the sandbox was made from.
+    template: str = "default"
 
 
 @define
@@ -171,6 +173,7 @@ class Sandbox:
                 expires_at=self.expires_at,
                 agent_restarts=self.agent_restarts,
                 lost_sessions=sorted(self.lost_sessions),
+                template=self.settings.template,
             )
         return body
 

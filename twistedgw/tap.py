@@ -18,6 +18,13 @@ from twisted.python import usage
 from twistedgw.config import GatewayConfig, agent_message_limit, listen_interface
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
+from twistedgw.lifecycle.templates import (
+    DEFAULT_TEMPLATE,
+    TemplateCatalog,
+    TemplateMaxima,
+    parse_pool_option,
+    parse_template_option,
+)
 from twistedgw.protocol import Limits
 from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.client import ProxyFactory, make_ws_resource
@@ -120,13 +127,6 @@ class Options(usage.Options):
             _non_negative_float("--max-lifetime"),
         ],
         [
-            "pool-size",
-            None,
-            0,
-            "Warm pool: started, agent-ready containers kept for instant creates.",
-            _non_negative_int("--pool-size"),
-        ],
-        [
             "max-sandboxes",
             None,
             200,
@@ -144,6 +144,18 @@ class Options(usage.Options):
         ["pids-limit", None, 256, "Processes per sandbox.", _positive_int("--pids-limit")],
         ["nofile", None, 1024, "Open files per process in a sandbox.", _positive_int("--nofile")],
         ["home-size", None, "256m", "Size of the writable /home/sandbox (tmpfs)."],
+        [
+            "max-home-size",
+            None,
+            "1g",
+            "Largest home (and /tmp) size a template's image label may ask for.",
+        ],
+        [
+            "max-memory",
+            None,
+            "2g",
+            "Largest memory limit a template's image label may ask for.",
+        ],
         ["tmp-size", None, "128m", "Size of each of /tmp and /var/tmp (tmpfs)."],
         ["container-runtime", None, None, "OCI runtime for sandboxes, e.g. runsc (gVisor)."],
         [
@@ -282,6 +294,29 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["templates"] = {}
+        self["pool-sizes"] = {}
+
+    def opt_template(self, value: str) -> None:
+        """NAME=IMAGE: a template creators may choose with {"template": NAME}; repeatable.
+        The default template is --image."""
+        try:
+            name, image = parse_template_option(value)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["templates"][name] = image
+
+    def opt_pool_size(self, value: str) -> None:
+        """Warm pool: started, agent-ready containers kept for instant creates; N for the
+        default template, NAME=N for another (repeatable) [default: 0]."""
+        try:
+            name, count = parse_pool_option(value)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["pool-sizes"][name] = count
+
     def postOptions(self) -> None:
         port = str(self["port"]).strip()
         if port.isdigit():
@@ -299,7 +334,14 @@ class Options(usage.Options):
             raise usage.UsageError("--default-timeout must not exceed --max-timeout")
         if self["output-kill-limit"] < self["max-output"]:
             raise usage.UsageError("--output-kill-limit must be at least --max-output")
-        for name in ("memory", "home-size", "tmp-size"):
+        known = {DEFAULT_TEMPLATE, *self["templates"]}
+        for name in self["pool-sizes"]:
+            if name not in known:
+                raise usage.UsageError(
+                    f"--pool-size {name}=N: no such template (known: {', '.join(sorted(known))})"
+                )
+        self["pool-size"] = self["pool-sizes"].get(DEFAULT_TEMPLATE, 0)
+        for name in ("memory", "home-size", "tmp-size", "max-home-size", "max-memory"):
             if not re.fullmatch(r"[1-9][0-9]*[bkmg]?", str(self[name]).lower()):
                 raise usage.UsageError(f"--{name} must be a size like 512m or 2g")
         try:
@@ -319,6 +361,16 @@ def makeService(options: Options) -> IService:
     config = GatewayConfig.from_options(options)
     root = MultiService()
 
+    limits = ContainerLimits(
+        memory=config.memory,
+        cpus=config.cpus,
+        pids=config.pids_limit,
+        nofile=config.nofile,
+        read_only_root=not config.writable_root,
+        home_size=config.home_size,
+        tmp_size=config.tmp_size,
+        runtime=config.container_runtime,
+    )
     runtime = DockerRuntime(
         reactor,
         image=config.image,
@@ -327,16 +379,7 @@ def makeService(options: Options) -> IService:
         threads=config.docker_threads,
         call_timeout=config.docker_timeout,
         socket_dir=config.socket_dir,
-        limits=ContainerLimits(
-            memory=config.memory,
-            cpus=config.cpus,
-            pids=config.pids_limit,
-            nofile=config.nofile,
-            read_only_root=not config.writable_root,
-            home_size=config.home_size,
-            tmp_size=config.tmp_size,
-            runtime=config.container_runtime,
-        ),
+        limits=limits,
         agent_env={
             "AGENT_MAX_OUTPUT": str(config.max_output),
             "AGENT_KILL_OUTPUT": str(config.output_kill_limit),
@@ -353,6 +396,12 @@ def makeService(options: Options) -> IService:
         default_lifetime=config.default_lifetime,
         max_lifetime=config.max_lifetime,
         max_sandboxes=config.max_sandboxes,
+        templates=(DEFAULT_TEMPLATE, *sorted(config.templates)),
+    )
+    templates = TemplateCatalog(
+        {DEFAULT_TEMPLATE: config.image, **config.templates},
+        base=limits,
+        maxima=TemplateMaxima(home_size=config.max_home_size, memory=config.max_memory),
     )
     manager = SandboxManager(
         SandboxRegistry(),
@@ -360,7 +409,8 @@ def makeService(options: Options) -> IService:
         reactor,
         policy=policy,
         state=StateFile(config.state_file, reactor),
-        pool_size=config.pool_size,
+        pool_sizes=config.pool_sizes,
+        templates=templates,
         agent_ready_timeout=config.agent_ready_timeout,
         max_message_size=config.agent_message_limit,
         agents=WebSocketAgents(reactor),

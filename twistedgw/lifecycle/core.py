@@ -18,10 +18,11 @@ from twisted.logger import Logger
 
 from twistedgw.lifecycle.errors import Recovering
 from twistedgw.lifecycle.options import LifecyclePolicy
+from twistedgw.lifecycle.templates import TemplateCatalog
 from twistedgw.protocol import CLOSE_AGENT_LOST
 from twistedgw.registry import SandboxRegistry
-from twistedgw.runtime.interface import ContainerInfo, IContainerRuntime
-from twistedgw.sandbox import Graveyard, Sandbox, Tombstone
+from twistedgw.runtime.interface import ContainerInfo, ContainerSpec, IContainerRuntime
+from twistedgw.sandbox import Graveyard, Sandbox, SandboxSettings, Tombstone, new_agent_secret
 from twistedgw.state import SavedSandbox, StateFile
 
 #: WebSocket close code for "the sandbox went away under you" (1011: server error).
@@ -36,6 +37,7 @@ class LifecycleCore(Service):
     registry: SandboxRegistry
     runtime: IContainerRuntime
     policy: LifecyclePolicy
+    templates: TemplateCatalog
     graveyard: Graveyard
     recovered: bool
     _reactor: Any
@@ -63,6 +65,23 @@ class LifecycleCore(Service):
             await self.runtime.remove(container_id, sandbox_id)
         finally:
             self._end(sandbox_id)
+
+    async def _container_spec(
+        self, sandbox_id: str, settings: SandboxSettings, for_pool: bool = False
+    ) -> ContainerSpec:
+        """What to create for ``settings``: its template's image and limits (the image's
+        labels are read first, once, for its resource defaults)."""
+        template = settings.template
+        await self.templates.ensure(self.runtime, template)
+        return ContainerSpec(
+            sandbox_id=sandbox_id,
+            created_at=self.now(),
+            agent_secret=new_agent_secret(),
+            settings=settings,
+            for_pool=for_pool,
+            image=self.templates.image_of(template),
+            limits=self.templates.limits_of(template),
+        )
 
     def _begin(self, sandbox_id: str) -> None:
         """A container operation on ``sandbox_id`` starts (reconciliation keeps off it)."""

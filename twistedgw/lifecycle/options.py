@@ -11,6 +11,7 @@ from typing import Any
 from attrs import frozen
 
 from twistedgw.lifecycle.errors import InvalidSettings
+from twistedgw.lifecycle.templates import DEFAULT_TEMPLATE
 from twistedgw.protocol import ProtocolError, validate_env
 from twistedgw.sandbox import SandboxSettings
 
@@ -30,6 +31,8 @@ class LifecyclePolicy:
     default_lifetime: float | None = None
     max_lifetime: float | None = None
     max_sandboxes: int = 200
+    #: Template names a creator may choose (``--template``), the default first.
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
 
 
 DEFAULT_LIFECYCLE = LifecyclePolicy()
@@ -74,6 +77,24 @@ def _creation_env(value: Any) -> dict[str, str]:
         raise InvalidSettings(e.message) from None
 
 
+# -- templates (issue 18): {"template": NAME} -------------------------------------------------
+
+
+def _template(policy: LifecyclePolicy, body: Mapping[str, Any]) -> str:
+    """The creation body's ``template``: one of the operator's, else the default."""
+    name = body.get("template")
+    if name is None:
+        return DEFAULT_TEMPLATE
+    if not isinstance(name, str) or name not in policy.templates:
+        what = f"unknown template {name[:64]!r}" if isinstance(name, str) else "'template' "
+        what += "" if isinstance(name, str) else "must be a template's name"
+        raise InvalidSettings(f"{what}; known templates: {', '.join(policy.templates)}")
+    return name
+
+
+# -------------------------------------------------------------------------------------------
+
+
 def settings_from_body(
     policy: LifecyclePolicy,
     body: Mapping[str, Any] | None,
@@ -83,7 +104,8 @@ def settings_from_body(
     """A creation request's settings: its JSON body (``None``: empty), its Idempotency-Key
     and its owner, validated against the operator's ``policy``; raises ``InvalidSettings``."""
     body = body or {}
-    unknown = set(body) - {"idle_timeout", "max_lifetime", "env", "metadata", "network"}
+    known = {"idle_timeout", "max_lifetime", "env", "metadata", "network", "template"}
+    unknown = set(body) - known
     if unknown:
         raise InvalidSettings(f"unknown creation option(s): {', '.join(sorted(unknown))}")
     idle_timeout = _positive_seconds(body, "idle_timeout") or policy.idle_timeout
@@ -116,4 +138,5 @@ def settings_from_body(
         idempotency_key=key,
         owner=owner,
         network=network,
+        template=_template(policy, body),
     )

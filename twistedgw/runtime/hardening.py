@@ -42,6 +42,11 @@ class ContainerLimits:
     #: Size of /dev/shm (a tmpfs Docker mounts nosuid, nodev, noexec; it counts towards the
     #: memory limit). /dev/mqueue is bounded by the kernel's per-user RLIMIT_MSGQUEUE.
     shm_size: str = "64m"
+    #: Allow executing files in the home, /tmp and /var/tmp (Docker mounts tmpfs ``noexec``
+    #: unless told otherwise). Templates for development need it: venvs run scripts from the
+    #: home and Python extension modules are mapped executable (image label
+    #: ``org.twistedgw.exec-tmpfs``).
+    exec_tmpfs: bool = False
 
     def run_options(self) -> dict[str, Any]:
         """``containers.run`` keyword arguments for these limits (less the Ulimit objects)."""
@@ -65,11 +70,12 @@ class ContainerLimits:
             # counts towards the memory limit). storage_opt size would need overlay2 on xfs
             # with project quotas, which Docker hosts rarely have.
             options["read_only"] = True
-            home = f"rw,nosuid,nodev,size={self.home_size},uid=1000,gid=1000,mode=0755"
+            flags = "rw,nosuid,nodev" + (",exec" if self.exec_tmpfs else "")
+            home = f"{flags},size={self.home_size},uid=1000,gid=1000,mode=0755"
             options["tmpfs"] = {
                 "/home/sandbox": home,
-                "/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
-                "/var/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
+                "/tmp": f"{flags},size={self.tmp_size},mode=1777",
+                "/var/tmp": f"{flags},size={self.tmp_size},mode=1777",
             }
         if self.runtime:
             options["runtime"] = self.runtime

@@ -24,6 +24,8 @@ LABEL_OWNER = "org.twistedgw.owner"
 #: Set on warm-pool containers (created before anyone asked for them).
 LABEL_POOL = "org.twistedgw.pool"
 LABEL_NETWORK = "org.twistedgw.network"
+#: The template a container was made from (always set: an image may carry one of its own).
+LABEL_TEMPLATE = "org.twistedgw.sandbox-template"
 
 #: Environment variable carrying the per-sandbox agent secret into the container.
 SECRET_ENV = "SANDBOX_AGENT_SECRET"
@@ -58,6 +60,7 @@ def settings_from(labels: Mapping[str, str], env: Mapping[str, str]) -> SandboxS
         idempotency_key=labels.get(LABEL_IDEMPOTENCY) or None,
         owner=labels.get(LABEL_OWNER) or None,
         network="none" if labels.get(LABEL_NETWORK) == "none" else "bridge",
+        template=labels.get(LABEL_TEMPLATE) or "default",
     )
 
 
@@ -71,6 +74,7 @@ def labels_for(spec: ContainerSpec, instance: str) -> dict[str, str]:
         LABEL_SANDBOX_ID: spec.sandbox_id,
         LABEL_CREATED_AT: repr(spec.created_at),
         LABEL_IDLE_TIMEOUT: repr(settings.idle_timeout),
+        LABEL_TEMPLATE: settings.template,
     }
     if settings.max_lifetime is not None:
         labels[LABEL_MAX_LIFETIME] = repr(settings.max_lifetime)
