@@ -300,8 +300,8 @@ class Options(usage.Options):
         self["pool-sizes"] = {}
 
     def opt_template(self, value: str) -> None:
-        """NAME=IMAGE: a template creators may choose with {"template": NAME}; repeatable.
-        The default template is --image."""
+        # usage.Options shows the docstring as the option's help: one line each.
+        """NAME=IMAGE: a template to choose per create (repeatable; default: --image)."""
         try:
             name, image = parse_template_option(value)
         except ValueError as e:
@@ -309,8 +309,7 @@ class Options(usage.Options):
         self["templates"][name] = image
 
     def opt_pool_size(self, value: str) -> None:
-        """Warm pool: started, agent-ready containers kept for instant creates; N for the
-        default template, NAME=N for another (repeatable) [default: 0]."""
+        """Warm pool of started containers: N (default template) or NAME=N [default: 0]."""
         try:
             name, count = parse_pool_option(value)
         except ValueError as e:
