@@ -47,7 +47,8 @@ def test_python_template_works_as_sandbox(
 ) -> None:
     """{"template": "python"}: a venv with pip, git and gcc all work as `sandbox` (uid 1000),
     a C program builds and runs, and `pip install --user` installs into the home; the home is
-    the template's 1 GiB; the seed create beside it gets the default image."""
+    the template's 1 GiB, and there is no set-id file the default image lacks; the seed create
+    beside it gets the default image (without those tools)."""
     gateway: GatewayProcess = make_gateway("--template", f"python={python_image}")
     sandbox_id = gateway.create(json={"template": "python"})
     container = container_of(docker_client, gateway, sandbox_id)
@@ -75,11 +76,14 @@ def test_python_template_works_as_sandbox(
         assert installed["output"].endswith("42\n")
         home = run(ws, "df -k --output=size /home/sandbox | tail -1")["output"]
         assert int(home) == 1024 * 1024
+        setid = "find / -xdev -perm /6000 -type f 2>/dev/null | sort"
+        python_setid = run(ws, setid)["output"]
 
     seed = gateway.create()
     assert container_of(docker_client, gateway, seed).attrs["Config"]["Image"] == IMAGE
     with connect(f"{gateway.ws_url}/ws/{seed}") as ws:
         assert run(ws, "command -v git gcc pip3")["returncode"] != 0
+        assert python_setid == run(ws, setid)["output"], "no set-id files beyond the default's"
 
 
 def test_unknown_template_and_missing_image_are_explained(

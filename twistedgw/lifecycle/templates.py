@@ -162,7 +162,8 @@ class TemplateCatalog:
             try:
                 self.facts[template] = await runtime.inspect_image(image)
             except Exception as e:
-                self._log.warn(
+                # The engine is down or slow: reconciliation and creates report that already.
+                self._log.debug(
                     "could not inspect the image {image} of template {template}: {error}",
                     image=image,
                     template=template,
