@@ -193,12 +193,15 @@ async def test_create_uses_the_templates_image_and_limits(
 async def test_missing_template_image_fails_the_create(
     clock: Clock, images: dict[str, ImageFacts]
 ) -> None:
-    """A template whose image is missing fails with ImageMissing and leaves nothing."""
+    """A template whose image is missing fails with ImageMissing, one the catalog does not
+    know with InvalidSettings; neither leaves anything."""
     runtime = FakeRuntime()
     runtime.images = images
     manager = make_manager(runtime, clock)
     with pytest.raises(ImageMissing):
         await manager.create(SandboxSettings(idle_timeout=100, template="broken"))
+    with pytest.raises(InvalidSettings, match="known templates: default, broken, python"):
+        await manager.create(SandboxSettings(idle_timeout=100, template="undeclared"))
     assert runtime.containers == {} and len(manager.registry) == 0
 
 

@@ -16,7 +16,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from twistedgw.lifecycle.errors import Recovering
+from twistedgw.lifecycle.errors import InvalidSettings, Recovering
 from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.lifecycle.templates import TemplateCatalog
 from twistedgw.protocol import CLOSE_AGENT_LOST
@@ -72,6 +72,9 @@ class LifecycleCore(Service):
         """What to create for ``settings``: its template's image and limits (the image's
         labels are read first, once, for its resource defaults)."""
         template = settings.template
+        if template not in self.templates.images:
+            known = ", ".join(self.templates.names)
+            raise InvalidSettings(f"unknown template {template!r}; known templates: {known}")
         await self.templates.ensure(self.runtime, template)
         return ContainerSpec(
             sandbox_id=sandbox_id,
