@@ -171,7 +171,7 @@ def test_options_become_the_lifecycle_policy() -> None:
     args = ["--max-cpus", "4", "--max-memory", "8g", "--egress-allow", "*.example.org,a.test:8443"]
     options.parseOptions([*args, "--egress-allow-cidr", "10.1.0.0/16", "--egress-max", "5"])
     config = GatewayConfig.from_options(options)
-    assert config.resources.maxima == Resources(cpus=4.0, memory=8 * GIB, disk=256 * MIB)
+    assert config.resources.maxima == Resources(cpus=4.0, memory=8 * GIB, disk=GIB)
     assert config.resources.defaults == Resources(cpus=1.0, memory=GIB, disk=256 * MIB)
     assert config.egress.max_patterns == 5
     assert [str(p) for p in config.egress.allow or ()] == ["*.example.org", "a.test:8443"]

@@ -8,16 +8,26 @@ from tests.runtime_contract import (
     test_create_list_remove,
     test_provides_the_interface,
     test_remove_unknown_container_succeeds,
+    test_template_images,
 )
+from twistedgw.runtime.interface import ImageFacts
 from twistedgw.testing.fakes import FakeRuntime
 
 __all__ = [
     "test_create_list_remove",
     "test_provides_the_interface",
     "test_remove_unknown_container_succeeds",
+    "test_template_images",
 ]
 
 
 @pytest.fixture
 def runtime() -> FakeRuntime:
     return FakeRuntime()
+
+
+@pytest.fixture
+def present_image(runtime: FakeRuntime) -> str:
+    """The one image the fake engine holds."""
+    runtime.images = {"fake-image": ImageFacts("sha256:fake", 1, "2026-11-26T00:00:00Z")}
+    return "fake-image"

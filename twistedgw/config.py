@@ -78,7 +78,10 @@ class GatewayConfig:
     max_idle_timeout: float
     default_lifetime: float | None
     max_lifetime: float | None
-    pool_size: int
+    #: Warm pool size per template (``default``: --pool-size N).
+    pool_sizes: Mapping[str, int]
+    #: Templates besides the default (``--image``): name to image.
+    templates: Mapping[str, str]
     max_sandboxes: int
     agent_ready_timeout: float
     reap_interval: float
@@ -137,7 +140,8 @@ class GatewayConfig:
             max_idle_timeout=options["max-idle-timeout"],
             default_lifetime=options["default-lifetime"] or None,
             max_lifetime=options["max-lifetime"] or None,
-            pool_size=options["pool-size"],
+            pool_sizes=dict(options["pool-sizes"]),
+            templates=dict(options["templates"]),
             max_sandboxes=options["max-sandboxes"],
             agent_ready_timeout=options["agent-ready-timeout"],
             reap_interval=options["reap-interval"],

@@ -65,6 +65,16 @@ class Resources:
 
 
 @frozen
+class ResourceRequest:
+    """A creator's ``cpus``, ``memory`` and ``disk`` (each ``None``: the template's), already
+    checked against the server's maxima."""
+
+    cpus: float | None = None
+    memory: int | None = None
+    disk: int | None = None
+
+
+@frozen
 class SandboxSettings:
     """What a creator chose for a sandbox (within the server's maxima).
 
@@ -83,7 +93,14 @@ class SandboxSettings:
     #: Egress by allow-list: ``host:port`` patterns (network ``none`` plus the gateway's
     #: egress proxy); ``None``: no egress proxy.
     egress: tuple[str, ...] | None = None
-    #: CPUs, memory and disk chosen at creation (``None``: the server's, as before).
+    #: The template (image and its resource defaults) the sandbox was made from.
+    template: str = "default"
+    #: What the creator asked for in ``cpus``/``memory``/``disk`` (``None``: nothing; such a
+    #: create may come from the warm pool). Only seen while creating.
+    requested: ResourceRequest | None = None
+    #: What the sandbox got, fixed when its container is made (server defaults < template
+    #: labels < ``requested``) and kept in its labels; ``None``: not yet resolved, or a
+    #: container of an older gateway.
     resources: Resources | None = None
 
 
@@ -188,6 +205,7 @@ class Sandbox:
                 expires_at=self.expires_at,
                 agent_restarts=self.agent_restarts,
                 lost_sessions=sorted(self.lost_sessions),
+                template=self.settings.template,
                 network=self.settings.network,
                 egress=None if self.settings.egress is None else list(self.settings.egress),
                 resources=None

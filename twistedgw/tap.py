@@ -22,7 +22,13 @@ from twistedgw.egress.resolver import HostsResolver, resolver_from_environ
 from twistedgw.egress.service import EgressProxies
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
-from twistedgw.lifecycle.resources import ResourcePolicy
+from twistedgw.lifecycle.resources import DEFAULT_MAXIMA, ResourcePolicy
+from twistedgw.lifecycle.templates import (
+    DEFAULT_TEMPLATE,
+    TemplateCatalog,
+    parse_pool_option,
+    parse_template_option,
+)
 from twistedgw.protocol import Limits
 from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.client import ProxyFactory, make_ws_resource
@@ -133,13 +139,6 @@ class Options(usage.Options):
             _non_negative_float("--max-lifetime"),
         ],
         [
-            "pool-size",
-            None,
-            0,
-            "Warm pool: started, agent-ready containers kept for instant creates.",
-            _non_negative_int("--pool-size"),
-        ],
-        [
             "max-sandboxes",
             None,
             200,
@@ -164,12 +163,19 @@ class Options(usage.Options):
             "Most 'cpus' a creator may ask for (default: --cpus)",
             _number("--max-cpus", float, False, "A number of CPUs, greater than 0."),
         ],
-        ["max-memory", None, None, "Most 'memory' a creator may ask for (default: --memory)."],
+        [
+            "max-memory",
+            None,
+            None,
+            "Most memory a creator ('memory') or a template's label may ask for "
+            "(default: 2g, or --memory if larger).",
+        ],
         [
             "max-disk",
             None,
             None,
-            "Most 'disk' (home tmpfs size) a creator may ask for (default: --home-size).",
+            "Largest home (and /tmp) tmpfs a creator ('disk') or a template's label may ask "
+            "for (default: 1g, or --home-size if larger).",
         ],
         [
             "egress-allow",
@@ -330,6 +336,28 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["templates"] = {}
+        self["pool-sizes"] = {}
+
+    def opt_template(self, value: str) -> None:
+        # usage.Options shows the docstring as the option's help: one line each.
+        """NAME=IMAGE: a template to choose per create (repeatable; default: --image)."""
+        try:
+            name, image = parse_template_option(value)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["templates"][name] = image
+
+    def opt_pool_size(self, value: str) -> None:
+        """Warm pool of started containers: N (default template) or NAME=N [default: 0]."""
+        try:
+            name, count = parse_pool_option(value)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["pool-sizes"][name] = count
+
     def postOptions(self) -> None:
         port = str(self["port"]).strip()
         if port.isdigit():
@@ -347,6 +375,13 @@ class Options(usage.Options):
             raise usage.UsageError("--default-timeout must not exceed --max-timeout")
         if self["output-kill-limit"] < self["max-output"]:
             raise usage.UsageError("--output-kill-limit must be at least --max-output")
+        known = {DEFAULT_TEMPLATE, *self["templates"]}
+        for name in self["pool-sizes"]:
+            if name not in known:
+                raise usage.UsageError(
+                    f"--pool-size {name}=N: no such template (known: {', '.join(sorted(known))})"
+                )
+        self["pool-size"] = self["pool-sizes"].get(DEFAULT_TEMPLATE, 0)
         for name in ("memory", "home-size", "tmp-size"):
             if not re.fullmatch(r"[1-9][0-9]*[bkmg]?", str(self[name]).lower()):
                 raise usage.UsageError(f"--{name} must be a size like 512m or 2g")
@@ -362,7 +397,8 @@ class Options(usage.Options):
             raise usage.UsageError("--instance may hold only letters, digits, '-', '_' and '.'")
 
     def _check_egress_and_resources(self) -> None:
-        """``--egress-*`` and ``--max-cpus/--max-memory/--max-disk`` (issue 17)."""
+        """``--egress-*`` and ``--max-cpus/--max-memory/--max-disk``: the one set of maxima
+        for creators' resources and templates' label defaults alike."""
         try:
             allow = parse_patterns(_listed(self["egress-allow"])) or None
             cidrs = parse_cidrs(_listed(self["egress-allow-cidr"]))
@@ -380,10 +416,12 @@ class Options(usage.Options):
             memory=size_bytes(self["memory"]),
             disk=size_bytes(self["home-size"]),
         )
+        # Unset, the maxima leave room for the python template's labels (home 1g, memory 2g),
+        # and never fall below the server's own defaults.
         maxima = Resources(
             cpus=self["max-cpus"] or defaults.cpus,
-            memory=size_bytes(self["max-memory"] or self["memory"]),
-            disk=size_bytes(self["max-disk"] or self["home-size"]),
+            memory=size_bytes(self["max-memory"] or max(defaults.memory, DEFAULT_MAXIMA.memory)),
+            disk=size_bytes(self["max-disk"] or max(defaults.disk, DEFAULT_MAXIMA.disk)),
         )
         if defaults.cpus > maxima.cpus:
             raise usage.UsageError("--cpus must not exceed --max-cpus")
@@ -391,6 +429,8 @@ class Options(usage.Options):
             raise usage.UsageError("--memory must not exceed --max-memory")
         if defaults.disk > maxima.disk:
             raise usage.UsageError("--home-size must not exceed --max-disk")
+        if size_bytes(self["tmp-size"]) > maxima.disk:
+            raise usage.UsageError("--tmp-size must not exceed --max-disk")
         self["resource-policy"] = ResourcePolicy(defaults=defaults, maxima=maxima)
 
 
@@ -423,6 +463,16 @@ def makeService(options: Options) -> IService:
     config = GatewayConfig.from_options(options)
     root = MultiService()
 
+    limits = ContainerLimits(
+        memory=config.memory,
+        cpus=config.cpus,
+        pids=config.pids_limit,
+        nofile=config.nofile,
+        read_only_root=not config.writable_root,
+        home_size=config.home_size,
+        tmp_size=config.tmp_size,
+        runtime=config.container_runtime,
+    )
     runtime = DockerRuntime(
         reactor,
         image=config.image,
@@ -431,16 +481,7 @@ def makeService(options: Options) -> IService:
         threads=config.docker_threads,
         call_timeout=config.docker_timeout,
         socket_dir=config.socket_dir,
-        limits=ContainerLimits(
-            memory=config.memory,
-            cpus=config.cpus,
-            pids=config.pids_limit,
-            nofile=config.nofile,
-            read_only_root=not config.writable_root,
-            home_size=config.home_size,
-            tmp_size=config.tmp_size,
-            runtime=config.container_runtime,
-        ),
+        limits=limits,
         agent_env={
             "AGENT_MAX_OUTPUT": str(config.max_output),
             "AGENT_KILL_OUTPUT": str(config.output_kill_limit),
@@ -459,6 +500,12 @@ def makeService(options: Options) -> IService:
         max_sandboxes=config.max_sandboxes,
         egress=config.egress,
         resources=config.resources,
+        templates=(DEFAULT_TEMPLATE, *sorted(config.templates)),
+    )
+    templates = TemplateCatalog(
+        {DEFAULT_TEMPLATE: config.image, **config.templates},
+        base=limits,
+        maxima=config.resources.maxima,
     )
     registry = SandboxRegistry()
     resolver = resolver_from_environ(reactor)
@@ -474,7 +521,8 @@ def makeService(options: Options) -> IService:
         reactor,
         policy=policy,
         state=StateFile(config.state_file, reactor),
-        pool_size=config.pool_size,
+        pool_sizes=config.pool_sizes,
+        templates=templates,
         agent_ready_timeout=config.agent_ready_timeout,
         max_message_size=config.agent_message_limit,
         agents=WebSocketAgents(reactor),

@@ -49,19 +49,30 @@ class ContainerLimits:
     #: Size of /dev/shm (a tmpfs Docker mounts nosuid, nodev, noexec; it counts towards the
     #: memory limit). /dev/mqueue is bounded by the kernel's per-user RLIMIT_MSGQUEUE.
     shm_size: str = "64m"
+    #: Allow executing files in the home, /tmp and /var/tmp (Docker mounts tmpfs ``noexec``
+    #: unless told otherwise). Templates for development need it: venvs run scripts from the
+    #: home and Python extension modules are mapped executable (image label
+    #: ``org.twistedgw.exec-tmpfs``).
+    exec_tmpfs: bool = False
 
-    def for_resources(self, resources: Resources | None) -> ContainerLimits:
-        """These limits with a creator's ``cpus``, ``memory`` and ``disk``: ``disk`` sizes
-        the home tmpfs, and /tmp and /var/tmp keep the server's proportion to it."""
+    def for_resources(
+        self, resources: Resources | None, most_tmp: int | None = None
+    ) -> ContainerLimits:
+        """These limits with a sandbox's ``cpus``, ``memory`` and ``disk``: ``disk`` sizes
+        the home tmpfs, and /tmp and /var/tmp keep these limits' proportion to it (at most
+        ``most_tmp`` bytes, the largest disk allowed)."""
         if resources is None:
             return self
         home, tmp = size_bytes(self.home_size), size_bytes(self.tmp_size)
+        tmp = max(1024 * 1024, resources.disk * tmp // home)
+        if most_tmp is not None:
+            tmp = min(tmp, most_tmp)
         return evolve(
             self,
             cpus=resources.cpus,
             memory=str(resources.memory),
             home_size=str(resources.disk),
-            tmp_size=str(max(1024 * 1024, resources.disk * tmp // home)),
+            tmp_size=str(tmp),
         )
 
     def run_options(self) -> dict[str, Any]:
@@ -86,11 +97,12 @@ class ContainerLimits:
             # counts towards the memory limit). storage_opt size would need overlay2 on xfs
             # with project quotas, which Docker hosts rarely have.
             options["read_only"] = True
-            home = f"rw,nosuid,nodev,size={self.home_size},uid=1000,gid=1000,mode=0755"
+            flags = "rw,nosuid,nodev" + (",exec" if self.exec_tmpfs else "")
+            home = f"{flags},size={self.home_size},uid=1000,gid=1000,mode=0755"
             options["tmpfs"] = {
                 "/home/sandbox": home,
-                "/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
-                "/var/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
+                "/tmp": f"{flags},size={self.tmp_size},mode=1777",
+                "/var/tmp": f"{flags},size={self.tmp_size},mode=1777",
             }
         if self.runtime:
             options["runtime"] = self.runtime
