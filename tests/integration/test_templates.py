@@ -110,7 +110,7 @@ def test_unknown_template_and_missing_image_are_explained(
     python = listing["python"]
     assert python["image"] == python_image and python["size"] > listing["default"]["size"]
     assert re.match(r"\d{4}-\d\d-\d\dT", python["created"])
-    assert python["resources"]["home_size"] == "1g"
+    assert python["resources"]["disk"] == 1 << 30 and python["exec_tmpfs"] is True
 
 
 def test_pool_per_template_hands_out_its_own(
