@@ -18,6 +18,7 @@ setup(
         "treq>=24.9",
         "attrs>=23.2",
         "zope.interface>=6.0",
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "test": [

@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# Build the sandbox image (default name: sandbox-websocket-image).
+# Build the sandbox image (default name: sandbox-websocket-image) and the templates built on it.
 #
-# Usage: sandbox-image/build.sh [--force | --print-mirror]
+# Usage: sandbox-image/build.sh [--force | --print-mirror | --print-templates]
 #   --force   rebuild even when an image with the current content hash exists, without
 #             Docker's layer cache (picks up new Debian packages); the base image is kept
 #   --print-mirror  print the Debian mirror and security mirror an offline bootstrap would use
+#   --print-templates  print "NAME IMAGE" for each template this script builds, and exit
 # Env:
 #   SANDBOX_IMAGE   image name/tag to build (default: sandbox-websocket-image)
+#   TEMPLATE_IMAGE_PREFIX  a template NAME is built as ${TEMPLATE_IMAGE_PREFIX}NAME
+#                   (default: twistedgw-, so the python template is twistedgw-python)
+#   SANDBOX_TEMPLATES  space-separated template names to build (default: every directory of
+#                   sandbox-image/templates/; "none": only the default image)
 #   DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR  Debian mirrors for an offline bootstrap (default:
-#                   the host's apt sources that serve bookworm, else deb.debian.org)
+#                   the host's apt sources that serve bookworm, else deb.debian.org); when
+#                   DEBIAN_MIRROR is set, templates' apt also uses it
 #
 # The image carries the label org.twistedgw.image-hash = sha256 of the files that go into it
 # (the whole build context: Dockerfile, supervise, runas.c, spawner.c, agent/*.py, twistedgw/__init__.py,
 # twistedgw/protocol.py); when the existing image has the same hash, nothing is rebuilt.  The context is assembled in a
 # temporary directory, because Docker cannot COPY the repository's twistedgw/protocol.py from
 # outside sandbox-image/; the image gets an EMPTY twistedgw/__init__.py.
+#
+# Templates: each directory sandbox-image/templates/NAME/ holds a Dockerfile FROM the default
+# image (build arg BASE_IMAGE) and is built after it; its hash label is the sha256 of the
+# default image's hash and the directory's files, so a template is rebuilt only when it or
+# the default image changed.
 #
 # Base image: debian:bookworm-slim if it is present locally or can be pulled; otherwise a local
 # twistedgw-base:bookworm; otherwise one is bootstrapped offline from Debian's package mirror
@@ -23,6 +34,10 @@ set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SANDBOX_IMAGE=${SANDBOX_IMAGE:-sandbox-websocket-image}
+TEMPLATE_IMAGE_PREFIX=${TEMPLATE_IMAGE_PREFIX-twistedgw-}
+TEMPLATES_DIR="$SCRIPT_DIR/templates"
+# Only an explicit DEBIAN_MIRROR is handed to templates' apt (see templates/python/Dockerfile).
+TEMPLATE_MIRROR=${DEBIAN_MIRROR:-}
 OFFICIAL_BASE=debian:bookworm-slim
 LOCAL_BASE=twistedgw-base:bookworm
 # Where apt's configuration lives (tests point it elsewhere).
@@ -33,7 +48,7 @@ START=$SECONDS
 log() { printf '[build-image] [%3ds] %s\n' "$((SECONDS - START))" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-usage() { sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 # --- Debian mirror ------------------------------------------------------------------------
 # "URI SUITE..." for every enabled deb entry of the host's apt sources: one-line *.list files
@@ -86,11 +101,27 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DEBIAN_SECURITY=${DEBIAN_SECURITY_MIRROR:-$(host_mirror_for bookworm-security)}
 DEBIAN_SECURITY=${DEBIAN_SECURITY:-http://deb.debian.org/debian-security}
 
+# The templates to build: SANDBOX_TEMPLATES, or every directory of templates/.
+template_names() {
+    local d
+    if [ -n "${SANDBOX_TEMPLATES+set}" ]; then
+        [ "$SANDBOX_TEMPLATES" = none ] || printf '%s\n' $SANDBOX_TEMPLATES
+        return 0
+    fi
+    for d in "$TEMPLATES_DIR"/*/; do
+        [ -f "$d/Dockerfile" ] && basename "$d"
+    done
+    return 0
+}
+
 FORCE=0
 for arg in "$@"; do
     case "$arg" in
         --force) FORCE=1 ;;
         --print-mirror) printf '%s\n%s\n' "$DEBIAN_MIRROR" "$DEBIAN_SECURITY"; exit 0 ;;
+        --print-templates)
+            for name in $(template_names); do printf '%s %s\n' "$name" "$TEMPLATE_IMAGE_PREFIX$name"; done
+            exit 0 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $arg" ;;
     esac
@@ -135,13 +166,19 @@ assemble_context
 IMAGE_HASH=$(hash_inputs | sha256sum | cut -d' ' -f1)
 log "content hash $IMAGE_HASH"
 
+image_hash_of() {
+    docker image inspect -f "{{ index .Config.Labels \"$HASH_LABEL\" }}" "$1" 2>/dev/null || true
+}
+DEFAULT_CURRENT=0
 if [ "$FORCE" = 0 ]; then
-    current=$(docker image inspect -f "{{ index .Config.Labels \"$HASH_LABEL\" }}" "$SANDBOX_IMAGE" 2>/dev/null || true)
+    current=$(image_hash_of "$SANDBOX_IMAGE")
     if [ "$current" = "$IMAGE_HASH" ]; then
         log "image up to date: $SANDBOX_IMAGE"
-        exit 0
+        DEFAULT_CURRENT=1
     fi
-    if [ -n "$current" ]; then
+    if [ "$DEFAULT_CURRENT" = 1 ]; then
+        :
+    elif [ -n "$current" ]; then
         log "image $SANDBOX_IMAGE is stale (hash ${current:0:12}), rebuilding"
     else
         log "image $SANDBOX_IMAGE not found, building"
@@ -234,44 +271,93 @@ bootstrap_base() {
     log "imported $LOCAL_BASE in $((SECONDS - t1))s (bootstrap total $((SECONDS - t0))s)"
 }
 
-# --- choose the base ----------------------------------------------------------------------
-BASE=""
-if image_exists "$OFFICIAL_BASE"; then
-    BASE=$OFFICIAL_BASE
-    log "base: $OFFICIAL_BASE (present locally)"
-else
-    log "trying to pull $OFFICIAL_BASE (60s limit)"
-    if timeout 60 docker pull -q "$OFFICIAL_BASE" >/dev/null 2>&1; then
+build_default() {
+    # --- choose the base ----------------------------------------------------------------------
+    BASE=""
+    if image_exists "$OFFICIAL_BASE"; then
         BASE=$OFFICIAL_BASE
-        log "base: $OFFICIAL_BASE (pulled)"
-    elif image_exists "$LOCAL_BASE"; then
-        BASE=$LOCAL_BASE
-        log "pull failed; base: $LOCAL_BASE (present locally)"
+        log "base: $OFFICIAL_BASE (present locally)"
     else
-        log "pull failed and $LOCAL_BASE is missing; bootstrapping it offline"
-        bootstrap_base
-        BASE=$LOCAL_BASE
+        log "trying to pull $OFFICIAL_BASE (60s limit)"
+        if timeout 60 docker pull -q "$OFFICIAL_BASE" >/dev/null 2>&1; then
+            BASE=$OFFICIAL_BASE
+            log "base: $OFFICIAL_BASE (pulled)"
+        elif image_exists "$LOCAL_BASE"; then
+            BASE=$LOCAL_BASE
+            log "pull failed; base: $LOCAL_BASE (present locally)"
+        else
+            log "pull failed and $LOCAL_BASE is missing; bootstrapping it offline"
+            bootstrap_base
+            BASE=$LOCAL_BASE
+        fi
     fi
-fi
 
-# --- build --------------------------------------------------------------------------------
-old_id=$(docker image inspect -f '{{ .Id }}' "$SANDBOX_IMAGE" 2>/dev/null || true)
-t_build=$SECONDS
-build_opts=()
-[ "$FORCE" = 1 ] && build_opts+=(--no-cache)
-log "docker build ${build_opts[*]:+${build_opts[*]} }-t $SANDBOX_IMAGE (base $BASE)"
-if ! docker build "${build_opts[@]}" \
-        --build-arg "BASE=$BASE" \
-        --build-arg "IMAGE_HASH=$IMAGE_HASH" \
-        -t "$SANDBOX_IMAGE" "$CONTEXT" >&2; then
-    die "docker build of $SANDBOX_IMAGE failed (see the output above)"
-fi
-new_id=$(docker image inspect -f '{{ .Id }}' "$SANDBOX_IMAGE" 2>/dev/null || true)
-# Drop the image this build replaced, if nothing else uses it (no tag left, no container).
-if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ] \
-        && [ "$(docker image inspect -f '{{ len .RepoTags }}' "$old_id" 2>/dev/null)" = 0 ]; then
-    docker image rm "$old_id" >/dev/null 2>&1 && log "removed the previous image ${old_id:7:12}" || true
-fi
-size=$(docker image inspect -f '{{ .Size }}' "$SANDBOX_IMAGE" 2>/dev/null || echo 0)
-log "built $SANDBOX_IMAGE in $((SECONDS - t_build))s ($((size / 1024 / 1024)) MiB, hash ${IMAGE_HASH:0:12})"
+    # --- build --------------------------------------------------------------------------------
+    old_id=$(docker image inspect -f '{{ .Id }}' "$SANDBOX_IMAGE" 2>/dev/null || true)
+    t_build=$SECONDS
+    build_opts=()
+    [ "$FORCE" = 1 ] && build_opts+=(--no-cache)
+    log "docker build ${build_opts[*]:+${build_opts[*]} }-t $SANDBOX_IMAGE (base $BASE)"
+    if ! docker build "${build_opts[@]}" \
+            --build-arg "BASE=$BASE" \
+            --build-arg "IMAGE_HASH=$IMAGE_HASH" \
+            -t "$SANDBOX_IMAGE" "$CONTEXT" >&2; then
+        die "docker build of $SANDBOX_IMAGE failed (see the output above)"
+    fi
+    new_id=$(docker image inspect -f '{{ .Id }}' "$SANDBOX_IMAGE" 2>/dev/null || true)
+    # Drop the image this build replaced, if nothing else uses it (no tag left, no container).
+    if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ] \
+            && [ "$(docker image inspect -f '{{ len .RepoTags }}' "$old_id" 2>/dev/null)" = 0 ]; then
+        docker image rm "$old_id" >/dev/null 2>&1 && log "removed the previous image ${old_id:7:12}" || true
+    fi
+    size=$(docker image inspect -f '{{ .Size }}' "$SANDBOX_IMAGE" 2>/dev/null || echo 0)
+    log "built $SANDBOX_IMAGE in $((SECONDS - t_build))s ($((size / 1024 / 1024)) MiB, hash ${IMAGE_HASH:0:12})"
+}
+
+[ "$DEFAULT_CURRENT" = 1 ] || build_default
+
+# --- templates ----------------------------------------------------------------------------
+# Build templates/NAME/ as ${TEMPLATE_IMAGE_PREFIX}NAME, FROM the image just checked or built.
+build_template() {
+    local name=$1 dir="$TEMPLATES_DIR/$1" image="$TEMPLATE_IMAGE_PREFIX$1" hash current f
+    [ -f "$dir/Dockerfile" ] || die "template $name: missing $dir/Dockerfile"
+    hash=$(
+        printf 'base\0%s\n' "$IMAGE_HASH"
+        (cd "$dir" && find . -type f -print | LC_ALL=C sort) | while read -r f; do
+            printf '%s\0' "${f#./}"
+            sha256sum <"$dir/$f" | cut -d' ' -f1
+        done
+    )
+    hash=$(printf '%s' "$hash" | sha256sum | cut -d' ' -f1)
+    if [ "$FORCE" = 0 ]; then
+        current=$(image_hash_of "$image")
+        if [ "$current" = "$hash" ]; then
+            log "template $name up to date: $image"
+            return 0
+        fi
+        log "template $name: ${current:+image $image is stale, re}building $image"
+    fi
+    local opts=() old_id new_id size t0=$SECONDS
+    [ "$FORCE" = 1 ] && opts+=(--no-cache)
+    [ -n "$TEMPLATE_MIRROR" ] && opts+=(--build-arg "DEBIAN_MIRROR=$TEMPLATE_MIRROR")
+    old_id=$(docker image inspect -f '{{ .Id }}' "$image" 2>/dev/null || true)
+    log "docker build -t $image (template $name, FROM $SANDBOX_IMAGE)"
+    if ! docker build "${opts[@]}" \
+            --build-arg "BASE_IMAGE=$SANDBOX_IMAGE" \
+            --build-arg "IMAGE_HASH=$hash" \
+            -t "$image" "$dir" >&2; then
+        die "docker build of template $name ($image) failed (see the output above)"
+    fi
+    new_id=$(docker image inspect -f '{{ .Id }}' "$image" 2>/dev/null || true)
+    if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ] \
+            && [ "$(docker image inspect -f '{{ len .RepoTags }}' "$old_id" 2>/dev/null)" = 0 ]; then
+        docker image rm "$old_id" >/dev/null 2>&1 && log "removed the previous image ${old_id:7:12}" || true
+    fi
+    size=$(docker image inspect -f '{{ .Size }}' "$image" 2>/dev/null || echo 0)
+    log "built template $name as $image in $((SECONDS - t0))s ($((size / 1024 / 1024)) MiB, hash ${hash:0:12})"
+}
+for template in $(template_names); do
+    [[ "$template" =~ ^[a-z0-9][a-z0-9_.-]*$ ]] || die "template name $template: use a-z, 0-9, '.', '_', '-'"
+    build_template "$template"
+done
 log "done"

@@ -2,8 +2,9 @@
 # ./tests/run.sh [pytest args...]
 #
 # The whole test suite on this machine: sets up the venv, starts a Docker engine if none runs,
-# builds the sandbox image if it is missing or stale, runs ruff and mypy, then pytest (fast
-# in-memory tests and integration tests against the real engine and image, on loopback).
+# builds the sandbox image and its templates (python) if missing or stale, runs ruff and mypy,
+# then pytest (fast in-memory tests and integration tests against the real engine and images,
+# on loopback). SANDBOX_IMAGE and TEMPLATE_IMAGE_PREFIX name other images (build.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"

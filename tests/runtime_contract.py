@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
+import pytest
 import pytest_twisted
 from zope.interface.verify import verifyObject
 
-from twistedgw.runtime.interface import ContainerSpec, IContainerRuntime
+from twistedgw.runtime.interface import ContainerSpec, IContainerRuntime, ImageMissing
 from twistedgw.sandbox import SandboxSettings, new_agent_secret, new_sandbox_id
 
 
@@ -77,3 +79,18 @@ async def test_pause_and_unpause(runtime: Any) -> None:
         assert failed
     finally:
         await runtime.remove(info.container_id, info.sandbox_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_template_images(runtime: Any, present_image: str) -> None:
+    """Templates: a present image is inspected (size, labels), a missing one is ``None``,
+    and a create whose spec names a missing image fails with ImageMissing naming it, leaving
+    nothing behind."""
+    facts = await runtime.inspect_image(present_image)
+    assert facts is not None and facts.size > 0 and facts.image_id
+    missing = "twistedgw-no-such-image:never"
+    assert await runtime.inspect_image(missing) is None
+    wanted = attrs.evolve(spec(), image=missing)
+    with pytest.raises(ImageMissing, match=missing):
+        await runtime.create(wanted)
+    assert wanted.sandbox_id not in {i.sandbox_id for i in await runtime.list_containers()}

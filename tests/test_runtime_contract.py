@@ -9,7 +9,9 @@ from tests.runtime_contract import (
     test_pause_and_unpause,
     test_provides_the_interface,
     test_remove_unknown_container_succeeds,
+    test_template_images,
 )
+from twistedgw.runtime.interface import ImageFacts
 from twistedgw.testing.fakes import FakeRuntime
 
 __all__ = [
@@ -17,9 +19,17 @@ __all__ = [
     "test_pause_and_unpause",
     "test_provides_the_interface",
     "test_remove_unknown_container_succeeds",
+    "test_template_images",
 ]
 
 
 @pytest.fixture
 def runtime() -> FakeRuntime:
     return FakeRuntime()
+
+
+@pytest.fixture
+def present_image(runtime: FakeRuntime) -> str:
+    """The one image the fake engine holds."""
+    runtime.images = {"fake-image": ImageFacts("sha256:fake", 1, "2026-11-26T00:00:00Z")}
+    return "fake-image"

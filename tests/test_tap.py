@@ -18,7 +18,8 @@ def parse(*args: str) -> Options:
 def test_defaults() -> None:
     """Defaults match the documented ones."""
     options = parse()
-    assert options["port"] == "tcp:8003"
+    # Without tokens: loopback only (tests/test_secure_defaults.py).
+    assert options["port"] == "tcp:8003:interface=127.0.0.1"
     assert options["image"] == "sandbox-websocket-image"
     assert options["idle-timeout"] == 3600.0
     assert options["docker-threads"] == 8
@@ -27,7 +28,7 @@ def test_defaults() -> None:
 
 def test_bare_port_becomes_endpoint() -> None:
     """A bare port number is shorthand for tcp:PORT; endpoint strings pass through."""
-    assert parse("--port", "8080")["port"] == "tcp:8080"
+    assert parse("--port", "8080", "--insecure-no-auth")["port"] == "tcp:8080"
     assert parse("--port", "tcp:0:interface=127.0.0.1")["port"] == "tcp:0:interface=127.0.0.1"
 
 

@@ -7,13 +7,17 @@ than option strings.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
+
+from twistedgw.egress.policy import EgressPolicy
+from twistedgw.lifecycle.resources import ResourcePolicy
 
 
 def agent_message_limit(max_message_size: int, max_output: int) -> int:
@@ -50,6 +54,16 @@ def listen_interface(port: str) -> str | None:
     return interface
 
 
+def is_loopback(interface: str) -> bool:
+    """Whether a listening interface is this machine's loopback."""
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
 @frozen
 class GatewayConfig:
     """All of ``twistd sandboxgw``'s settings, checked (by ``Options``) and derived."""
@@ -64,7 +78,10 @@ class GatewayConfig:
     max_idle_timeout: float
     default_lifetime: float | None
     max_lifetime: float | None
-    pool_size: int
+    #: Warm pool size per template (``default``: --pool-size N).
+    pool_sizes: Mapping[str, int]
+    #: Templates besides the default (``--image``): name to image.
+    templates: Mapping[str, str]
     max_sandboxes: int
     agent_ready_timeout: float
     reap_interval: float
@@ -100,6 +117,9 @@ class GatewayConfig:
     allowed_hosts: tuple[str, ...]
     allowed_origins: frozenset[str]
     ping_interval: float
+    # Egress by allow-list and per-create resources (issue 17).
+    egress: EgressPolicy = field(factory=EgressPolicy)
+    resources: ResourcePolicy = field(factory=ResourcePolicy)
     # Files, snapshots, pause.
     max_upload: int = 1024 * 1024 * 1024
     paused_timeout: float = 86400.0
@@ -119,7 +139,8 @@ class GatewayConfig:
 
     @property
     def listens_on_loopback_only(self) -> bool:
-        return "127.0.0.1" in self.port or "::1" in self.port
+        interface = listen_interface(self.port)
+        return interface is not None and is_loopback(interface)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> GatewayConfig:
@@ -134,7 +155,8 @@ class GatewayConfig:
             max_idle_timeout=options["max-idle-timeout"],
             default_lifetime=options["default-lifetime"] or None,
             max_lifetime=options["max-lifetime"] or None,
-            pool_size=options["pool-size"],
+            pool_sizes=dict(options["pool-sizes"]),
+            templates=dict(options["templates"]),
             max_sandboxes=options["max-sandboxes"],
             agent_ready_timeout=options["agent-ready-timeout"],
             reap_interval=options["reap-interval"],
@@ -172,4 +194,6 @@ class GatewayConfig:
                 o.lower().rstrip("/") for o in _listed(options["allowed-origins"])
             ),
             ping_interval=options["ping-interval"],
+            egress=options.get("egress-policy") or EgressPolicy(),
+            resources=options.get("resource-policy") or ResourcePolicy(),
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from attrs import define, field
 
@@ -14,10 +14,20 @@ class SandboxRegistry:
     """The sandboxes this gateway knows, by id. Reactor thread only."""
 
     _sandboxes: dict[str, Sandbox] = field(factory=dict)
+    _watchers: list[tuple[Callable[[Sandbox], None], Callable[[Sandbox], None]]] = field(
+        factory=list
+    )
+
+    def watch(self, added: Callable[[Sandbox], None], removed: Callable[[Sandbox], None]) -> None:
+        """Call ``added`` for every sandbox remembered, ``removed`` for every one forgotten
+        (the egress proxies follow the registry this way)."""
+        self._watchers.append((added, removed))
 
     def add(self, sandbox: Sandbox) -> None:
         """Remember ``sandbox`` (replacing any record with the same id)."""
         self._sandboxes[sandbox.sandbox_id] = sandbox
+        for added, _ in self._watchers:
+            added(sandbox)
 
     def get(self, sandbox_id: str) -> Sandbox | None:
         """The sandbox with this id, or None."""
@@ -25,7 +35,11 @@ class SandboxRegistry:
 
     def remove(self, sandbox_id: str) -> Sandbox | None:
         """Forget a sandbox; returns the record that was removed, if any."""
-        return self._sandboxes.pop(sandbox_id, None)
+        sandbox = self._sandboxes.pop(sandbox_id, None)
+        if sandbox is not None:
+            for _, removed in self._watchers:
+                removed(sandbox)
+        return sandbox
 
     def __iter__(self) -> Iterator[Sandbox]:
         # A snapshot, so callers may remove entries while iterating.

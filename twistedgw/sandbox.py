@@ -53,6 +53,28 @@ class Attachment(Protocol):
 
 
 @frozen
+class Resources:
+    """What one sandbox may use: CPUs, memory (bytes) and disk (bytes of its home tmpfs)."""
+
+    cpus: float
+    memory: int
+    disk: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cpus": self.cpus, "memory": self.memory, "disk": self.disk}
+
+
+@frozen
+class ResourceRequest:
+    """A creator's ``cpus``, ``memory`` and ``disk`` (each ``None``: the template's), already
+    checked against the server's maxima."""
+
+    cpus: float | None = None
+    memory: int | None = None
+    disk: int | None = None
+
+
+@frozen
 class SandboxSettings:
     """What a creator chose for a sandbox (within the server's maxima).
 
@@ -68,6 +90,18 @@ class SandboxSettings:
     owner: str | None = None
     #: ``bridge`` (Docker's default network, as in the seed) or ``none`` (no network at all).
     network: str = "bridge"
+    #: Egress by allow-list: ``host:port`` patterns (network ``none`` plus the gateway's
+    #: egress proxy); ``None``: no egress proxy.
+    egress: tuple[str, ...] | None = None
+    #: The template (image and its resource defaults) the sandbox was made from.
+    template: str = "default"
+    #: What the creator asked for in ``cpus``/``memory``/``disk`` (``None``: nothing; such a
+    #: create may come from the warm pool). Only seen while creating.
+    requested: ResourceRequest | None = None
+    #: What the sandbox got, fixed when its container is made (server defaults < template
+    #: labels < ``requested``) and kept in its labels; ``None``: not yet resolved, or a
+    #: container of an older gateway.
+    resources: Resources | None = None
 
 
 class SandboxPaused(Exception):
@@ -182,6 +216,12 @@ class Sandbox:
                 agent_restarts=self.agent_restarts,
                 lost_sessions=sorted(self.lost_sessions),
                 paused=self.paused,
+                template=self.settings.template,
+                network=self.settings.network,
+                egress=None if self.settings.egress is None else list(self.settings.egress),
+                resources=None
+                if self.settings.resources is None
+                else self.settings.resources.to_json(),
             )
         return body
 

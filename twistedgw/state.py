@@ -41,6 +41,7 @@ def _settings_json(settings: SandboxSettings) -> dict[str, Any]:
         "max_lifetime": settings.max_lifetime,
         "idempotency_key": settings.idempotency_key,
         "owner": settings.owner,
+        "template": settings.template,
     }
 
 
@@ -50,6 +51,7 @@ def _settings_from_json(raw: Mapping[str, Any]) -> SandboxSettings:
         max_lifetime=None if raw.get("max_lifetime") is None else float(raw["max_lifetime"]),
         idempotency_key=raw.get("idempotency_key"),
         owner=raw.get("owner"),
+        template=str(raw.get("template") or "default"),
     )
 
 

@@ -15,9 +15,20 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from twistedgw.config import GatewayConfig, agent_message_limit, listen_interface
+from twistedgw.config import GatewayConfig, agent_message_limit, is_loopback, listen_interface
+from twistedgw.egress.policy import EgressPolicy, parse_cidrs, parse_patterns
+from twistedgw.egress.proxy import connect_tcp, loopback_only
+from twistedgw.egress.resolver import HostsResolver, resolver_from_environ
+from twistedgw.egress.service import EgressProxies
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
+from twistedgw.lifecycle.resources import DEFAULT_MAXIMA, ResourcePolicy
+from twistedgw.lifecycle.templates import (
+    DEFAULT_TEMPLATE,
+    TemplateCatalog,
+    parse_pool_option,
+    parse_template_option,
+)
 from twistedgw.protocol import Limits
 from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.client import ProxyFactory, make_ws_resource
@@ -25,7 +36,8 @@ from twistedgw.proxy.files import AgentFiles
 from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.docker import DockerRuntime
-from twistedgw.runtime.hardening import ContainerLimits
+from twistedgw.runtime.hardening import ContainerLimits, size_bytes
+from twistedgw.sandbox import Resources
 from twistedgw.service import ProxyService, ShutdownSignals
 from twistedgw.snapshots import SnapshotStore
 from twistedgw.state import StateFile
@@ -90,6 +102,13 @@ class Options(usage.Options):
             "Give sandboxes a writable root filesystem (default: read-only "
             "root with sized tmpfs for /home/sandbox, /tmp and /var/tmp).",
         ],
+        [
+            "insecure-no-auth",
+            None,
+            "Allow listening beyond loopback without API tokens (anyone who reaches the port "
+            "drives the gateway). Without tokens and without this flag the gateway listens on "
+            "127.0.0.1 only.",
+        ],
     ]
 
     optParameters = [
@@ -124,13 +143,6 @@ class Options(usage.Options):
             _non_negative_float("--max-lifetime"),
         ],
         [
-            "pool-size",
-            None,
-            0,
-            "Warm pool: started, agent-ready containers kept for instant creates.",
-            _non_negative_int("--pool-size"),
-        ],
-        [
             "max-sandboxes",
             None,
             200,
@@ -148,6 +160,48 @@ class Options(usage.Options):
         ["pids-limit", None, 256, "Processes per sandbox.", _positive_int("--pids-limit")],
         ["nofile", None, 1024, "Open files per process in a sandbox.", _positive_int("--nofile")],
         ["home-size", None, "256m", "Size of the writable /home/sandbox (tmpfs)."],
+        [
+            "max-cpus",
+            None,
+            None,
+            "Most 'cpus' a creator may ask for (default: --cpus)",
+            _number("--max-cpus", float, False, "A number of CPUs, greater than 0."),
+        ],
+        [
+            "max-memory",
+            None,
+            None,
+            "Most memory a creator ('memory') or a template's label may ask for "
+            "(default: 2g, or --memory if larger).",
+        ],
+        [
+            "max-disk",
+            None,
+            None,
+            "Largest home (and /tmp) tmpfs a creator ('disk') or a template's label may ask "
+            "for (default: 1g, or --home-size if larger).",
+        ],
+        [
+            "egress-allow",
+            None,
+            "",
+            "Server-wide egress allow-list (host[:port] and *.domain[:port] patterns, comma "
+            "separated) that creators' 'egress' lists must lie within (default: any name).",
+        ],
+        [
+            "egress-max",
+            None,
+            32,
+            "Most egress patterns per sandbox.",
+            _positive_int("--egress-max"),
+        ],
+        [
+            "egress-allow-cidr",
+            None,
+            "",
+            "Address ranges (comma separated) the egress proxy may connect to although they "
+            "are loopback, link-local, private or multicast (default: none).",
+        ],
         ["tmp-size", None, "128m", "Size of each of /tmp and /var/tmp (tmpfs)."],
         ["container-runtime", None, None, "OCI runtime for sandboxes, e.g. runsc (gVisor)."],
         [
@@ -328,6 +382,28 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["templates"] = {}
+        self["pool-sizes"] = {}
+
+    def opt_template(self, value: str) -> None:
+        # usage.Options shows the docstring as the option's help: one line each.
+        """NAME=IMAGE: a template to choose per create (repeatable; default: --image)."""
+        try:
+            name, image = parse_template_option(value)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["templates"][name] = image
+
+    def opt_pool_size(self, value: str) -> None:
+        """Warm pool of started containers: N (default template) or NAME=N [default: 0]."""
+        try:
+            name, count = parse_pool_option(value)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["pool-sizes"][name] = count
+
     def postOptions(self) -> None:
         port = str(self["port"]).strip()
         if port.isdigit():
@@ -345,6 +421,13 @@ class Options(usage.Options):
             raise usage.UsageError("--default-timeout must not exceed --max-timeout")
         if self["output-kill-limit"] < self["max-output"]:
             raise usage.UsageError("--output-kill-limit must be at least --max-output")
+        known = {DEFAULT_TEMPLATE, *self["templates"]}
+        for name in self["pool-sizes"]:
+            if name not in known:
+                raise usage.UsageError(
+                    f"--pool-size {name}=N: no such template (known: {', '.join(sorted(known))})"
+                )
+        self["pool-size"] = self["pool-sizes"].get(DEFAULT_TEMPLATE, 0)
         for name in ("memory", "home-size", "tmp-size"):
             if not re.fullmatch(r"[1-9][0-9]*[bkmg]?", str(self[name]).lower()):
                 raise usage.UsageError(f"--{name} must be a size like 512m or 2g")
@@ -353,9 +436,70 @@ class Options(usage.Options):
             self["tokens"] = read_tokens(tokens_file)
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot use the API tokens: {e}") from None
+        self["port"] = secure_port(self["port"], bool(self["tokens"]), self["insecure-no-auth"])
+        self._check_egress_and_resources()
         instance = self["instance"]
         if not instance or not all(c.isalnum() or c in "-_." for c in instance):
             raise usage.UsageError("--instance may hold only letters, digits, '-', '_' and '.'")
+
+    def _check_egress_and_resources(self) -> None:
+        """``--egress-*`` and ``--max-cpus/--max-memory/--max-disk``: the one set of maxima
+        for creators' resources and templates' label defaults alike."""
+        try:
+            allow = parse_patterns(_listed(self["egress-allow"])) or None
+            cidrs = parse_cidrs(_listed(self["egress-allow-cidr"]))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["egress-policy"] = EgressPolicy(
+            allow=allow, max_patterns=self["egress-max"], allow_cidrs=cidrs
+        )
+        for name in ("max-memory", "max-disk"):
+            value = self[name]
+            if value is not None and not re.fullmatch(r"[1-9][0-9]*[bkmg]?", str(value).lower()):
+                raise usage.UsageError(f"--{name} must be a size like 512m or 2g")
+        defaults = Resources(
+            cpus=self["cpus"],
+            memory=size_bytes(self["memory"]),
+            disk=size_bytes(self["home-size"]),
+        )
+        # Unset, the maxima leave room for the python template's labels (home 1g, memory 2g),
+        # and never fall below the server's own defaults.
+        maxima = Resources(
+            cpus=self["max-cpus"] or defaults.cpus,
+            memory=size_bytes(self["max-memory"] or max(defaults.memory, DEFAULT_MAXIMA.memory)),
+            disk=size_bytes(self["max-disk"] or max(defaults.disk, DEFAULT_MAXIMA.disk)),
+        )
+        if defaults.cpus > maxima.cpus:
+            raise usage.UsageError("--cpus must not exceed --max-cpus")
+        if defaults.memory > maxima.memory:
+            raise usage.UsageError("--memory must not exceed --max-memory")
+        if defaults.disk > maxima.disk:
+            raise usage.UsageError("--home-size must not exceed --max-disk")
+        if size_bytes(self["tmp-size"]) > maxima.disk:
+            raise usage.UsageError("--tmp-size must not exceed --max-disk")
+        self["resource-policy"] = ResourcePolicy(defaults=defaults, maxima=maxima)
+
+
+def secure_port(port: str, have_tokens: bool, insecure_no_auth: bool) -> str:
+    """The listening endpoint, secure by default: without tokens, a TCP or TLS endpoint that
+    names no interface listens on loopback only, and one that names another interface is a
+    ``UsageError`` unless ``--insecure-no-auth``."""
+    kind = port.split(":", 1)[0]
+    if have_tokens or insecure_no_auth or kind not in ("tcp", "tcp6", "ssl"):
+        return port
+    interface = listen_interface(port)
+    if interface is None:
+        return port + (r":interface=\:\:1" if kind == "tcp6" else ":interface=127.0.0.1")
+    if not is_loopback(interface):
+        raise usage.UsageError(
+            f"listening on {interface} without API tokens needs --insecure-no-auth "
+            "(or give tokens with --tokens-file or $TWISTEDGW_TOKENS)"
+        )
+    return port
+
+
+def _listed(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def makeService(options: Options) -> IService:
@@ -365,6 +509,16 @@ def makeService(options: Options) -> IService:
     config = GatewayConfig.from_options(options)
     root = MultiService()
 
+    limits = ContainerLimits(
+        memory=config.memory,
+        cpus=config.cpus,
+        pids=config.pids_limit,
+        nofile=config.nofile,
+        read_only_root=not config.writable_root,
+        home_size=config.home_size,
+        tmp_size=config.tmp_size,
+        runtime=config.container_runtime,
+    )
     runtime = DockerRuntime(
         reactor,
         image=config.image,
@@ -373,16 +527,7 @@ def makeService(options: Options) -> IService:
         threads=config.docker_threads,
         call_timeout=config.docker_timeout,
         socket_dir=config.socket_dir,
-        limits=ContainerLimits(
-            memory=config.memory,
-            cpus=config.cpus,
-            pids=config.pids_limit,
-            nofile=config.nofile,
-            read_only_root=not config.writable_root,
-            home_size=config.home_size,
-            tmp_size=config.tmp_size,
-            runtime=config.container_runtime,
-        ),
+        limits=limits,
         agent_env={
             "AGENT_MAX_OUTPUT": str(config.max_output),
             "AGENT_KILL_OUTPUT": str(config.output_kill_limit),
@@ -402,14 +547,31 @@ def makeService(options: Options) -> IService:
         default_lifetime=config.default_lifetime,
         max_lifetime=config.max_lifetime,
         max_sandboxes=config.max_sandboxes,
+        egress=config.egress,
+        resources=config.resources,
+        templates=(DEFAULT_TEMPLATE, *sorted(config.templates)),
     )
+    templates = TemplateCatalog(
+        {DEFAULT_TEMPLATE: config.image, **config.templates},
+        base=limits,
+        maxima=config.resources.maxima,
+    )
+    registry = SandboxRegistry()
+    resolver = resolver_from_environ(reactor)
+    # A gateway under test (a .test name table) connects to loopback only, whatever happens.
+    guard = loopback_only(connect_tcp(reactor)) if isinstance(resolver, HostsResolver) else None
+    egress = EgressProxies(reactor, config.egress, resolver, connect=guard)
+    egress.setName("egress-proxies")
+    egress.setServiceParent(root)
+    registry.watch(egress.sandbox_added, egress.sandbox_removed)
     manager = SandboxManager(
-        SandboxRegistry(),
+        registry,
         runtime,
         reactor,
         policy=policy,
         state=StateFile(config.state_file, reactor),
-        pool_size=config.pool_size,
+        pool_sizes=config.pool_sizes,
+        templates=templates,
         agent_ready_timeout=config.agent_ready_timeout,
         max_message_size=config.agent_message_limit,
         agents=WebSocketAgents(reactor),

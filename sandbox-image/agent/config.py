@@ -8,6 +8,7 @@ import os
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
+from agent.egress import DEFAULT_EGRESS_PORT, proxy_env
 from agent.spawn import IdentityError, UserIdentity, user_identity
 from twistedgw import protocol
 
@@ -43,6 +44,10 @@ class AgentConfig:
     cwd: str = "/"
     port: int = DEFAULT_PORT
     unix_socket: str | None = None
+    #: The gateway's egress proxy socket, for sandboxes with an ``egress`` allow-list
+    #: (agent.egress forwards 127.0.0.1:``egress_port`` to it).
+    egress_socket: str | None = None
+    egress_port: int = DEFAULT_EGRESS_PORT
     max_output: int = DEFAULT_MAX_OUTPUT
     kill_output: int = DEFAULT_KILL_OUTPUT
     default_timeout: float = DEFAULT_TIMEOUT
@@ -105,6 +110,10 @@ class AgentConfig:
             "LANG": "C.UTF-8",
             "SHELL": shell,
         }
+        egress_socket = environ.get("AGENT_EGRESS_SOCKET") or None
+        egress_port = _int_env(environ, "AGENT_EGRESS_PORT", DEFAULT_EGRESS_PORT, 1, 65535)
+        if egress_socket:
+            child_env.update(proxy_env(egress_port))
         child_env.update(parse_command_env(raw_env))
         return cls(
             secret=secret.encode("utf-8"),
@@ -113,6 +122,8 @@ class AgentConfig:
             cwd=cwd,
             port=_int_env(environ, "AGENT_PORT", DEFAULT_PORT, 0, 65535),
             unix_socket=environ.get("AGENT_UNIX_SOCKET") or None,
+            egress_socket=egress_socket,
+            egress_port=egress_port,
             max_output=_int_env(environ, "AGENT_MAX_OUTPUT", DEFAULT_MAX_OUTPUT, 0, 1 << 34),
             kill_output=_int_env(environ, "AGENT_KILL_OUTPUT", DEFAULT_KILL_OUTPUT, 0, 1 << 40),
             default_timeout=default_timeout,

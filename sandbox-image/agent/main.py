@@ -7,7 +7,7 @@ import signal
 import socket
 import sys
 
-from agent import log
+from agent import egress, log
 from agent.child import Reaper
 from agent.config import AgentConfig, ConfigError
 from agent.dispatch import Agent
@@ -54,6 +54,7 @@ def serve(config: AgentConfig, loop: Loop) -> int:
         return 1
     agent = Agent(config, loop, Reaper(loop))
     loop.serve(sock, lambda: AgentHTTP(agent, protocol.AGENT_MAX_MESSAGE_SIZE))
+    egress.start(loop, config.egress_socket, config.egress_port)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, loop.stop)
     log.info("agent listening on %s (%r)", where, config)

@@ -18,6 +18,7 @@ from tests.runtime_contract import (
     test_pause_and_unpause,
     test_provides_the_interface,
     test_remove_unknown_container_succeeds,
+    test_template_images,
 )
 from twistedgw.runtime.docker import DockerRuntime
 from twistedgw.runtime.interface import ImageMissing
@@ -27,6 +28,7 @@ __all__ = [
     "test_pause_and_unpause",
     "test_provides_the_interface",
     "test_remove_unknown_container_succeeds",
+    "test_template_images",
 ]
 
 
@@ -56,3 +58,8 @@ async def test_missing_image(docker_client: Any) -> None:
     finally:
         await docker.stopService()
         remove_instance_containers(docker_client, instance)
+
+
+@pytest.fixture
+def present_image() -> str:
+    return IMAGE

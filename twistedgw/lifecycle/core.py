@@ -12,16 +12,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from twistedgw.lifecycle.errors import Recovering
+from twistedgw.lifecycle.errors import InvalidSettings, Recovering
 from twistedgw.lifecycle.options import LifecyclePolicy
+from twistedgw.lifecycle.templates import TemplateCatalog
 from twistedgw.protocol import CLOSE_AGENT_LOST
 from twistedgw.registry import SandboxRegistry
-from twistedgw.runtime.interface import ContainerInfo, IContainerRuntime
-from twistedgw.sandbox import Graveyard, Sandbox, Tombstone
+from twistedgw.runtime.interface import ContainerInfo, ContainerSpec, IContainerRuntime
+from twistedgw.sandbox import Graveyard, Sandbox, SandboxSettings, Tombstone, new_agent_secret
 from twistedgw.state import SavedSandbox, StateFile
 
 #: WebSocket close code for "the sandbox went away under you" (1011: server error).
@@ -36,6 +38,7 @@ class LifecycleCore(Service):
     registry: SandboxRegistry
     runtime: IContainerRuntime
     policy: LifecyclePolicy
+    templates: TemplateCatalog
     graveyard: Graveyard
     recovered: bool
     _reactor: Any
@@ -63,6 +66,31 @@ class LifecycleCore(Service):
             await self.runtime.remove(container_id, sandbox_id)
         finally:
             self._end(sandbox_id)
+
+    async def _container_spec(
+        self, sandbox_id: str, settings: SandboxSettings, for_pool: bool = False
+    ) -> ContainerSpec:
+        """What to create for ``settings``: its template's image and limits (the image's
+        labels are read first, once, for its resource defaults)."""
+        template = settings.template
+        if template not in self.templates.images:
+            known = ", ".join(self.templates.names)
+            raise InvalidSettings(f"unknown template {template!r}; known templates: {known}")
+        await self.templates.ensure(self.runtime, template)
+        # Server defaults < the template's labels (within the maxima) < the creator's request
+        # (checked against the same maxima): what it gets is in its labels from here on.
+        resources, limits = self.policy.resources.resolve(
+            self.templates.limits_of(template), settings.requested
+        )
+        return ContainerSpec(
+            sandbox_id=sandbox_id,
+            created_at=self.now(),
+            agent_secret=new_agent_secret(),
+            settings=attrs.evolve(settings, resources=resources),
+            for_pool=for_pool,
+            image=self.templates.image_of(template),
+            limits=limits,
+        )
 
     def _begin(self, sandbox_id: str) -> None:
         """A container operation on ``sandbox_id`` starts (reconciliation keeps off it)."""
@@ -96,8 +124,9 @@ class LifecycleCore(Service):
         settings, created_at, from_pool = info.settings, info.created_at, False
         if saved is not None and saved.assigned is not None:
             # Handed out from the pool: its labels describe the pool, the state file the
-            # sandbox.
-            settings, from_pool = saved.assigned, True
+            # sandbox (the resources, fixed at creation, are the labels').
+            settings = attrs.evolve(saved.assigned, resources=info.settings.resources)
+            from_pool = True
             created_at = saved.created_at if saved.created_at is not None else created_at
         lifetime = settings.max_lifetime
         expires_at = None if lifetime is None else created_at + lifetime

@@ -8,10 +8,10 @@ parts it builds on; creation bodies are checked in ``options.py``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -27,16 +27,16 @@ from twistedgw.lifecycle.errors import (
 from twistedgw.lifecycle.options import DEFAULT_LIFECYCLE, LifecyclePolicy
 from twistedgw.lifecycle.reconcile import Reconciliation
 from twistedgw.lifecycle.shared import Shared
+from twistedgw.lifecycle.templates import DEFAULT_TEMPLATE, TemplateCatalog
 from twistedgw.protocol import CLOSE_SANDBOX_REMOVED
 from twistedgw.registry import SandboxRegistry
-from twistedgw.runtime.interface import ContainerInfo, ContainerSpec, IContainerRuntime
+from twistedgw.runtime.interface import ContainerInfo, IContainerRuntime
 from twistedgw.sandbox import (
     REASON_DELETED,
     Graveyard,
     Sandbox,
     SandboxSettings,
     is_valid_sandbox_id,
-    new_agent_secret,
     new_sandbox_id,
 )
 from twistedgw.state import SavedSandbox, StateFile
@@ -72,8 +72,12 @@ class SandboxManager(Reconciliation):
         agent_recovery_timeout: float = 5.0,
         agents: IAgents | None = None,
         paused_timeout: float = 86400.0,
+        templates: TemplateCatalog | None = None,
+        pool_sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.registry = registry
+        #: The templates sandboxes are made from (default: the runtime's image only).
+        self.templates = templates or TemplateCatalog()
         #: Seconds a paused sandbox is kept (not reaped as idle) before it is reaped.
         self.paused_timeout = paused_timeout
         self.agents: IAgents = agents or NoAgents()
@@ -98,12 +102,13 @@ class SandboxManager(Reconciliation):
         self._agent_recovery_timeout = agent_recovery_timeout
         self._cold_creates = 0
         # The warm pool: started, agent-ready containers nobody has asked for yet. They are
-        # not in the registry (not listed, not reaped, not counted in --max-sandboxes).
-        self.pool_size = pool_size
+        # not in the registry (not listed, not reaped, not counted in --max-sandboxes). One
+        # pool per template: ``pool_size`` is the default template's, ``pool_sizes`` any's.
+        self.pool_sizes = {DEFAULT_TEMPLATE: pool_size, **(pool_sizes or {})}
         self._pool: list[Sandbox] = []
-        self._pool_filling = 0
-        self._pool_failures = 0
-        self._pool_retry: Any = None
+        self._pool_filling: dict[str, int] = {}
+        self._pool_failures: dict[str, int] = {}
+        self._pool_retry: dict[str, Any] = {}
         self._backoff = backoffPolicy(initialDelay=1.0, maxDelay=30.0, factor=2.0)
         # Between startService and the first successful reconcile the registry may miss
         # running sandboxes: lookups and listings raise ``Recovering`` instead of answering
@@ -148,7 +153,7 @@ class SandboxManager(Reconciliation):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        for call in (self._pool_retry, self._recovery_retry):
+        for call in (*self._pool_retry.values(), self._recovery_retry):
             if call is not None and call.active():
                 call.cancel()
         d = self.save_state()
@@ -198,7 +203,9 @@ class SandboxManager(Reconciliation):
         if key is not None:
             for sandbox in self.registry:
                 if sandbox.settings.idempotency_key == key:
-                    if sandbox.settings != settings:
+                    # What it got (``resources``) was resolved at creation; the request
+                    # (template, ``requested`` and the rest) must be the same.
+                    if evolve(sandbox.settings, resources=None) != evolve(settings, resources=None):
                         raise IdempotencyConflict(
                             "Idempotency-Key already used with other creation options"
                         )
@@ -228,26 +235,16 @@ class SandboxManager(Reconciliation):
             raise CapacityExceeded(
                 f"this gateway already runs its maximum of {self.policy.max_sandboxes} sandboxes"
             )
-        if (
-            self._pool
-            and not settings.env
-            and not settings.metadata
-            and settings.network == "bridge"
-        ):
+        if self._can_hand_out(settings):
             sandbox = await self._hand_out(settings)
             if sandbox is not None:
                 return sandbox
         sandbox_id = new_sandbox_id()
-        spec = ContainerSpec(
-            sandbox_id=sandbox_id,
-            created_at=self.now(),
-            agent_secret=new_agent_secret(),
-            settings=settings,
-        )
         self._begin(sandbox_id)
         self._cold_creates += 1
         try:
             started = self.now()
+            spec = await self._container_spec(sandbox_id, settings)
             info = await self.runtime.create(spec)
             self._log.info(
                 "created container for sandbox {sandbox_id} in {ms:.0f} ms",

@@ -8,11 +8,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 
+from twistedgw.egress.policy import EgressPolicy
 from twistedgw.lifecycle.errors import InvalidSettings
+from twistedgw.lifecycle.resources import RESOURCE_FIELDS, ResourcePolicy
+from twistedgw.lifecycle.templates import DEFAULT_TEMPLATE
 from twistedgw.protocol import ProtocolError, validate_env
-from twistedgw.sandbox import SandboxSettings
+from twistedgw.sandbox import ResourceRequest, SandboxSettings
 
 METADATA_KEY_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 MAX_METADATA = 32
@@ -30,6 +33,11 @@ class LifecyclePolicy:
     default_lifetime: float | None = None
     max_lifetime: float | None = None
     max_sandboxes: int = 200
+    #: Egress by allow-list and per-create resources (issue 17).
+    egress: EgressPolicy = field(factory=EgressPolicy)
+    resources: ResourcePolicy = field(factory=ResourcePolicy)
+    #: Template names a creator may choose (``--template``), the default first.
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
 
 
 DEFAULT_LIFECYCLE = LifecyclePolicy()
@@ -74,6 +82,24 @@ def _creation_env(value: Any) -> dict[str, str]:
         raise InvalidSettings(e.message) from None
 
 
+# -- templates (issue 18): {"template": NAME} -------------------------------------------------
+
+
+def _template(policy: LifecyclePolicy, body: Mapping[str, Any]) -> str:
+    """The creation body's ``template``: one of the operator's, else the default."""
+    name = body.get("template")
+    if name is None:
+        return DEFAULT_TEMPLATE
+    if not isinstance(name, str) or name not in policy.templates:
+        what = f"unknown template {name[:64]!r}" if isinstance(name, str) else "'template' "
+        what += "" if isinstance(name, str) else "must be a template's name"
+        raise InvalidSettings(f"{what}; known templates: {', '.join(policy.templates)}")
+    return name
+
+
+# -------------------------------------------------------------------------------------------
+
+
 def settings_from_body(
     policy: LifecyclePolicy,
     body: Mapping[str, Any] | None,
@@ -83,7 +109,8 @@ def settings_from_body(
     """A creation request's settings: its JSON body (``None``: empty), its Idempotency-Key
     and its owner, validated against the operator's ``policy``; raises ``InvalidSettings``."""
     body = body or {}
-    unknown = set(body) - {"idle_timeout", "max_lifetime", "env", "metadata", "network"}
+    known = {"idle_timeout", "max_lifetime", "env", "metadata", "network", "template"}
+    unknown = set(body) - known - set(EGRESS_AND_RESOURCE_FIELDS)
     if unknown:
         raise InvalidSettings(f"unknown creation option(s): {', '.join(sorted(unknown))}")
     idle_timeout = _positive_seconds(body, "idle_timeout") or policy.idle_timeout
@@ -101,6 +128,11 @@ def settings_from_body(
     network = body.get("network", "bridge")
     if network not in ("bridge", "none"):
         raise InvalidSettings('\'network\' must be "bridge" or "none"')
+    egress, requested = egress_and_resources(policy, body)
+    if egress is not None:
+        if "network" in body and network != "none":
+            raise InvalidSettings("'egress' sandboxes have no network but the egress proxy")
+        network = "none"
     key = None
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= 256:
@@ -116,4 +148,28 @@ def settings_from_body(
         idempotency_key=key,
         owner=owner,
         network=network,
+        egress=egress,
+        template=_template(policy, body),
+        requested=requested,
     )
+
+
+# -- egress and resources (issue 17) -------------------------------------------------------
+
+#: The creation body's fields parsed by ``egress_and_resources``.
+EGRESS_AND_RESOURCE_FIELDS = ("egress", *RESOURCE_FIELDS)
+
+
+def egress_and_resources(
+    policy: LifecyclePolicy, body: Mapping[str, Any]
+) -> tuple[tuple[str, ...] | None, ResourceRequest | None]:
+    """The body's ``egress`` allow-list (``None``: no egress proxy) and its ``cpus``,
+    ``memory`` and ``disk`` (``None``: none asked for; the template's apply), checked against
+    the operator's caps."""
+    egress = None
+    if body.get("egress") is not None:
+        try:
+            egress = policy.egress.creation_patterns(body["egress"])
+        except ValueError as e:
+            raise InvalidSettings(str(e)) from None
+    return egress, policy.resources.from_body(body)

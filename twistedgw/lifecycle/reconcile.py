@@ -50,6 +50,8 @@ class Reconciliation(WarmPool):
         return self._reconciling.follow()
 
     async def _reconcile(self) -> None:
+        # What the templates' images are now (a rebuilt image may bring new labels).
+        await self.templates.refresh(self.runtime)
         # Ids that anything else creates, hands out, removes or forgets from here on are
         # left alone by this pass: its listing may predate the change.
         touched: set[str] = set()

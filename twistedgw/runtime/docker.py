@@ -31,6 +31,8 @@ from twistedgw.runtime.hardening import (
     AGENT_PORT,
     AGENT_UID,
     DEFAULT_LIMITS,
+    EGRESS_PORT,
+    EGRESS_SOCKET_NAME,
     SOCKET_MOUNT,
     SOCKET_NAME,
     ContainerLimits,
@@ -41,6 +43,7 @@ from twistedgw.runtime.interface import (
     ContainerInfo,
     ContainerSpec,
     IContainerRuntime,
+    ImageFacts,
     ImageMissing,
     RuntimeUnavailable,
 )
@@ -116,6 +119,15 @@ def container_info_from_attrs(attrs: Mapping[str, Any]) -> ContainerInfo:
         oom_killed=bool(state.get("OOMKilled")),
         for_pool=labels.get(LABEL_POOL) == "true",
         agent_socket=agent_socket,
+    )
+
+
+def missing_image_message(image: str, template: str = "default") -> str:
+    """What a create of a template whose image is missing is told (HTTP 503)."""
+    return (
+        f"the image {image!r} of template {template!r} is not present in the Docker engine; "
+        "build it with sandbox-image/build.sh (the default and the python template), or, for "
+        f"a template of your own, with `docker build -t {image} DIR` (README, Templates)"
     )
 
 
@@ -243,6 +255,9 @@ class DockerRuntime(Service):
         if self.running and self._events_thread is None:
             self._start_events_thread()
 
+    def inspect_image(self, image: str) -> Deferred[ImageFacts | None]:
+        return self._defer(self._thd_inspect_image, image)
+
     # -- health ----------------------------------------------------------------------------
 
     def _check_health(self) -> Deferred[None]:
@@ -322,9 +337,7 @@ class DockerRuntime(Service):
         try:
             return f(*args)
         except docker.errors.ImageNotFound as e:
-            raise ImageMissing(
-                f"sandbox image {self.image!r} is not present; build it with sandbox-image/build.sh"
-            ) from e
+            raise ImageMissing(missing_image_message(self.image)) from e
         except docker.errors.APIError as e:
             raise ContainerFailed(f"Docker refused the operation: {e.explanation or e}") from e
         except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as e:
@@ -347,11 +360,30 @@ class DockerRuntime(Service):
                     self._client = docker.from_env(**kwargs)
             return self._client
 
+    def _thd_inspect_image(self, image: str) -> ImageFacts | None:
+        import docker.errors
+
+        try:
+            attrs = self._thd_client().api.inspect_image(image)
+        except docker.errors.ImageNotFound:
+            return None
+        config = attrs.get("Config") or {}
+        return ImageFacts(
+            image_id=str(attrs.get("Id") or ""),
+            size=int(attrs.get("Size") or 0),
+            created=str(attrs.get("Created") or ""),
+            labels=dict(config.get("Labels") or {}),
+        )
+
     def _thd_create(self, spec: ContainerSpec) -> ContainerInfo:
         import docker.errors
         import docker.types
 
         client = self._thd_client()
+        image = spec.image or self.image
+        # The template's limits with the sandbox's resources applied (lifecycle/core.py);
+        # without them, the runtime's own with the sandbox's resources.
+        limits = spec.limits or self.limits.for_resources(spec.settings.resources)
         name = f"twistedgw-{spec.sandbox_id}"
         environment = {**self._agent_env, SECRET_ENV: spec.agent_secret}
         if spec.settings.env:
@@ -363,10 +395,8 @@ class DockerRuntime(Service):
             "environment": environment,
             # Published on loopback only, on an ephemeral host port.
             "ports": {f"{AGENT_PORT}/tcp": ("127.0.0.1", None)},
-            "ulimits": [
-                docker.types.Ulimit(name="nofile", soft=self.limits.nofile, hard=self.limits.nofile)
-            ],
-            **self.limits.run_options(),
+            "ulimits": [docker.types.Ulimit(name="nofile", soft=limits.nofile, hard=limits.nofile)],
+            **limits.run_options(),
         }
         if spec.settings.network == "none":
             # No network at all: the agent listens on a Unix socket in a per-sandbox host
@@ -376,12 +406,20 @@ class DockerRuntime(Service):
             options["network_mode"] = "none"
             options["volumes"] = {str(directory): {"bind": SOCKET_MOUNT, "mode": "rw"}}
             environment["AGENT_UNIX_SOCKET"] = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
+            if spec.settings.egress is not None:
+                # Egress by allow-list: the agent forwards 127.0.0.1:EGRESS_PORT to the
+                # gateway's proxy on this socket (twistedgw/egress).
+                environment["AGENT_EGRESS_SOCKET"] = f"{SOCKET_MOUNT}/{EGRESS_SOCKET_NAME}"
+                environment["AGENT_EGRESS_PORT"] = str(EGRESS_PORT)
         options.update(self._container_options)
         try:
             # create + start rather than run(): run() would try to pull a missing image from a
             # registry (slow, and none may be reachable); a missing image is the operator's
             # to build (ImageMissing).
-            container = client.containers.create(self.image, **options)
+            try:
+                container = client.containers.create(image, **options)
+            except docker.errors.ImageNotFound as e:
+                raise ImageMissing(missing_image_message(image, spec.settings.template)) from e
             container.start()
             # Inspect again for the published port and the bridge address.
             container.reload()

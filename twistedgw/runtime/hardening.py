@@ -4,9 +4,12 @@ expects (users, capabilities, the agent's port and socket)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from attrs import frozen
+from attrs import evolve, frozen
+
+if TYPE_CHECKING:
+    from twistedgw.sandbox import Resources
 
 #: Port the agent listens on inside the container.
 AGENT_PORT = 8765
@@ -14,6 +17,10 @@ AGENT_PORT = 8765
 #: Where a network-less sandbox's socket directory is mounted, and the agent's socket in it.
 SOCKET_MOUNT = "/run/twistedgw"
 SOCKET_NAME = "agent.sock"
+#: The gateway's egress proxy socket in that directory (sandboxes with an ``egress`` list),
+#: and the loopback port inside the sandbox where the agent forwards to it.
+EGRESS_SOCKET_NAME = "proxy.sock"
+EGRESS_PORT = 3128
 #: The image's unprivileged user, who runs the user's code.
 SANDBOX_UID = 1000
 #: The image's agent user, who must be able to create the agent's socket (and no one else).
@@ -42,6 +49,31 @@ class ContainerLimits:
     #: Size of /dev/shm (a tmpfs Docker mounts nosuid, nodev, noexec; it counts towards the
     #: memory limit). /dev/mqueue is bounded by the kernel's per-user RLIMIT_MSGQUEUE.
     shm_size: str = "64m"
+    #: Allow executing files in the home, /tmp and /var/tmp (Docker mounts tmpfs ``noexec``
+    #: unless told otherwise). Templates for development need it: venvs run scripts from the
+    #: home and Python extension modules are mapped executable (image label
+    #: ``org.twistedgw.exec-tmpfs``).
+    exec_tmpfs: bool = False
+
+    def for_resources(
+        self, resources: Resources | None, most_tmp: int | None = None
+    ) -> ContainerLimits:
+        """These limits with a sandbox's ``cpus``, ``memory`` and ``disk``: ``disk`` sizes
+        the home tmpfs, and /tmp and /var/tmp keep these limits' proportion to it (at most
+        ``most_tmp`` bytes, the largest disk allowed)."""
+        if resources is None:
+            return self
+        home, tmp = size_bytes(self.home_size), size_bytes(self.tmp_size)
+        tmp = max(1024 * 1024, resources.disk * tmp // home)
+        if most_tmp is not None:
+            tmp = min(tmp, most_tmp)
+        return evolve(
+            self,
+            cpus=resources.cpus,
+            memory=str(resources.memory),
+            home_size=str(resources.disk),
+            tmp_size=str(tmp),
+        )
 
     def run_options(self) -> dict[str, Any]:
         """``containers.run`` keyword arguments for these limits (less the Ulimit objects)."""
@@ -65,11 +97,12 @@ class ContainerLimits:
             # counts towards the memory limit). storage_opt size would need overlay2 on xfs
             # with project quotas, which Docker hosts rarely have.
             options["read_only"] = True
-            home = f"rw,nosuid,nodev,size={self.home_size},uid=1000,gid=1000,mode=0755"
+            flags = "rw,nosuid,nodev" + (",exec" if self.exec_tmpfs else "")
+            home = f"{flags},size={self.home_size},uid=1000,gid=1000,mode=0755"
             options["tmpfs"] = {
                 "/home/sandbox": home,
-                "/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
-                "/var/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
+                "/tmp": f"{flags},size={self.tmp_size},mode=1777",
+                "/var/tmp": f"{flags},size={self.tmp_size},mode=1777",
             }
         if self.runtime:
             options["runtime"] = self.runtime
@@ -77,3 +110,18 @@ class ContainerLimits:
 
 
 DEFAULT_LIMITS = ContainerLimits()
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def size_bytes(text: str | int) -> int:
+    """``512m``, ``2g``, ``1048576`` (bytes) as a number of bytes; ``ValueError`` otherwise."""
+    if isinstance(text, int):
+        return text
+    raw = text.strip().lower()
+    unit = raw[-1:] if raw[-1:] in _UNITS else ""
+    number = raw[: len(raw) - len(unit)]
+    if not number.isdigit():
+        raise ValueError(f"{text!r} is not a size like 512m or 2g")
+    return int(number) * _UNITS[unit]

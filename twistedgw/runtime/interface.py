@@ -4,12 +4,13 @@ the Docker implementation (and ``tests``' fakes another)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
+from twistedgw.runtime.hardening import ContainerLimits
 from twistedgw.sandbox import SandboxSettings
 
 
@@ -39,6 +40,10 @@ class ContainerSpec:
     settings: SandboxSettings
     #: Create it for the warm pool (labelled so; no creator yet).
     for_pool: bool = False
+    #: The image of its template (``None``: the runtime's own image).
+    image: str | None = None
+    #: Its template's limits (``None``: the runtime's own limits).
+    limits: ContainerLimits | None = None
 
 
 @frozen
@@ -59,6 +64,18 @@ class ContainerInfo:
     #: Created for the warm pool (its labels describe the pool, not a creator's sandbox).
     for_pool: bool = False
     agent_socket: str | None = None
+
+
+@frozen
+class ImageFacts:
+    """What the engine says about an image (``inspect_image``)."""
+
+    image_id: str
+    #: Bytes, as ``docker image ls`` counts them.
+    size: int
+    #: When it was built (the engine's RFC 3339 text).
+    created: str
+    labels: Mapping[str, str] = field(factory=dict)
 
 
 @frozen
@@ -98,3 +115,6 @@ class IContainerRuntime(Interface):
     def unpause(container_id: str) -> Deferred[None]:
         """Thaw a paused container; unpausing a running one succeeds. ``ContainerFailed``
         for a missing container."""
+
+    def inspect_image(image: str) -> Deferred[ImageFacts | None]:
+        """What the engine knows about ``image`` (``None``: it is not present)."""

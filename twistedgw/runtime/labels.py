@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from twistedgw.runtime.hardening import size_bytes
 from twistedgw.runtime.interface import ContainerSpec
-from twistedgw.sandbox import SandboxSettings
+from twistedgw.sandbox import ResourceRequest, Resources, SandboxSettings
 
 #: Label keys on every container this gateway creates.
 LABEL_MANAGED = "org.twistedgw.managed"
@@ -24,6 +25,19 @@ LABEL_OWNER = "org.twistedgw.owner"
 #: Set on warm-pool containers (created before anyone asked for them).
 LABEL_POOL = "org.twistedgw.pool"
 LABEL_NETWORK = "org.twistedgw.network"
+#: Egress allow-list (JSON list of ``host:port``).
+LABEL_EGRESS = "org.twistedgw.egress"
+#: What the sandbox got (server defaults < template < creator), always set together, in CPUs
+#: and bytes. A template image's own ``org.twistedgw.memory`` label (its default, e.g. ``2g``)
+#: has the same key: the container's label, always written, overrides the inherited one.
+LABEL_CPUS = "org.twistedgw.cpus"
+LABEL_MEMORY = "org.twistedgw.memory"
+LABEL_DISK = "org.twistedgw.disk"
+#: What the creator asked for (JSON ``{"cpus", "memory", "disk"}``, ``null``: the template's),
+#: so that an Idempotency-Key retry after a restart is matched against the same request.
+LABEL_REQUESTED = "org.twistedgw.requested"
+#: The template a container was made from (always set: an image may carry one of its own).
+LABEL_TEMPLATE = "org.twistedgw.sandbox-template"
 
 #: Environment variable carrying the per-sandbox agent secret into the container.
 SECRET_ENV = "SANDBOX_AGENT_SECRET"
@@ -58,7 +72,44 @@ def settings_from(labels: Mapping[str, str], env: Mapping[str, str]) -> SandboxS
         idempotency_key=labels.get(LABEL_IDEMPOTENCY) or None,
         owner=labels.get(LABEL_OWNER) or None,
         network="none" if labels.get(LABEL_NETWORK) == "none" else "bridge",
+        egress=_egress_from(labels),
+        template=labels.get(LABEL_TEMPLATE) or "default",
+        requested=_requested_from(labels),
+        resources=_resources_from(labels),
     )
+
+
+def _requested_from(labels: Mapping[str, str]) -> ResourceRequest | None:
+    try:
+        value = json.loads(labels[LABEL_REQUESTED])
+        return ResourceRequest(
+            cpus=None if value.get("cpus") is None else float(value["cpus"]),
+            memory=None if value.get("memory") is None else int(value["memory"]),
+            disk=None if value.get("disk") is None else int(value["disk"]),
+        )
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _egress_from(labels: Mapping[str, str]) -> tuple[str, ...] | None:
+    try:
+        value = json.loads(labels[LABEL_EGRESS])
+    except (KeyError, ValueError):
+        return None
+    if not isinstance(value, list):
+        return None
+    return tuple(str(item) for item in value)
+
+
+def _resources_from(labels: Mapping[str, str]) -> Resources | None:
+    try:
+        return Resources(
+            cpus=float(labels[LABEL_CPUS]),
+            memory=size_bytes(labels[LABEL_MEMORY]),
+            disk=size_bytes(labels[LABEL_DISK]),
+        )
+    except (KeyError, ValueError):
+        return None
 
 
 def labels_for(spec: ContainerSpec, instance: str) -> dict[str, str]:
@@ -71,6 +122,7 @@ def labels_for(spec: ContainerSpec, instance: str) -> dict[str, str]:
         LABEL_SANDBOX_ID: spec.sandbox_id,
         LABEL_CREATED_AT: repr(spec.created_at),
         LABEL_IDLE_TIMEOUT: repr(settings.idle_timeout),
+        LABEL_TEMPLATE: settings.template,
     }
     if settings.max_lifetime is not None:
         labels[LABEL_MAX_LIFETIME] = repr(settings.max_lifetime)
@@ -82,6 +134,20 @@ def labels_for(spec: ContainerSpec, instance: str) -> dict[str, str]:
         labels[LABEL_POOL] = "true"
     if settings.network == "none":
         labels[LABEL_NETWORK] = "none"
+    if settings.egress is not None:
+        labels[LABEL_EGRESS] = json.dumps(list(settings.egress))
+    if settings.requested is not None:
+        labels[LABEL_REQUESTED] = json.dumps(
+            {
+                "cpus": settings.requested.cpus,
+                "memory": settings.requested.memory,
+                "disk": settings.requested.disk,
+            }
+        )
+    if settings.resources is not None:
+        labels[LABEL_CPUS] = repr(settings.resources.cpus)
+        labels[LABEL_MEMORY] = str(settings.resources.memory)
+        labels[LABEL_DISK] = str(settings.resources.disk)
     for key, value in settings.metadata.items():
         labels[LABEL_META_PREFIX + key] = value
     return labels

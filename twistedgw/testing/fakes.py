@@ -29,6 +29,8 @@ from twistedgw.runtime.interface import (
     ContainerInfo,
     ContainerSpec,
     IContainerRuntime,
+    ImageFacts,
+    ImageMissing,
     RuntimeUnavailable,
 )
 
@@ -51,6 +53,10 @@ class FakeRuntime:
         self.creates = 0
         self.paused: set[str] = set()
         self._next = 0
+        #: Images "present in the engine" (``None``: any image is).
+        self.images: dict[str, ImageFacts] | None = None
+        #: Every spec ``create`` was given, in order.
+        self.specs: list[ContainerSpec] = []
 
     def _unavailable(self) -> Deferred[Any]:
         return fail(RuntimeUnavailable("fake Docker engine is down"))
@@ -58,6 +64,9 @@ class FakeRuntime:
     def create(self, spec: ContainerSpec) -> Deferred[ContainerInfo]:
         if not self.available:
             return self._unavailable()
+        if self.images is not None and spec.image is not None and spec.image not in self.images:
+            return fail(ImageMissing(f"the image {spec.image!r} is not present"))
+        self.specs.append(spec)
         self._next += 1
         info = ContainerInfo(
             sandbox_id=spec.sandbox_id,
@@ -91,6 +100,13 @@ class FakeRuntime:
         if not self.available:
             return self._unavailable()
         return succeed(list(self.containers.values()))
+
+    def inspect_image(self, image: str) -> Deferred[ImageFacts | None]:
+        if not self.available:
+            return self._unavailable()
+        if self.images is None:
+            return succeed(ImageFacts(image_id=f"sha256:{image}", size=1, created=""))
+        return succeed(self.images.get(image))
 
     def watch(self, callback: Callable[[ContainerEvent], None]) -> None:
         self.watchers.append(callback)

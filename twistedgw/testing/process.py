@@ -22,6 +22,16 @@ REPO = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-websocket-image")
 
 
+def template_image(name: str) -> str:
+    """The image ``sandbox-image/build.sh`` builds for template ``name`` (its
+    ``TEMPLATE_IMAGE_PREFIX``, default ``twistedgw-``, then the name)."""
+    return os.environ.get("TEMPLATE_IMAGE_PREFIX", "twistedgw-") + name
+
+
+#: The python template's image.
+PYTHON_IMAGE = template_image("python")
+
+
 class GatewayFailed(RuntimeError):
     """The gateway process exited early or never answered."""
 

@@ -301,6 +301,13 @@ class GatewayAPI:
             handed_over()  # the proxy's own connection cap counts it from here on
         return self._ws_resource
 
+    @app.route("/templates", methods=["GET"])
+    @authenticated
+    async def list_templates(self, request: IRequest, owner: str | None) -> bytes:
+        # Asked of the engine now: a template built since start-up shows as present.
+        await self.manager.templates.refresh(self.manager.runtime)
+        return json_answer(request, 200, self.manager.templates.describe())
+
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
         # Answers from the first accepted connection; "ready" turns true once the sandboxes
