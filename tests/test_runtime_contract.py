@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 
 from tests.runtime_contract import (
     test_create_list_remove,
+    test_lists_only_this_instances_containers,
     test_provides_the_interface,
     test_remove_unknown_container_succeeds,
 )
+from twistedgw.runtime.interface import ContainerSpec
 from twistedgw.testing.fakes import FakeRuntime
 
 __all__ = [
     "test_create_list_remove",
+    "test_lists_only_this_instances_containers",
     "test_provides_the_interface",
     "test_remove_unknown_container_succeeds",
 ]
@@ -21,3 +26,11 @@ __all__ = [
 @pytest.fixture
 def runtime() -> FakeRuntime:
     return FakeRuntime()
+
+
+@pytest.fixture
+def foreign(runtime: FakeRuntime) -> Callable[[ContainerSpec, dict[str, str]], Awaitable[None]]:
+    async def add(spec: ContainerSpec, labels: dict[str, str]) -> None:
+        runtime.add_foreign(spec, labels)
+
+    return add
