@@ -8,6 +8,7 @@ from twisted.internet.task import Clock
 from tests.test_sandbox import Client
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.reaper import Reaper, make_reaper_service
+from twistedgw.runtime.interface import ContainerEvent
 from twistedgw.testing.fakes import FakeRuntime
 
 
@@ -134,3 +135,41 @@ async def test_reconcile_adopts_running_containers(
     adopted = fresh.lookup(first.sandbox_id)
     assert adopted.created_at == first.created_at
     assert adopted.agent_secret == first.agent_secret
+
+
+@pytest_twisted.ensureDeferred
+async def test_external_removal_is_recorded_as_exited(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """A container removed or stopped outside the gateway is remembered as ``exited`` (with
+    what happened), never as ``deleted``, which means a client asked for it; only a DELETE
+    through the gateway is ``deleted``."""
+    vanished = await manager.create()
+    stopped = await manager.create()
+    destroyed = await manager.create()
+    deleted = await manager.create()
+    del runtime.containers[vanished.container_id]
+    runtime.kill(stopped.container_id, exit_code=3)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        runtime.watchers[-1](
+            ContainerEvent(destroyed.sandbox_id, destroyed.container_id, "destroy")
+        )
+        await manager.delete(deleted.sandbox_id)
+    finally:
+        await manager.stopService()
+    now = clock.seconds()
+    found = {
+        s.sandbox_id: manager.graveyard.get(s.sandbox_id, now)
+        for s in (vanished, stopped, destroyed, deleted)
+    }
+    assert {k: (t.reason if t else None) for k, t in found.items()} == {
+        vanished.sandbox_id: "exited",
+        stopped.sandbox_id: "exited",
+        destroyed.sandbox_id: "exited",
+        deleted.sandbox_id: "deleted",
+    }
+    assert found[vanished.sandbox_id].detail == "container removed outside the gateway"
+    assert found[destroyed.sandbox_id].detail == "container removed outside the gateway"
+    assert "3" in found[stopped.sandbox_id].detail
