@@ -56,7 +56,10 @@ def treq(manager: SandboxManager) -> StubTreq:
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    # Integration tests live in tests/integration and carry the marker automatically.
+    # Integration tests live in tests/integration and carry the marker automatically; the
+    # agent's black-box tests (real agent processes, most of the fast suite's time) are slow.
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+        if item.fspath.basename == "test_blackbox.py":
+            item.add_marker(pytest.mark.slow)
