@@ -3,10 +3,11 @@ the fast suite now catches each.
 
     .venv/bin/python scripts/planted_bugs.py [NAME...]
 
-Each bug is planted in a scratch copy of the work tree (nothing here is edited); the fast
-suite (``-m "not integration"``, without the agent's black-box tests) runs against the copy.
-The suite first runs once without a bug: a bug is *caught* when a test that passed then fails
-with the bug (so a test that is flaky on a loaded machine is not taken for a catch). Exits 1
+Each bug is planted in a scratch copy of the work tree (nothing here is edited) and the fast
+tests that guard its code (``Bug.tests``, the files that exist; ``-m "not integration and not
+slow"``) run against the copy. They first run once without any bug: a bug is *caught* when a
+test that passed then fails with the bug (a test that is flaky on a loaded machine is not
+taken for a catch). Exits 1
 if any bug survives, or if a bug's code is no longer where this list expects it (the list
 must follow the code).
 """
@@ -31,7 +32,7 @@ class Bug:
     path: str
     old: str
     new: str
-    #: The tests to run (paths relative to the repository); the fast suite if empty.
+    #: The test files that guard this code (those that exist are run).
     tests: tuple[str, ...] = ()
 
 
@@ -41,6 +42,13 @@ BUGS = (
         "twistedgw/runtime/labels.py",
         'return [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={instance}"]',
         'return [f"{LABEL_MANAGED}=true"]',
+        tests=(
+            "tests/test_isolation.py",
+            "tests/test_runtime_contract.py",
+            "tests/test_reaper.py",
+            "tests/test_recovery.py",
+            "tests/test_lifecycle.py",
+        ),
     ),
     Bug(
         "state not saved on shutdown",
@@ -48,30 +56,52 @@ BUGS = (
         "        d = self.save_state()\n"
         '        d.addErrback(lambda f: self._log.failure("could not save state at shutdown", f))',
         "        d: Deferred[None] = Deferred()\n        d.callback(None)",
+        tests=(
+            "tests/test_state.py",
+            "tests/test_lifecycle.py",
+        ),
     ),
     Bug(
         "expires_at not written to the state file",
         "twistedgw/state.py",
         '                "expires_at": s.expires_at,\n',
         "",
+        tests=(
+            "tests/test_state.py",
+            "tests/test_lifecycle.py",
+        ),
     ),
     Bug(
         "state file written without fsync",
         "twistedgw/state.py",
         "                os.fsync(f.fileno())\n",
         "",
+        tests=(
+            "tests/test_state.py",
+            "tests/test_lifecycle.py",
+        ),
     ),
     Bug(
         "server maximum lifetime not the default lifetime",
         "twistedgw/lifecycle/options.py",
         "        lifetime = lifetime or policy.max_lifetime\n",
         "",
+        tests=(
+            "tests/test_lifetimes.py",
+            "tests/test_lifecycle.py",
+            "tests/test_api.py",
+        ),
     ),
     Bug(
         "pool hand-out without expiry",
         "twistedgw/lifecycle/pool.py",
         "expires_at=None if lifetime is None else now + lifetime,",
         "expires_at=None,",
+        tests=(
+            "tests/test_lifetimes.py",
+            "tests/test_lifecycle.py",
+            "tests/test_pool.py",
+        ),
     ),
     Bug(
         "valid query token accepted alongside a wrong header token",
@@ -81,12 +111,22 @@ BUGS = (
         "            hmac.compare_digest(query_token.encode(), t) for t in self._tokens\n"
         "        ):\n"
         "            presented = query_token\n",
+        tests=(
+            "tests/test_auth.py",
+            "tests/test_edge.py",
+            "tests/test_proxy.py",
+        ),
     ),
     Bug(
         "/healthz shows counts with tokens on",
         "twistedgw/web/api.py",
         "        if not self.authenticator.enabled:\n",
         "        if True:\n",
+        tests=(
+            "tests/test_auth.py",
+            "tests/test_api.py",
+            "tests/test_recovery.py",
+        ),
     ),
     Bug(
         "reconcile records an external removal as deleted",
@@ -95,36 +135,62 @@ BUGS = (
         '                    "container removed outside the gateway",',
         '                    "deleted",\n'
         '                    "container removed outside the gateway",',
+        tests=(
+            "tests/test_reaper.py",
+            "tests/test_recovery.py",
+            "tests/test_lifecycle.py",
+        ),
     ),
     Bug(
         "env-name regex without its end anchor",
         "twistedgw/protocol.py",
         r'ENV_NAME_RE = re.compile(rf"\A[A-Za-z_][A-Za-z0-9_]{{0,{MAX_ENV_NAME_LENGTH - 1}}}\Z")',
         r'ENV_NAME_RE = re.compile(rf"\A[A-Za-z_][A-Za-z0-9_]{{0,{MAX_ENV_NAME_LENGTH - 1}}}")',
+        tests=(
+            "tests/test_api.py",
+            "tests/test_lifecycle.py",
+            "tests/test_protocol.py",
+            "tests/agent/test_dispatch.py",
+        ),
     ),
     Bug(
         "error replies lose their request_id",
         "twistedgw/protocol.py",
         '        "request_id": _echo_request_id(request_id),\n        "command": None,',
         '        "request_id": None,\n        "command": None,',
+        tests=(
+            "tests/test_protocol.py",
+            "tests/test_proxy_protocol.py",
+            "tests/test_proxy.py",
+            "tests/agent/test_dispatch.py",
+        ),
     ),
     Bug(
         "agent truncation keeps only the head",
         "sandbox-image/agent/capture.py",
         "        if not view or self._tail_cap == 0:\n            return\n",
         "        return\n",
+        tests=(
+            "tests/agent/test_capture.py",
+            "tests/agent/test_dispatch.py",
+        ),
     ),
     Bug(
         "tokens compared with == (not constant time)",
         "twistedgw/web/auth.py",
         "            if hmac.compare_digest(candidate, token):",
         "            if candidate == token:",
+        tests=("tests/test_auth.py",),
     ),
     Bug(
         "a corrupt state file silently treated as empty",
         "twistedgw/state.py",
         "            self._set_aside(error)\n",
         "",
+        tests=(
+            "tests/test_state.py",
+            "tests/test_lifecycle.py",
+        ),
     ),
 )
 
@@ -160,7 +226,8 @@ def failures(bug: Bug | None) -> set[str] | None:
                 return None
             path.write_text(text.replace(bug.old, bug.new))
         env = {**os.environ, "PYTHONPATH": str(root)}
-        tests = list(bug.tests) if bug is not None and bug.tests else []
+        wanted = bug.tests if bug is not None else sorted({t for b in BUGS for t in b.tests})
+        tests = [t for t in wanted if (root / t).exists()]
         result = subprocess.run(
             [
                 sys.executable,
@@ -171,10 +238,8 @@ def failures(bug: Bug | None) -> set[str] | None:
                 "-p",
                 "no:cacheprovider",
                 "-m",
-                "not integration",
-                "--ignore=tests/integration",
-                "--ignore=tests/agent/test_blackbox.py",
-                *(tests or ["tests"]),
+                "not integration and not slow",
+                *tests,
             ],
             cwd=root,
             env=env,
