@@ -175,3 +175,15 @@ async def test_healthz_hides_counts_when_tokens_are_on(manager: SandboxManager) 
     code, body = await call(opened, "GET", "/healthz")
     assert code == 200
     assert body["sandboxes"] == 1 and body["pool"] == manager.pool_status()
+
+
+def test_tokens_of_16_characters_are_the_shortest_accepted(tmp_path: Path) -> None:
+    """16 characters is enough, 15 is not; a token with a space inside is refused; the error
+    says what a token must be."""
+    assert read_tokens(None, {"TWISTEDGW_TOKENS": "x" * 16}) == ["x" * 16]
+    with pytest.raises(ValueError, match=r"^API tokens must be at least 16 characters"):
+        read_tokens(None, {"TWISTEDGW_TOKENS": "x" * 15})
+    path = tmp_path / "tokens"
+    path.write_text("two words-0123456789\n")
+    with pytest.raises(ValueError, match="without spaces"):
+        read_tokens(path, {})
