@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 import pytest
+import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
@@ -224,3 +225,36 @@ def test_a_state_file_that_cannot_be_set_aside_is_still_reported(
     assert StateFile(path, clock).load() == {}
     assert len(critical) == 1 and "could not be set aside" in critical[0]["log_format"]
     assert path.read_bytes() == b"{"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_gateway_saves_in_a_thread_and_in_turn(tmp_path: Path) -> None:
+    """With the real reactor, saves run in its thread pool, one at a time: the file on disk
+    after both is the later save, whole."""
+    from twisted.internet import reactor
+
+    path = tmp_path / "state.json"
+    state = StateFile(path, reactor)
+    first = state.save([sandbox("a" * 32)])
+    second = state.save([sandbox("b" * 32), sandbox("c" * 32, ever_connected=True)])
+    await first
+    await second
+    assert json.loads(path.read_bytes()) == {
+        "version": 1,
+        "sandboxes": {
+            "b" * 32: {"last_activity": NOW - 10, "ever_connected": False, "expires_at": None},
+            "c" * 32: {"last_activity": NOW - 10, "ever_connected": True, "expires_at": None},
+        },
+    }
+
+
+def test_an_entry_without_optional_fields_loads_with_their_defaults(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """Only ``last_activity`` is required: no attachment, expiry, assignment or creation time
+    are read as never attached, no expiry, not from the pool, unknown."""
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "sandboxes": {"a" * 32: {"last_activity": 5}}}))
+    assert StateFile(path, clock).load() == {
+        "a" * 32: SavedSandbox(last_activity=5.0, ever_connected=False, expires_at=None)
+    }
