@@ -157,3 +157,34 @@ async def test_foreign_dead_containers_are_not_mourned(clock: Clock) -> None:
     manager = pooled(runtime, clock, 0)
     await manager.reconcile()
     assert manager.graveyard.get(other.sandbox_id, clock.seconds()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_out_of_memory_pool_container_stays_in_the_pool(clock: Clock) -> None:
+    """Only ``die`` and ``destroy`` take a container out of the pool, not ``oom``."""
+    runtime = FakeRuntime()
+    manager = pooled(runtime, clock, 1)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        (ready,) = manager._pool
+        runtime.watchers[-1](ContainerEvent(ready.sandbox_id, ready.container_id, "oom"))
+        assert manager._pool == [ready] and runtime.removed == []
+        assert runtime.creates == 1
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_containers_are_created_with_the_default_idle_timeout(clock: Clock) -> None:
+    """A pool container is created now, labelled with the server's idle timeout."""
+    runtime = FakeRuntime()
+    manager = pooled(runtime, clock, 1)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        (info,) = runtime.containers.values()
+        assert info.for_pool and info.created_at == clock.seconds()
+        assert info.settings.idle_timeout == manager.policy.idle_timeout
+    finally:
+        await manager.stopService()

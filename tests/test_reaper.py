@@ -173,3 +173,45 @@ async def test_external_removal_is_recorded_as_exited(
     assert found[vanished.sandbox_id].detail == "container removed outside the gateway"
     assert found[destroyed.sandbox_id].detail == "container removed outside the gateway"
     assert "3" in found[stopped.sandbox_id].detail
+
+
+@pytest_twisted.ensureDeferred
+async def test_out_of_memory_events_keep_the_sandbox(
+    manager: SandboxManager, runtime: FakeRuntime
+) -> None:
+    """An ``oom`` event (a process in the sandbox was OOM-killed; the container lives on) is
+    only logged: the sandbox stays, and so does a pool container; events about unknown
+    sandboxes or other containers of a sandbox are ignored."""
+    sandbox = await manager.create()
+    manager.startService()
+    try:
+        notify = runtime.watchers[-1]
+        notify(ContainerEvent(sandbox.sandbox_id, sandbox.container_id, "oom"))
+        notify(ContainerEvent("f" * 32, "elsewhere", "die", 1))
+        notify(ContainerEvent(sandbox.sandbox_id, "an-older-container", "die", 1))
+        assert manager.lookup(sandbox.sandbox_id) is sandbox
+        assert runtime.removed == []
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_containers_are_removed_with_their_sandbox_id(
+    manager: SandboxManager, runtime: FakeRuntime
+) -> None:
+    """A container found dead, or reported dead, is removed naming its sandbox (the Docker
+    runtime removes the sandbox's socket directory by that id)."""
+    found = await manager.create()
+    reported = await manager.create()
+    runtime.kill(found.container_id)
+    await manager.reconcile()
+    manager.startService()
+    try:
+        runtime.kill(reported.container_id, emit=True)
+    finally:
+        await manager.stopService()
+    removals = dict(zip(runtime.removed, runtime.removed_sandboxes, strict=True))
+    assert removals == {
+        found.container_id: found.sandbox_id,
+        reported.container_id: reported.sandbox_id,
+    }

@@ -61,6 +61,8 @@ class FakeRuntime:
         self.labels: dict[str, dict[str, str]] = {}
         self.available = True
         self.removed: list[str] = []
+        #: The sandbox id given with each removal (the Docker runtime cleans up its socket).
+        self.removed_sandboxes: list[str] = []
         self.fail_removes = 0
         self.watchers: list[Callable[[ContainerEvent], None]] = []
         self.creates = 0
@@ -101,6 +103,7 @@ class FakeRuntime:
         self.containers.pop(container_id, None)
         self.labels.pop(container_id, None)
         self.removed.append(container_id)
+        self.removed_sandboxes.append(sandbox_id)
         return succeed(None)
 
     def list_containers(self) -> Deferred[list[ContainerInfo]]:
