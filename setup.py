@@ -32,6 +32,8 @@ setup(
             "mypy-zope>=1.0.17",
             "ruff>=0.17,<0.18",
             "types-requests",
+            # Mutation testing (scripts/mutation.sh); not run by CI.
+            "mutmut>=3.8,<3.9",
         ],
     },
 )

@@ -56,7 +56,20 @@ def treq(manager: SandboxManager) -> StubTreq:
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    # Integration tests live in tests/integration and carry the marker automatically.
+    # Integration tests live in tests/integration and carry the marker automatically. Slow:
+    # what starts real processes (the agent's black-box and fuzz suites, twistd) and the
+    # hypothesis property tests, most of the fast suite's time; `-m "not integration and not
+    # slow"` is the quick loop, the fast suite still runs them.
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+        if (
+            item.fspath.basename in _SLOW_FILES
+            or item.name in _SLOW_TESTS
+            or getattr(getattr(item, "obj", None), "is_hypothesis_test", False)
+        ):
+            item.add_marker(pytest.mark.slow)
+
+
+_SLOW_FILES = {"test_blackbox.py", "test_fuzz.py", "test_build_mirror.py"}
+_SLOW_TESTS = {"test_twistd_finds_the_plugin_without_pythonpath"}

@@ -1,8 +1,10 @@
 """One contract for every IContainerRuntime: the fake used by the fast tests and the real
 DockerRuntime must behave alike, or the fast tests prove nothing.
 
-The tests here take a ``runtime`` fixture; ``tests/test_runtime_contract.py`` runs them on the
-fake (no Docker), ``tests/integration/test_runtime_contract.py`` on ``DockerRuntime``.
+The tests here take a ``runtime`` fixture (with an ``instance`` attribute) and a ``foreign``
+fixture: ``await foreign(spec, labels)`` puts a container with exactly those labels on the same
+engine, not through ``runtime``. ``tests/test_runtime_contract.py`` runs them on the fake (no
+Docker), ``tests/integration/test_runtime_contract.py`` on ``DockerRuntime``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest_twisted
 from zope.interface.verify import verifyObject
 
 from twistedgw.runtime.interface import ContainerSpec, IContainerRuntime, ImageMissing
+from twistedgw.runtime.labels import LABEL_INSTANCE, LABEL_MANAGED, labels_for
 from twistedgw.sandbox import SandboxSettings, new_agent_secret, new_sandbox_id
 
 
@@ -94,3 +97,20 @@ async def test_template_images(runtime: Any, present_image: str) -> None:
     with pytest.raises(ImageMissing, match=missing):
         await runtime.create(wanted)
     assert wanted.sandbox_id not in {i.sandbox_id for i in await runtime.list_containers()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_lists_only_this_instances_containers(runtime: Any, foreign: Any) -> None:
+    """Only containers with both of this instance's labels are listed: not another gateway's,
+    nor ones without our labels, nor ones missing either the managed or the instance label
+    (a gateway must never adopt, reap or remove a sandbox that is not its own)."""
+    ours = await runtime.create(spec())
+    others = [spec() for _ in range(4)]
+    await foreign(others[0], labels_for(others[0], runtime.instance + "-other"))
+    await foreign(others[1], {})
+    mine = labels_for(others[2], runtime.instance)
+    await foreign(others[2], {k: v for k, v in mine.items() if k != LABEL_INSTANCE})
+    mine = labels_for(others[3], runtime.instance)
+    await foreign(others[3], {k: v for k, v in mine.items() if k != LABEL_MANAGED})
+    listed = [info.sandbox_id for info in await runtime.list_containers()]
+    assert listed == [ours.sandbox_id]

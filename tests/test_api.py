@@ -163,3 +163,29 @@ async def test_malformed_sandbox_ids_never_reach_a_handler(
     assert looked_up == []
     code, _ = await call(treq, "GET", "/sandboxes/" + "f" * 32)
     assert code == 404 and looked_up == ["f" * 32]
+
+
+@pytest.mark.parametrize(
+    "name", ["A=B", "PATH=/x", "A B", "A\n", "A\x00", "1A", "", "Ä", "A-B", "X" * 257]
+)
+@pytest_twisted.ensureDeferred
+async def test_env_names_the_agent_would_refuse_are_400_at_creation(
+    treq: StubTreq, runtime: FakeRuntime, name: str
+) -> None:
+    """An ``env`` name that is not a whole shell variable name is refused when the sandbox is
+    created (400, naming ``env``), so it never reaches the agent, which would exit on it and
+    leave the client a 503 after the ready timeout."""
+    code, body = await call(treq, "POST", "/sandboxes", json={"env": {name: "x"}})
+    assert code == 400 and "'env' name" in body["error"]
+    assert runtime.containers == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_whole_env_names_are_accepted_at_creation(
+    treq: StubTreq, manager: SandboxManager
+) -> None:
+    """Names of letters, digits and ``_`` (not starting with a digit, up to 256) are fine."""
+    env = {"A": "1", "_x9": "2", "Y" * 256: "3"}
+    code, created = await call(treq, "POST", "/sandboxes", json={"env": env})
+    assert code == 200
+    assert manager.lookup(created["sandbox_id"]).settings.env == env

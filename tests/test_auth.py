@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 from pathlib import Path
 
@@ -114,3 +115,75 @@ def test_access_log_has_no_query_string() -> None:
     line = access_log_line("[now]", request)
     assert A not in line
     assert '"GET /sandboxes HTTP/1.1" 200 10' in line
+
+
+def test_a_wrong_header_token_is_refused_even_with_a_valid_query_token() -> None:
+    """The header wins: a wrong bearer token is refused even when ``access_token`` in the
+    query is valid (one credential per request, never "any of them")."""
+    auth = Authenticator.from_tokens([A, B])
+    with pytest.raises(Unauthorized, match="invalid"):
+        auth.owner_for("Bearer wrong-token-0123456789", A)
+    # A header that is not a bearer token is not a credential: the query token counts.
+    assert auth.owner_for(f"Basic {B}", A) == owner_id(A)
+    assert auth.owner_for(f"Bearer {B}", A) == owner_id(B)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rest_refuses_a_wrong_header_token_with_a_valid_query_token(
+    manager: SandboxManager,
+) -> None:
+    """Over REST too: a valid ``access_token`` does not rescue a wrong Authorization header."""
+    treq = StubTreq(GatewayAPI(manager, authenticator=Authenticator.from_tokens([A])).resource())
+    code, body = await call(treq, "GET", f"/sandboxes?access_token={A}", "wrong-token-0123456789")
+    assert code == 401 and "invalid" in body["error"]
+    code, _ = await call(treq, "GET", f"/sandboxes?access_token={A}", None)
+    assert code == 200
+
+
+def test_tokens_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timing attack cannot be seen in a unit test, so this pins the primitive: every
+    configured token is compared with ``hmac.compare_digest``, even after a match."""
+    import twistedgw.web.auth as auth_module
+
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth_module.hmac, "compare_digest", recording)
+    auth = Authenticator.from_tokens([A, B])
+    assert auth.owner_for(f"Bearer {A}", None) == owner_id(A)
+    assert compared == [(A.encode(), A.encode()), (A.encode(), B.encode())]
+    compared.clear()
+    with pytest.raises(Unauthorized):
+        auth.owner_for(None, "nope-nope-nope-nope")
+    assert len(compared) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_hides_counts_when_tokens_are_on(manager: SandboxManager) -> None:
+    """``/healthz`` needs no token, so with tokens configured it says only whether the gateway
+    is up and ready, never how many sandboxes or pool containers it has; in open mode it
+    shows the counts."""
+    await manager.create()
+    closed = StubTreq(GatewayAPI(manager, authenticator=Authenticator.from_tokens([A])).resource())
+    code, body = await call(closed, "GET", "/healthz")
+    assert code == 200 and body == {"status": "ok", "ready": True}
+    opened = StubTreq(GatewayAPI(manager).resource())
+    code, body = await call(opened, "GET", "/healthz")
+    assert code == 200
+    assert body["sandboxes"] == 1 and body["pool"] == manager.pool_status()
+
+
+def test_tokens_of_16_characters_are_the_shortest_accepted(tmp_path: Path) -> None:
+    """16 characters is enough, 15 is not; a token with a space inside is refused; the error
+    says what a token must be."""
+    assert read_tokens(None, {"TWISTEDGW_TOKENS": "x" * 16}) == ["x" * 16]
+    with pytest.raises(ValueError, match=r"^API tokens must be at least 16 characters"):
+        read_tokens(None, {"TWISTEDGW_TOKENS": "x" * 15})
+    path = tmp_path / "tokens"
+    path.write_text("two words-0123456789\n")
+    with pytest.raises(ValueError, match="without spaces"):
+        read_tokens(path, {})

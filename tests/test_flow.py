@@ -56,3 +56,18 @@ def test_unpair_resumes_a_paused_reader() -> None:
     assert agent.resumed == 1
     unpair_flow(client)  # twice is harmless
     assert agent.resumed == 1
+
+
+def test_unpair_leaves_a_running_reader_alone_and_says_whether_it_is_paused() -> None:
+    """``paused`` follows pause and resume; stopping an unpaused pairing does not resume the
+    reader (it never stopped), and stopping a resumed one does not resume it twice."""
+    client, agent = Transport(), Transport()
+    pair_flow(client, agent)
+    producer = client.producer
+    assert producer.paused is False
+    producer.pauseProducing()
+    assert producer.paused is True
+    producer.resumeProducing()
+    assert producer.paused is False
+    unpair_flow(client)
+    assert (agent.paused, agent.resumed) == (1, 1)

@@ -15,6 +15,7 @@ from twistedgw.agents import IAgents, NoAgents
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.reaper import Reaper, make_reaper_service
+from twistedgw.runtime.interface import ContainerEvent
 from twistedgw.testing.fakes import FakeRuntime
 from twistedgw.web.events import SandboxEvents
 
@@ -282,3 +283,83 @@ async def test_a_paused_sandbox_is_neither_asked_for_processes_nor_warned(
     assert agents.asked == 0
     assert heard == []
     assert sandbox.sandbox_id in manager.registry
+
+
+@pytest_twisted.ensureDeferred
+async def test_external_removal_is_recorded_as_exited(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """A container removed or stopped outside the gateway is remembered as ``exited`` (with
+    what happened), never as ``deleted``, which means a client asked for it; only a DELETE
+    through the gateway is ``deleted``."""
+    vanished = await manager.create()
+    stopped = await manager.create()
+    destroyed = await manager.create()
+    deleted = await manager.create()
+    del runtime.containers[vanished.container_id]
+    runtime.kill(stopped.container_id, exit_code=3)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        runtime.watchers[-1](
+            ContainerEvent(destroyed.sandbox_id, destroyed.container_id, "destroy")
+        )
+        await manager.delete(deleted.sandbox_id)
+    finally:
+        await manager.stopService()
+    now = clock.seconds()
+    found = {
+        s.sandbox_id: manager.graveyard.get(s.sandbox_id, now)
+        for s in (vanished, stopped, destroyed, deleted)
+    }
+    assert {k: (t.reason if t else None) for k, t in found.items()} == {
+        vanished.sandbox_id: "exited",
+        stopped.sandbox_id: "exited",
+        destroyed.sandbox_id: "exited",
+        deleted.sandbox_id: "deleted",
+    }
+    assert found[vanished.sandbox_id].detail == "container removed outside the gateway"
+    assert found[destroyed.sandbox_id].detail == "container removed outside the gateway"
+    assert "3" in found[stopped.sandbox_id].detail
+
+
+@pytest_twisted.ensureDeferred
+async def test_out_of_memory_events_keep_the_sandbox(
+    manager: SandboxManager, runtime: FakeRuntime
+) -> None:
+    """An ``oom`` event (a process in the sandbox was OOM-killed; the container lives on) is
+    only logged: the sandbox stays, and so does a pool container; events about unknown
+    sandboxes or other containers of a sandbox are ignored."""
+    sandbox = await manager.create()
+    manager.startService()
+    try:
+        notify = runtime.watchers[-1]
+        notify(ContainerEvent(sandbox.sandbox_id, sandbox.container_id, "oom"))
+        notify(ContainerEvent("f" * 32, "elsewhere", "die", 1))
+        notify(ContainerEvent(sandbox.sandbox_id, "an-older-container", "die", 1))
+        assert manager.lookup(sandbox.sandbox_id) is sandbox
+        assert runtime.removed == []
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_containers_are_removed_with_their_sandbox_id(
+    manager: SandboxManager, runtime: FakeRuntime
+) -> None:
+    """A container found dead, or reported dead, is removed naming its sandbox (the Docker
+    runtime removes the sandbox's socket directory by that id)."""
+    found = await manager.create()
+    reported = await manager.create()
+    runtime.kill(found.container_id)
+    await manager.reconcile()
+    manager.startService()
+    try:
+        runtime.kill(reported.container_id, emit=True)
+    finally:
+        await manager.stopService()
+    removals = dict(zip(runtime.removed, runtime.removed_sandboxes, strict=True))
+    assert removals == {
+        found.container_id: found.sandbox_id,
+        reported.container_id: reported.sandbox_id,
+    }

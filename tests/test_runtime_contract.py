@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 
 from tests.runtime_contract import (
     test_create_list_remove,
+    test_lists_only_this_instances_containers,
     test_pause_and_unpause,
     test_provides_the_interface,
     test_remove_unknown_container_succeeds,
     test_template_images,
 )
-from twistedgw.runtime.interface import ImageFacts
+from twistedgw.runtime.interface import ContainerSpec, ImageFacts
 from twistedgw.testing.fakes import FakeRuntime
 
 __all__ = [
     "test_create_list_remove",
+    "test_lists_only_this_instances_containers",
     "test_pause_and_unpause",
     "test_provides_the_interface",
     "test_remove_unknown_container_succeeds",
@@ -33,3 +37,11 @@ def present_image(runtime: FakeRuntime) -> str:
     """The one image the fake engine holds."""
     runtime.images = {"fake-image": ImageFacts("sha256:fake", 1, "2026-11-26T00:00:00Z")}
     return "fake-image"
+
+
+@pytest.fixture
+def foreign(runtime: FakeRuntime) -> Callable[[ContainerSpec, dict[str, str]], Awaitable[None]]:
+    async def add(spec: ContainerSpec, labels: dict[str, str]) -> None:
+        runtime.add_foreign(spec, labels)
+
+    return add

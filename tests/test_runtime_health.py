@@ -26,14 +26,20 @@ class PingOnlyRuntime(DockerRuntime):
 async def test_saturated_docker_pool_does_not_mark_the_engine_down() -> None:
     """While every docker thread is busy (a burst of creates), the health ping still gets an
     answer in time, so a busy but healthy engine is not reported down (no false 503s)."""
-    runtime = PingOnlyRuntime(reactor, image="unused", threads=2, health_interval=0.3)
+    # A health interval of a second (each ping's deadline): long enough for a thread to run
+    # on a loaded 2-core machine, far shorter than the 30 s the busy calls wait.
+    runtime = PingOnlyRuntime(reactor, image="unused", threads=2, health_interval=1.0)
     release = threading.Event()
     runtime.startService()
     busy: list[Any] = []
     try:
         # More slow calls than threads: the pool is saturated and calls queue.
         busy = [runtime._defer(release.wait, 30) for _ in range(4)]
-        await deferLater(reactor, 1.2, lambda: None)  # about four health intervals
+        for _ in range(50):  # until two pings were answered (about 1 s), the engine up throughout
+            await deferLater(reactor, 0.1, lambda: None)
+            assert runtime.available
+            if runtime.pings >= 2:
+                break
         assert runtime.pings >= 2
         assert runtime.available
     finally:

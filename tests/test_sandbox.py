@@ -75,6 +75,8 @@ def test_idle_for_counts_from_last_activity() -> None:
     sandbox.detach(client, 200.0)
     sandbox.touch(300.0)
     assert sandbox.idle_for(310.0) == 10.0
+    assert sandbox.idle_for(300.0) == 0.0  # just active
+    assert sandbox.idle_for(290.0) == 0.0  # a clock that stepped back: never negative
 
 
 def test_seed_json_fields() -> None:

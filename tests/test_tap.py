@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from twisted.application.service import IServiceCollection
 from twisted.python import usage
@@ -64,3 +67,71 @@ def test_agent_leg_admits_a_full_result() -> None:
     """The agent leg accepts a result with both streams at the cap, fully escaped."""
     assert agent_message_limit(1024, 1024 * 1024) >= 12 * 1024 * 1024
     assert agent_message_limit(100 * 1024 * 1024, 1024) == 100 * 1024 * 1024
+
+
+def named(service: Any, name: str) -> Any:
+    return IServiceCollection(service).getServiceNamed(name)
+
+
+def test_options_reach_the_services_they_configure(tmp_path: Path) -> None:
+    """Each operator option lands where it acts: the runtime's image, instance, limits and
+    agent settings, the manager's lifecycle policy, pool and state file, and the tokens."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("token-alpha-0123456789\n")
+    service = makeService(
+        parse(
+            "--port", "tcp:0:interface=127.0.0.1",
+            "--image", "img:test",
+            "--instance", "inst-1",
+            "--memory", "512m",
+            "--cpus", "0.5",
+            "--pids-limit", "64",
+            "--idle-timeout", "120",
+            "--max-idle-timeout", "240",
+            "--default-lifetime", "300",
+            "--max-lifetime", "600",
+            "--max-sandboxes", "7",
+            "--pool-size", "2",
+            "--state-dir", str(tmp_path / "state"),
+            "--tokens-file", str(tokens),
+            "--max-output", "2048",
+            "--output-kill-limit", "4096",
+        )
+    )  # fmt: skip
+    runtime = named(service, "docker-runtime")
+    assert (runtime.image, runtime.instance) == ("img:test", "inst-1")
+    assert runtime.limits.memory == "512m"
+    assert runtime.limits.cpus == 0.5
+    assert runtime.limits.pids == 64
+    assert runtime.limits.read_only_root
+    assert runtime._agent_env["AGENT_MAX_OUTPUT"] == "2048"
+    assert runtime._agent_env["AGENT_KILL_OUTPUT"] == "4096"
+    manager = named(service, "sandbox-manager")
+    assert manager.runtime is runtime
+    policy = manager.policy
+    assert (
+        policy.idle_timeout,
+        policy.max_idle_timeout,
+        policy.default_lifetime,
+        policy.max_lifetime,
+        policy.max_sandboxes,
+    ) == (120, 240, 300, 600, 7)
+    # --cpus and --memory are also the defaults of per-create resources (issue 17)
+    assert policy.resources.defaults.cpus == 0.5
+    assert policy.resources.defaults.memory == 512 * 1024 * 1024
+    assert manager.pool_size == 2
+    assert manager._state.path is not None
+    assert manager._state.path.parent == tmp_path / "state"
+    site = named(service, "http").factory
+    assert site.protocol.policy.authenticator.enabled
+    assert site.resource is not None
+    assert not service.running
+
+
+def test_zero_lifetimes_mean_no_limit() -> None:
+    """``--default-lifetime 0`` and ``--max-lifetime 0`` (the defaults) set no lifetime."""
+    manager = named(makeService(parse("--port", "tcp:0")), "sandbox-manager")
+    assert manager.policy.default_lifetime is None
+    assert manager.policy.max_lifetime is None
+    site = named(makeService(parse("--port", "tcp:0")), "http").factory
+    assert not site.protocol.policy.authenticator.enabled

@@ -3,13 +3,18 @@
 Labels are fixed when a container is created, so the mutable parts of a sandbox's life (last
 activity, whether a client ever attached, a lifetime extended by keepalive) are written to a
 small JSON file in the state directory after each sweep and at shutdown. Losing the file loses
-nothing important: a restarted gateway then counts idle time from its own start.
+nothing that stops a sandbox from serving: a restarted gateway then counts idle time from its own
+start. Each write is durable (flushed, fsynced, renamed over the old file, directory fsynced), so
+a crash or power loss leaves the old state or the new one. A file that cannot be read at start-up
+(corrupt, empty, not JSON) is logged as an error and renamed aside, ``<name>.corrupt-<time>``,
+for an operator to look at: it is never silently taken for "no state", nor overwritten.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -70,30 +75,63 @@ class StateFile:
         self._lock = DeferredLock()
 
     def load(self) -> dict[str, SavedSandbox]:
-        """Read the file (at start-up, before serving); a missing or bad file is empty."""
+        """Read the file (at start-up, before serving). A missing file is no state; a file
+        that cannot be read is logged, set aside (``<name>.corrupt-<time>``) and no state."""
         if self.path is None or not self.path.exists():
             return {}
         try:
-            raw = json.loads(self.path.read_text())
-            return {
-                sandbox_id: SavedSandbox(
-                    last_activity=float(entry["last_activity"]),
-                    ever_connected=bool(entry.get("ever_connected", False)),
-                    expires_at=(
-                        None if entry.get("expires_at") is None else float(entry["expires_at"])
-                    ),
-                    assigned=(
-                        _settings_from_json(entry["assigned"]) if entry.get("assigned") else None
-                    ),
-                    created_at=entry.get("created_at"),
-                )
-                for sandbox_id, entry in raw.get("sandboxes", {}).items()
-            }
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            self._log.warn(
-                "ignoring unreadable state file {path}: {error}", path=self.path, error=e
-            )
+            return self._parse(self.path.read_bytes())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            self._set_aside(error)
             return {}
+
+    def _set_aside(self, error: Exception) -> None:
+        assert self.path is not None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._reactor.seconds()))
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        try:
+            self.path.rename(aside)
+        except OSError as rename_error:
+            self._log.critical(
+                "state file {path} is unreadable ({error}) and could not be set aside "
+                "({rename_error}): idle clocks, lifetime extensions and pool hand-outs are lost",
+                path=str(self.path),
+                error=error,
+                rename_error=rename_error,
+            )
+            return
+        self._log.critical(
+            "state file {path} is unreadable ({error}); kept as {aside}. Starting without "
+            "saved state: idle clocks restart now, lifetime extensions and pool hand-outs "
+            "are lost",
+            path=str(self.path),
+            error=error,
+            aside=str(aside),
+        )
+
+    @staticmethod
+    def _parse(content: bytes) -> dict[str, SavedSandbox]:
+        raw = json.loads(content)
+        if not isinstance(raw, dict) or not isinstance(raw.get("sandboxes"), dict):
+            raise ValueError("not a state file (no 'sandboxes' object)")
+        return {
+            sandbox_id: SavedSandbox(
+                last_activity=float(entry["last_activity"]),
+                ever_connected=bool(entry.get("ever_connected", False)),
+                expires_at=(
+                    None if entry.get("expires_at") is None else float(entry["expires_at"])
+                ),
+                assigned=(
+                    _settings_from_json(entry["assigned"]) if entry.get("assigned") else None
+                ),
+                created_at=entry.get("created_at"),
+            )
+            for sandbox_id, entry in raw["sandboxes"].items()
+        }
 
     def save(self, sandboxes: Iterable[Sandbox]) -> Deferred[None]:
         """Write the current facts of ``sandboxes`` (in a thread, one write at a time)."""

@@ -4,27 +4,30 @@ suite runs it on the fake), plus what only Docker can show."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
 
 from tests.integration.conftest import IMAGE, remove_instance_containers
 from tests.runtime_contract import (
     spec,
     test_create_list_remove,
+    test_lists_only_this_instances_containers,
     test_pause_and_unpause,
     test_provides_the_interface,
     test_remove_unknown_container_succeeds,
     test_template_images,
 )
 from twistedgw.runtime.docker import DockerRuntime
-from twistedgw.runtime.interface import ImageMissing
+from twistedgw.runtime.interface import ContainerSpec, ImageMissing
 
 __all__ = [
     "test_create_list_remove",
+    "test_lists_only_this_instances_containers",
     "test_pause_and_unpause",
     "test_provides_the_interface",
     "test_remove_unknown_container_succeeds",
@@ -42,6 +45,25 @@ async def runtime(docker_client: Any) -> AsyncIterator[Any]:
     finally:
         await docker.stopService()
         remove_instance_containers(docker_client, instance)
+
+
+@pytest.fixture
+def foreign(
+    docker_client: Any,
+) -> Iterator[Callable[[ContainerSpec, dict[str, str]], Awaitable[None]]]:
+    """Containers with exactly the given labels, created (not started) beside the runtime's
+    with the Docker SDK; removed by id afterwards."""
+    created: list[Any] = []
+
+    async def add(wanted: ContainerSpec, labels: dict[str, str]) -> None:
+        container = await deferToThread(
+            docker_client.containers.create, IMAGE, command=["true"], labels=labels
+        )
+        created.append(container)
+
+    yield add
+    for container in created:
+        container.remove(force=True)
 
 
 @pytest_twisted.ensureDeferred

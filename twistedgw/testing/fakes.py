@@ -1,5 +1,9 @@
 """Fakes for fast tests: ``FakeRuntime`` (same interface as ``DockerRuntime``) and ``FakeAgent``.
 
+``FakeRuntime`` labels its containers as ``DockerRuntime`` does and lists only those carrying
+its instance's labels, so containers of other gateways (``add_foreign``) and containers without
+our labels are there to be ignored, as on a shared engine.
+
 ``FakeAgent`` speaks the agent's wire protocol (bearer-secret handshake on ``/agent``, JSON
 command in, seed result out) without running anything: ``echo X`` answers ``X\\n``, ``fail``
 answers returncode 1 with stderr ``boom``, ``sleep N`` answers after N seconds.
@@ -33,21 +37,35 @@ from twistedgw.runtime.interface import (
     ImageMissing,
     RuntimeUnavailable,
 )
+from twistedgw.runtime.labels import instance_labels, labels_for
 
 
 @implementer(IContainerRuntime)
 class FakeRuntime:
-    """An in-memory ``IContainerRuntime``; every container's agent is ``agent_port``."""
+    """An in-memory ``IContainerRuntime``; every container's agent is ``agent_port``.
+
+    ``containers`` holds every container on the fake engine by id, ``labels`` their labels;
+    only those matching ``instance_labels(instance)`` are listed or have their events
+    delivered, like ``DockerRuntime``'s label filters.
+    """
 
     def __init__(
-        self, agent: FakeAgent | None = None, agent_port: int = 1, agent_host: str = "127.0.0.1"
+        self,
+        agent: FakeAgent | None = None,
+        agent_port: int = 1,
+        agent_host: str = "127.0.0.1",
+        instance: str = "fake",
     ) -> None:
         self.agent = agent
         self.agent_port = agent_port
         self.agent_host = agent_host
+        self.instance = instance
         self.containers: dict[str, ContainerInfo] = {}
+        self.labels: dict[str, dict[str, str]] = {}
         self.available = True
         self.removed: list[str] = []
+        #: The sandbox id given with each removal (the Docker runtime cleans up its socket).
+        self.removed_sandboxes: list[str] = []
         self.fail_removes = 0
         self.watchers: list[Callable[[ContainerEvent], None]] = []
         self.creates = 0
@@ -82,6 +100,7 @@ class FakeRuntime:
         )
         self.creates += 1
         self.containers[info.container_id] = info
+        self.labels[info.container_id] = labels_for(spec, self.instance)
         if self.agent is not None:
             self.agent.secrets.add(spec.agent_secret)
         return succeed(info)
@@ -93,13 +112,50 @@ class FakeRuntime:
             self.fail_removes -= 1
             return fail(RuntimeUnavailable("fake remove failure"))
         self.containers.pop(container_id, None)
+        self.labels.pop(container_id, None)
         self.removed.append(container_id)
+        self.removed_sandboxes.append(sandbox_id)
         return succeed(None)
 
     def list_containers(self) -> Deferred[list[ContainerInfo]]:
         if not self.available:
             return self._unavailable()
-        return succeed(list(self.containers.values()))
+        return succeed([info for info in self.containers.values() if self.is_ours(info)])
+
+    def is_ours(self, info: ContainerInfo) -> bool:
+        """Whether ``info``'s container carries every label of this instance's filter (a
+        container added to ``containers`` by hand, without labels, counts as ours)."""
+        labels = self.labels.get(info.container_id)
+        if labels is None:
+            return True
+        wanted = (f.partition("=") for f in instance_labels(self.instance))
+        return all(labels.get(key) == value for key, _, value in wanted)
+
+    def add_foreign(
+        self, spec: ContainerSpec, labels: dict[str, str] | None = None, running: bool = True
+    ) -> ContainerInfo:
+        """Put a container on the engine that is not this instance's: by default another
+        gateway's (``spec`` labelled for instance ``other``); ``labels`` replaces them (``{}``:
+        a container without our labels). Its agent answers like ours would."""
+        self._next += 1
+        info = ContainerInfo(
+            sandbox_id=spec.sandbox_id,
+            container_id=f"foreign{self._next:04d}",
+            created_at=spec.created_at,
+            ip_address=f"172.17.0.{self._next + 1}",
+            agent_host=self.agent_host,
+            agent_port=self.agent_port,
+            agent_secret=spec.agent_secret,
+            running=running,
+            exit_code=None if running else 1,
+            settings=spec.settings,
+            for_pool=spec.for_pool,
+        )
+        self.containers[info.container_id] = info
+        self.labels[info.container_id] = (
+            labels_for(spec, "other") if labels is None else dict(labels)
+        )
+        return info
 
     def inspect_image(self, image: str) -> Deferred[ImageFacts | None]:
         if not self.available:
@@ -132,7 +188,7 @@ class FakeRuntime:
         """Simulate a container that stopped behind the gateway's back."""
         info = attrs.evolve(self.containers[container_id], running=False, exit_code=exit_code)
         self.containers[container_id] = info
-        if emit:
+        if emit and self.is_ours(info):
             event = ContainerEvent(info.sandbox_id, container_id, "die", exit_code)
             for callback in self.watchers:
                 callback(event)

@@ -1,0 +1,195 @@
+"""The warm pool's own rules, over the fake runtime and a Clock: filling after failures with
+a backoff, adopting pool containers after a restart, and replacing dead ones."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+
+from tests.runtime_contract import spec
+from twistedgw.lifecycle.core import exit_detail
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.registry import SandboxRegistry
+from twistedgw.runtime.interface import (
+    ContainerEvent,
+    ContainerFailed,
+    ContainerInfo,
+    ContainerSpec,
+)
+from twistedgw.testing.fakes import FakeRuntime
+
+
+async def _ready(info: ContainerInfo) -> None:
+    return None
+
+
+def pooled(runtime: FakeRuntime, clock: Clock, size: int) -> SandboxManager:
+    return SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=size)
+
+
+class RefusingRuntime(FakeRuntime):
+    """A fake engine that lists fine but refuses creates while ``refuse`` is set."""
+
+    refuse = True
+
+    def create(self, spec: ContainerSpec) -> Deferred[ContainerInfo]:
+        if self.refuse:
+            return fail(ContainerFailed("no room"))
+        return super().create(spec)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_fill_failures_back_off_then_refill(clock: Clock) -> None:
+    """While the engine refuses, the pool retries after 1-2, then 2-3 seconds (not in a
+    loop); once the engine creates again, the next retry fills it and the backoff starts
+    over."""
+    runtime = RefusingRuntime()
+    manager = pooled(runtime, clock, 2)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        assert _totals(manager.pool_status()) == {"size": 2, "ready": 0, "filling": 0}
+        assert "default" in manager._pool_retry  # per template (issue 18)
+        first_delay = manager._pool_retry["default"].getTime() - clock.seconds()
+        assert 1 <= first_delay < 2  # 1 s and up to 1 s of jitter
+        clock.advance(first_delay)
+        second_delay = manager._pool_retry["default"].getTime() - clock.seconds()
+        assert second_delay > first_delay
+        runtime.refuse = False
+        clock.advance(second_delay)
+        assert _totals(manager.pool_status()) == {"size": 2, "ready": 2, "filling": 0}
+        assert manager._pool_retry == {} and manager._pool_failures.get("default", 0) == 0
+        assert runtime.creates == 2
+    finally:
+        await manager.stopService()
+    assert manager._pool_retry == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_that_never_answers_is_not_pooled(clock: Clock) -> None:
+    """A pool container whose agent never gets ready is removed, not pooled."""
+    from twistedgw.agents import AgentUnavailable
+
+    async def never(info: ContainerInfo) -> None:
+        raise AgentUnavailable("no agent")
+
+    runtime = FakeRuntime()
+    manager = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=never, pool_size=1)
+    manager.startService()
+    try:
+        assert manager.pool_status()["ready"] == 0
+        assert runtime.creates == 1 and runtime.containers == {}
+        assert "default" in manager._pool_retry  # a retry is scheduled
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restart_adopts_pool_containers_up_to_the_pool_size(clock: Clock) -> None:
+    """Pool containers from an earlier run go back into the pool; those beyond a smaller
+    pool size are removed; none is ever listed as a sandbox."""
+    runtime = FakeRuntime()
+    first = pooled(runtime, clock, 3)
+    first.startService()
+    await first.reconcile()
+    await first.stopService()
+    assert len(runtime.containers) == 3
+    second = pooled(runtime, clock, 2)
+    await second.reconcile()
+    assert second.pool_status()["ready"] == 2
+    assert len(runtime.removed) == 1 and len(runtime.containers) == 2
+    assert len(second.registry) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_pool_container_is_removed_and_replaced(clock: Clock) -> None:
+    """A pool container that dies (event) or is found stopped (reconcile) is removed from
+    the engine and the pool, and a replacement is started."""
+    runtime = FakeRuntime()
+    manager = pooled(runtime, clock, 2)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        died, stopped = manager._pool
+        runtime.kill(died.container_id, emit=True)
+        assert died.container_id in runtime.removed
+        runtime.kill(stopped.container_id)
+        await manager.reconcile()
+        assert stopped.container_id in runtime.removed
+        ids = {s.container_id for s in manager._pool}
+        assert len(ids) == 2 and not ids & {died.container_id, stopped.container_id}
+        assert runtime.creates == 4
+        assert len(manager.registry) == 0
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_vanished_pool_container_leaves_the_pool(clock: Clock) -> None:
+    """A pool container removed outside the gateway (destroy event) leaves the pool."""
+    runtime = FakeRuntime()
+    manager = pooled(runtime, clock, 1)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        (gone,) = manager._pool
+        del runtime.containers[gone.container_id]
+        runtime.watchers[-1](ContainerEvent(gone.sandbox_id, gone.container_id, "destroy"))
+        assert gone.sandbox_id not in {s.sandbox_id for s in manager._pool}
+        assert gone.container_id not in runtime.removed  # nothing left to remove
+    finally:
+        await manager.stopService()
+
+
+def test_exit_details_say_what_happened() -> None:
+    """How a stopped container is described in removal records and close reasons."""
+    assert exit_detail(137, True) == "killed: out of memory"
+    assert exit_detail(None, False) == "container stopped"
+    assert exit_detail(3, False) == "container exited with code 3"
+
+
+@pytest_twisted.ensureDeferred
+async def test_foreign_dead_containers_are_not_mourned(clock: Clock) -> None:
+    """A stopped container of another instance gets no removal record here."""
+    runtime = FakeRuntime()
+    other = runtime.add_foreign(spec(), running=False)
+    manager = pooled(runtime, clock, 0)
+    await manager.reconcile()
+    assert manager.graveyard.get(other.sandbox_id, clock.seconds()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_out_of_memory_pool_container_stays_in_the_pool(clock: Clock) -> None:
+    """Only ``die`` and ``destroy`` take a container out of the pool, not ``oom``."""
+    runtime = FakeRuntime()
+    manager = pooled(runtime, clock, 1)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        (ready,) = manager._pool
+        runtime.watchers[-1](ContainerEvent(ready.sandbox_id, ready.container_id, "oom"))
+        assert manager._pool == [ready] and runtime.removed == []
+        assert runtime.creates == 1
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_containers_are_created_with_the_default_idle_timeout(clock: Clock) -> None:
+    """A pool container is created now, labelled with the server's idle timeout."""
+    runtime = FakeRuntime()
+    manager = pooled(runtime, clock, 1)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        (info,) = runtime.containers.values()
+        assert info.for_pool and info.created_at == clock.seconds()
+        assert info.settings.idle_timeout == manager.policy.idle_timeout
+    finally:
+        await manager.stopService()
+
+
+def _totals(status: dict[str, object]) -> dict[str, object]:
+    """The pool's totals (``size``, ``ready``, ``filling``), without the per-template split."""
+    return {key: status[key] for key in ("size", "ready", "filling")}
