@@ -171,12 +171,15 @@ async def wait_for_agent(
     raise AgentUnavailable(f"agent not ready after {timeout:.0f} s: {last}")
 
 
-class _SessionListing:
-    """An ``AgentListener`` waiting for the reply to one ``list_sessions`` request."""
+class _Listing:
+    """An ``AgentListener`` waiting for the reply to one listing request: the first message of
+    type ``reply`` with our ``request_id`` and a list in ``field``."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, reply: str, field: str) -> None:
         self.request_id = request_id
-        self.done: Deferred[set[str]] = Deferred()
+        self.reply = reply
+        self.field = field
+        self.done: Deferred[list[Any]] = Deferred()
 
     def agent_message(self, payload: bytes, is_binary: bool) -> None:
         if self.done.called:
@@ -187,79 +190,50 @@ class _SessionListing:
             return
         if (
             isinstance(message, dict)
-            and message.get("type") == "sessions"
+            and message.get("type") == self.reply
             and message.get("request_id") == self.request_id
-            and isinstance(message.get("sessions"), list)
+            and isinstance(message.get(self.field), list)
         ):
-            names = {
-                entry["session"]
-                for entry in message["sessions"]
-                if isinstance(entry, dict) and isinstance(entry.get("session"), str)
-            }
-            self.done.callback(names)
+            self.done.callback(message[self.field])
 
     def agent_closed(self, code: int | None, reason: str | None) -> None:
         if not self.done.called:
-            self.done.errback(AgentUnavailable(f"agent closed while listing sessions ({code})"))
+            self.done.errback(AgentUnavailable(f"agent closed while listing {self.field} ({code})"))
 
 
-async def list_sessions(reactor: Any, agent: AgentSide, timeout: float = 2.0) -> set[str]:
-    """The names of the sessions an agent has now (a ``list_sessions`` round trip)."""
-    listing = _SessionListing(f"gateway-{secrets.token_hex(8)}")
+async def _list(
+    reactor: Any, agent: AgentSide, request: str, reply: str, field: str, timeout: float
+) -> list[Any]:
+    """One listing round trip: send ``{"type": request}``, wait at most ``timeout`` for the
+    ``reply`` message and return its ``field`` (the agent's own listener is restored)."""
+    listing = _Listing(f"gateway-{secrets.token_hex(8)}", reply, field)
     agent.listener = listing
-    request = {"type": "list_sessions", "request_id": listing.request_id}
-    agent.send_json(json.dumps(request).encode())
+    agent.send_json(json.dumps({"type": request, "request_id": listing.request_id}).encode())
     listing.done.addTimeout(timeout, reactor)
     try:
         return await listing.done
     except TimeoutError:
-        raise AgentUnavailable(f"agent did not list its sessions within {timeout:g} s") from None
+        raise AgentUnavailable(f"agent did not list its {field} within {timeout:g} s") from None
     finally:
         agent.listener = None
 
 
-class _ProcessListing:
-    """An ``AgentListener`` waiting for the reply to one ``processes`` request."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.done: Deferred[list[dict[str, Any]]] = Deferred()
-
-    def agent_message(self, payload: bytes, is_binary: bool) -> None:
-        if self.done.called:
-            return
-        try:
-            message = json.loads(payload)
-        except ValueError:
-            return
-        if (
-            isinstance(message, dict)
-            and message.get("type") == "processes"
-            and message.get("request_id") == self.request_id
-            and isinstance(message.get("processes"), list)
-        ):
-            self.done.callback([p for p in message["processes"] if isinstance(p, dict)])
-
-    def agent_closed(self, code: int | None, reason: str | None) -> None:
-        if not self.done.called:
-            self.done.errback(AgentUnavailable(f"agent closed while listing processes ({code})"))
+async def list_sessions(reactor: Any, agent: AgentSide, timeout: float = 2.0) -> set[str]:
+    """The names of the sessions an agent has now (a ``list_sessions`` round trip)."""
+    entries = await _list(reactor, agent, "list_sessions", "sessions", "sessions", timeout)
+    return {
+        entry["session"]
+        for entry in entries
+        if isinstance(entry, dict) and isinstance(entry.get("session"), str)
+    }
 
 
 async def list_processes(
     reactor: Any, agent: AgentSide, timeout: float = 2.0
 ) -> list[dict[str, Any]]:
     """The agent's process table now (a ``processes`` round trip)."""
-    listing = _ProcessListing(f"gateway-{secrets.token_hex(8)}")
-    agent.listener = listing
-    request = {"type": "processes", "request_id": listing.request_id}
-    agent.send_json(json.dumps(request).encode())
-    listing.done.addTimeout(timeout, reactor)
-    try:
-        return await listing.done
-    except TimeoutError:
-        raise AgentUnavailable(f"agent did not list its processes within {timeout:g} s") from None
-    finally:
-        agent.listener = None
+    entries = await _list(reactor, agent, "processes", "processes", "processes", timeout)
+    return [entry for entry in entries if isinstance(entry, dict)]
 
 
 @implementer(IAgents)
