@@ -321,14 +321,16 @@ build_default() {
 build_template() {
     local name=$1 dir="$TEMPLATES_DIR/$1" image="$TEMPLATE_IMAGE_PREFIX$1" hash current f
     [ -f "$dir/Dockerfile" ] || die "template $name: missing $dir/Dockerfile"
+    # Hashed as a stream (NUL separators and all): a command substitution would drop the NULs.
     hash=$(
-        printf 'base\0%s\n' "$IMAGE_HASH"
-        (cd "$dir" && find . -type f -print | LC_ALL=C sort) | while read -r f; do
-            printf '%s\0' "${f#./}"
-            sha256sum <"$dir/$f" | cut -d' ' -f1
-        done
+        {
+            printf 'base\0%s\n' "$IMAGE_HASH"
+            (cd "$dir" && find . -type f -print | LC_ALL=C sort) | while read -r f; do
+                printf '%s\0' "${f#./}"
+                sha256sum <"$dir/$f" | cut -d' ' -f1
+            done
+        } | sha256sum | cut -d' ' -f1
     )
-    hash=$(printf '%s' "$hash" | sha256sum | cut -d' ' -f1)
     if [ "$FORCE" = 0 ]; then
         current=$(image_hash_of "$image")
         if [ "$current" = "$hash" ]; then
