@@ -85,25 +85,30 @@ class FakeRuntime:
         if self.images is not None and spec.image is not None and spec.image not in self.images:
             return fail(ImageMissing(f"the image {spec.image!r} is not present"))
         self.specs.append(spec)
-        self._next += 1
-        info = ContainerInfo(
-            sandbox_id=spec.sandbox_id,
-            container_id=f"container{self._next:04d}",
-            created_at=spec.created_at,
-            ip_address=f"172.17.0.{self._next + 1}",
-            agent_host=self.agent_host,
-            agent_port=self.agent_port,
-            agent_secret=spec.agent_secret,
-            running=True,
-            settings=spec.settings,
-            for_pool=spec.for_pool,
-        )
+        info = self._new_info(spec, "container", running=True)
         self.creates += 1
         self.containers[info.container_id] = info
         self.labels[info.container_id] = labels_for(spec, self.instance)
         if self.agent is not None:
             self.agent.secrets.add(spec.agent_secret)
         return succeed(info)
+
+    def _new_info(self, spec: ContainerSpec, prefix: str, running: bool) -> ContainerInfo:
+        """What the engine would report for a container just made from ``spec``."""
+        self._next += 1
+        return ContainerInfo(
+            sandbox_id=spec.sandbox_id,
+            container_id=f"{prefix}{self._next:04d}",
+            created_at=spec.created_at,
+            ip_address=f"172.17.0.{self._next + 1}",
+            agent_host=self.agent_host,
+            agent_port=self.agent_port,
+            agent_secret=spec.agent_secret,
+            running=running,
+            exit_code=None if running else 1,
+            settings=spec.settings,
+            for_pool=spec.for_pool,
+        )
 
     def remove(self, container_id: str, sandbox_id: str = "") -> Deferred[None]:
         if not self.available:
@@ -137,20 +142,7 @@ class FakeRuntime:
         """Put a container on the engine that is not this instance's: by default another
         gateway's (``spec`` labelled for instance ``other``); ``labels`` replaces them (``{}``:
         a container without our labels). Its agent answers like ours would."""
-        self._next += 1
-        info = ContainerInfo(
-            sandbox_id=spec.sandbox_id,
-            container_id=f"foreign{self._next:04d}",
-            created_at=spec.created_at,
-            ip_address=f"172.17.0.{self._next + 1}",
-            agent_host=self.agent_host,
-            agent_port=self.agent_port,
-            agent_secret=spec.agent_secret,
-            running=running,
-            exit_code=None if running else 1,
-            settings=spec.settings,
-            for_pool=spec.for_pool,
-        )
+        info = self._new_info(spec, "foreign", running=running)
         self.containers[info.container_id] = info
         self.labels[info.container_id] = (
             labels_for(spec, "other") if labels is None else dict(labels)
