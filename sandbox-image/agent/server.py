@@ -15,6 +15,7 @@ from typing import Any
 from agent import log, wsproto
 from agent.dispatch import Agent, Connection
 from agent.files import FileRequest
+from agent.tunnel import UPGRADE, Tunnel, parse_port
 
 #: Pause streamed commands when this much is unsent (resume at a quarter of it).
 SEND_BUFFER_HIGH = 512 * 1024
@@ -31,6 +32,7 @@ class AgentHTTP:
         self.parser: wsproto.FrameParser | None = None
         self.conn: Connection | None = None
         self.files: FileRequest | None = None
+        self.tunnel: Tunnel | None = None
         self.closing = False
         self.peer = "?"
 
@@ -48,6 +50,9 @@ class AgentHTTP:
         if self.files is not None:
             self.files.feed(data)
             return
+        if self.tunnel is not None:
+            self.tunnel.data_received(data)
+            return
         try:
             if self.parser is None:
                 self._http(data)
@@ -64,12 +69,16 @@ class AgentHTTP:
                 self._close(wsproto.CLOSE_INTERNAL_ERROR, "internal error")
 
     def pause_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.pause_writing()
         if self.files is not None:
             self.files.pause_writing()
         if self.conn is not None:
             self.conn.set_output_paused(True)
 
     def resume_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.resume_writing()
         if self.files is not None:
             self.files.resume_writing()
         if self.conn is not None:
@@ -81,6 +90,8 @@ class AgentHTTP:
             self.conn.lost()
         if self.files is not None:
             self.files.lost()
+        if self.tunnel is not None:
+            self.tunnel.connection_lost()
 
     # HTTP -----------------------------------------------------------------------------------
 
@@ -107,6 +118,9 @@ class AgentHTTP:
             return
         if path == "/files" or path.startswith("/files/"):
             self._file_request(request, rest)
+            return
+        if path.startswith("/tunnel/"):
+            self._tunnel_request(request, path, rest)
             return
         if path != "/agent":
             self._respond(404, "Not Found", b"not found\n")
@@ -141,6 +155,26 @@ class AgentHTTP:
             return
         if rest:
             self.files.feed(rest)
+
+    def _tunnel_request(self, request: wsproto.Request, path: str, rest: bytes) -> None:
+        """A port tunnel (``agent.tunnel``): authenticated like the WebSocket, then raw bytes
+        between this connection and ``127.0.0.1:{port}``."""
+        if not self._authorized(request):
+            log.info("refused tunnel from %s: bad agent secret", self.peer)
+            self._respond(401, "Unauthorized", b"bad agent secret\n")
+            return
+        port = parse_port(path)
+        if port is None:
+            self._respond(404, "Not Found", b"no such port\n")
+            return
+        if request.header("upgrade").strip().lower() != UPGRADE:
+            self._respond(400, "Bad Request", f"Upgrade: {UPGRADE} required\n".encode())
+            return
+        config = self.agent.config
+        refused = frozenset({config.port, config.egress_port})
+        self.tunnel = Tunnel(self.agent.loop, self.transport, port, refused)
+        if rest:
+            self.tunnel.data_received(rest)
 
     def _authorized(self, request: wsproto.Request) -> bool:
         presented = request.header("authorization").strip().encode("latin-1")
