@@ -18,6 +18,7 @@ from attrs import field, frozen
 
 from twistedgw.egress.policy import EgressPolicy
 from twistedgw.lifecycle.resources import ResourcePolicy
+from twistedgw.proxy.ports import DEFAULT_PREVIEW_PORTS, PortSet, parse_ports
 
 
 def agent_message_limit(max_message_size: int, max_output: int) -> int:
@@ -124,6 +125,8 @@ class GatewayConfig:
     max_upload: int = 1024 * 1024 * 1024
     paused_timeout: float = 86400.0
     snapshot_dir_option: str | None = None
+    # Port previews.
+    preview_ports: PortSet = field(factory=lambda: parse_ports(DEFAULT_PREVIEW_PORTS))
 
     @property
     def snapshot_dir(self) -> Path:
@@ -131,6 +134,11 @@ class GatewayConfig:
         if self.snapshot_dir_option:
             return Path(self.snapshot_dir_option)
         return self.state_file.parent / "snapshots" / self.instance
+
+    @property
+    def preview_key_file(self) -> Path:
+        """The key that signs preview URLs (created once, mode 0600)."""
+        return self.state_file.parent / f"{self.instance}.preview-key"
 
     @property
     def socket_dir(self) -> Path:
@@ -196,4 +204,5 @@ class GatewayConfig:
             ping_interval=options["ping-interval"],
             egress=options.get("egress-policy") or EgressPolicy(),
             resources=options.get("resource-policy") or ResourcePolicy(),
+            preview_ports=options.get("preview-port-set") or parse_ports(DEFAULT_PREVIEW_PORTS),
         )

@@ -33,10 +33,11 @@ from twistedgw.protocol import Limits
 from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.client import ProxyFactory, make_ws_resource
 from twistedgw.proxy.files import AgentFiles
+from twistedgw.proxy.ports import DEFAULT_PREVIEW_PORTS, URLSigner, load_key, parse_ports
 from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.docker import DockerRuntime
-from twistedgw.runtime.hardening import ContainerLimits, size_bytes
+from twistedgw.runtime.hardening import AGENT_PORT, EGRESS_PORT, ContainerLimits, size_bytes
 from twistedgw.sandbox import Resources
 from twistedgw.service import ProxyService, ShutdownSignals
 from twistedgw.snapshots import SnapshotStore
@@ -45,6 +46,7 @@ from twistedgw.web.api import GatewayAPI
 from twistedgw.web.auth import Authenticator, read_tokens
 from twistedgw.web.events import SandboxEvents
 from twistedgw.web.files import FileRoutes
+from twistedgw.web.previews import PreviewRoutes
 from twistedgw.web.site import EdgePolicy, default_hosts, fit_descriptors, make_site
 
 __all__ = ["Options", "agent_message_limit", "edge_policy", "makeService"]
@@ -353,6 +355,14 @@ class Options(usage.Options):
             "separated.",
         ],
         [
+            "preview-ports",
+            None,
+            DEFAULT_PREVIEW_PORTS,
+            "Ports of a sandbox that /sandboxes/{id}/ports/{port}/ and signed preview URLs "
+            "may reach: a comma list of ports and ranges (like 3000,8000-8999). The agent's "
+            f"port {AGENT_PORT} and the egress port {EGRESS_PORT} never are.",
+        ],
+        [
             "max-upload",
             None,
             1024 * 1024 * 1024,
@@ -438,6 +448,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"cannot use the API tokens: {e}") from None
         self["port"] = secure_port(self["port"], bool(self["tokens"]), self["insecure-no-auth"])
         self._check_egress_and_resources()
+        try:
+            self["preview-port-set"] = parse_ports(str(self["preview-ports"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--preview-ports: {e}") from None
         instance = self["instance"]
         if not instance or not all(c.isalnum() or c in "-_." for c in instance):
             raise usage.UsageError("--instance may hold only letters, digits, '-', '_' and '.'")
@@ -609,6 +623,17 @@ def makeService(options: Options) -> IService:
 
     files = FileRoutes(manager, authenticator, AgentFiles(reactor), max_upload=config.max_upload)
     snapshots = SnapshotStore(config.snapshot_dir, files.files, reactor)
+    try:
+        key = load_key(config.preview_key_file)
+    except (OSError, ValueError) as e:
+        raise usage.UsageError(f"cannot use the preview key: {e}") from None
+    previews = PreviewRoutes(
+        manager,
+        authenticator,
+        URLSigner(key, reactor.seconds),
+        reactor,
+        ports=config.preview_ports,
+    )
     api = GatewayAPI(
         manager,
         make_ws_resource(factory),
@@ -617,6 +642,7 @@ def makeService(options: Options) -> IService:
         clock=reactor,
         files=files,
         snapshots=snapshots,
+        previews=previews,
     )
     endpoint = serverFromString(reactor, config.port)
     web = StreamServerEndpointService(

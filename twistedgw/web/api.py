@@ -30,6 +30,7 @@ from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.web.errors import APIError, error_answer
 from twistedgw.web.events import HEARTBEAT, EventStream, SandboxEvents
 from twistedgw.web.files import FileRoutes
+from twistedgw.web.previews import PreviewRoutes, port_number
 from twistedgw.web.requests import header_text, json_answer, read_json_body, wants_details
 
 R = TypeVar("R")
@@ -87,6 +88,7 @@ class GatewayAPI:
         clock: Any = None,
         files: FileRoutes | None = None,
         snapshots: SnapshotStore | None = None,
+        previews: PreviewRoutes | None = None,
     ) -> None:
         self.manager = manager
         self._ws_resource = ws_resource
@@ -101,6 +103,8 @@ class GatewayAPI:
             manager, self.authenticator, AgentFiles(getattr(manager, "_reactor", None))
         )
         self.snapshots = snapshots
+        #: Port previews (the edge hands their requests over before any route runs).
+        self.previews = previews or PreviewRoutes.unsigned(manager, self.authenticator, clock)
 
     def resource(self) -> IResource:
         """The twisted.web resource serving this API."""
@@ -283,6 +287,21 @@ class GatewayAPI:
     @authenticated
     async def files_archive(self, request: IRequest, sandbox_id: str, owner: str | None) -> bytes:
         return await self.files.forward(request, sandbox_id, owner, b"/archive")
+
+    # -- port previews (twistedgw.web.previews; the proxying happens at the edge) ----------
+
+    @app.route("/sandboxes/<sandbox:sandbox_id>/ports/<port>/url", methods=["POST"])
+    @authenticated
+    def preview_url(
+        self, request: IRequest, sandbox_id: str, port: str, owner: str | None
+    ) -> bytes:
+        answer = self.previews.create_url(
+            sandbox_id, port_number(port), owner, read_json_body(request)
+        )
+        host = header_text(request, b"host")
+        if host:
+            answer["url"] = f"http://{host}{answer['path']}"
+        return json_answer(request, 200, answer)
 
     @app.route("/ws/<sandbox:sandbox_id>", methods=["GET"])
     @authenticated

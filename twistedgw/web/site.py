@@ -44,6 +44,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
+from twistedgw.web.previews import is_preview
 from twistedgw.web.requests import MAX_BODY_BYTES
 
 if TYPE_CHECKING:
@@ -60,13 +61,17 @@ _STATUS_TEXT = {
     400: b"Bad Request",
     401: b"Unauthorized",
     403: b"Forbidden",
+    404: b"Not Found",
     408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
     415: b"Unsupported Media Type",
     421: b"Misdirected Request",
+    409: b"Conflict",
     431: b"Request Header Fields Too Large",
+    502: b"Bad Gateway",
     503: b"Service Unavailable",
+    504: b"Gateway Timeout",
 }
 
 
@@ -85,6 +90,7 @@ class BodyRule:
 BODY_RULES: tuple[BodyRule, ...] = (
     BodyRule(b"POST", re.compile(rb"/sandboxes/?"), MAX_BODY_BYTES),
     BodyRule(b"POST", re.compile(rb"/sandboxes/[^/]+/keepalive/?"), MAX_BODY_BYTES),
+    BodyRule(b"POST", re.compile(rb"/sandboxes/[^/]+/ports/[0-9]+/url/?"), MAX_BODY_BYTES),
     # File uploads stream to the sandbox's agent (twistedgw.web.files), capped there by
     # --max-upload.
     BodyRule(b"PUT", re.compile(rb"/sandboxes/[^/]+/files(/archive)?/?"), None, json=False),
@@ -139,6 +145,10 @@ class EdgePolicy:
     #: Called for a streamed body's request (``BodyRule.limit is None``) once its headers
     #: passed; may set ``request.body_sink``.
     on_streamed: Callable[[GatewayRequest], None] | None = None
+    #: Called for a port preview's request (``twistedgw.web.previews.is_preview``) once its
+    #: headers are in: refuses it, answers it, or sets ``channel.tunnel`` to take the
+    #: connection over (no token check here: the hook checks a token or a signature).
+    on_preview: Callable[[GatewayRequest], None] | None = None
 
     def host_allowed(self, host: str) -> bool:
         if self.allowed_hosts is None:
@@ -262,6 +272,9 @@ class GatewayRequest(Request):
         raw_path = getattr(channel, "_path", b"")
         path, _, query = raw_path.partition(b"?")
         method = getattr(channel, "_command", b"")
+        if policy.on_preview is not None and is_preview(method, path):
+            self._preview(policy, policy.on_preview)
+            return
         try:
             rule = self._check_headers(policy, method, path, query, length)
         except Refused as e:
@@ -280,6 +293,28 @@ class GatewayRequest(Request):
                 super().gotLength(length)
         else:
             self.content = BytesIO()
+
+    def _preview(self, policy: EdgePolicy, hook: Callable[[GatewayRequest], None]) -> None:
+        """A port preview: ``Host`` is checked here, the rest by the hook; its body (and
+        anything after it) is the tunnel's, never parsed here."""
+        channel = self.channel
+        self.content = BytesIO()
+        try:
+            host = _utf8(self, b"host", 400)
+            if host is not None and not policy.host_allowed(host):
+                raise Refused(421, "this gateway does not serve that Host (see --allowed-hosts)")
+        except Refused as e:
+            channel.refuse(e.status, e.message)
+            return
+        try:
+            hook(self)
+        except Exception:
+            self._log.failure("port preview failed")
+            channel.refuse(503, "the preview could not be started")
+            return
+        if channel.tunnel is not None:
+            channel.setRawMode()
+            channel.setTimeout(None)
 
     def _check_headers(
         self, policy: EdgePolicy, method: bytes, path: bytes, query: bytes, length: int | None
@@ -351,6 +386,9 @@ class GatewayChannel(HTTPChannel):
     refused = False
     _counted = False
     _discarded = 0
+    #: A port preview's tunnel (``twistedgw.proxy.ports.PreviewTunnel``), which owns the
+    #: connection from the end of the request's headers on.
+    tunnel: Any = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -382,6 +420,8 @@ class GatewayChannel(HTTPChannel):
             self.site.http_channels.discard(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
         self._disarm()
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
@@ -410,13 +450,13 @@ class GatewayChannel(HTTPChannel):
         self._disarm()
         super().allHeadersReceived()
         streamed = bool(self.requests) and getattr(self.requests[-1], "streamed", False)
-        if not self.refused and self.length != 0 and not streamed:
+        if not self.refused and self.tunnel is None and self.length != 0 and not streamed:
             # (A streamed upload may take as long as it takes while data keeps coming; the
             # idle timeout still drops a client that stops sending.)
             self._arm(self.policy.body_timeout, 408, "request body not received in time")
 
     def allContentReceived(self) -> None:
-        if self.refused:
+        if self.refused or self.tunnel is not None:
             return
         self._disarm()
         super().allContentReceived()
@@ -443,10 +483,13 @@ class GatewayChannel(HTTPChannel):
         if self.refused:
             self._discard(data)
             return
+        if self.tunnel is not None:
+            self.tunnel.client_data(data)
+            return
         super().rawDataReceived(data)
 
     def _send100Continue(self) -> None:
-        if not self.refused:
+        if not self.refused and self.tunnel is None:
             super()._send100Continue()
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -502,6 +545,20 @@ class GatewayChannel(HTTPChannel):
         else:
             self.transport.loseConnection()
 
+    def answer_redirect(self, location: bytes) -> None:
+        """Answer ``308`` to ``location`` and close (the preview routes' added slash)."""
+        if self.refused or self.transport is None:
+            return
+        self.refused = True
+        self._disarm()
+        self.setTimeout(None)
+        self.transport.write(
+            b"HTTP/1.1 308 Permanent Redirect\r\nLocation: %s\r\nContent-Length: 0\r\n"
+            b"Cache-Control: no-store\r\nConnection: close\r\n\r\n" % location
+        )
+        self._uncount()
+        self.transport.loseConnection()
+
     def _discard(self, data: bytes) -> None:
         self._discarded += len(data)
         if self._discarded > LINGER_BYTES:
@@ -541,6 +598,8 @@ def make_site(
         policy = EdgePolicy(authenticator=api.authenticator, header_timeout=header_timeout)
     if policy.on_streamed is None:
         policy = evolve(policy, on_streamed=api.files.begin_upload)
+    if policy.on_preview is None and api.previews is not None:
+        policy = evolve(policy, on_preview=api.previews.begin)
     site = Site(api.resource(), logFormatter=access_log_line, timeout=policy.idle_timeout)
     site.displayTracebacks = False
     site.requestFactory = GatewayRequest
