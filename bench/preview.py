@@ -111,7 +111,13 @@ def main() -> int:
     instance = f"bench-preview-{secrets.token_hex(3)}"
     size = f"{options.size_mib + 256}m"
     gateway = GatewayProcess(
-        instance, "--home-size", size, "--memory", f"{2 * options.size_mib + 512}m"
+        instance,
+        "--home-size",
+        size,
+        "--memory",
+        f"{2 * options.size_mib + 512}m",
+        "--agent-ready-timeout",
+        "120",
     )
     nbytes = options.size_mib * MIB
     results: dict[str, Any] = {

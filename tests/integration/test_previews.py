@@ -151,6 +151,10 @@ def test_a_signed_url_works_without_the_token_and_its_relative_links_too(
     url = _signed(gateway, served, 8000, expires_in=120)
     assert "/previews/" in url and ALPHA not in url
     _follow_listing(url)
+    signature = url.rstrip("/").rsplit("/", 1)[1]
+    log = gateway.tail(400)
+    assert f"preview {served}:8000 GET /sub/f.txt 200" in log
+    assert signature not in log and ALPHA not in log
 
 
 def test_websocket_echo_through_the_token_route_and_a_signed_url(

@@ -355,6 +355,7 @@ class PreviewTunnel:
         head: bytes,
         body: BodyEnd,
         touch: Callable[[], None],
+        label: str = "",
         connect_timeout: float = 10.0,
     ) -> None:
         self.reactor = reactor
@@ -365,6 +366,11 @@ class PreviewTunnel:
         self.head = head
         self.body = body
         self.touch = touch
+        #: What the log line says the request was (method and path, never a signature).
+        self.label = label
+        self.sent = 0
+        self.received = 0
+        self.status = 0
         self.pending: list[bytes] = []
         self.agent: _AgentSide | None = None
         self.client_gone = False
@@ -392,6 +398,7 @@ class PreviewTunnel:
     def fail(self, status: int, message: str) -> None:
         """Answer the client with a JSON error (only before any of the server's answer)."""
         if not self.client_gone:
+            self.status = self.status or status
             self.channel.refuse(status, message)
 
     # -- the client's side (the channel calls these) --------------------------------------
@@ -401,6 +408,7 @@ class PreviewTunnel:
         if not data:
             return
         self.touch()
+        self.sent += len(data)
         if self.agent is not None and self.agent.open:
             self.agent.transport.write(data)  # type: ignore[union-attr]
         else:
@@ -429,6 +437,7 @@ class PreviewTunnel:
     def to_client(self, data: bytes) -> None:
         if not self.client_gone:
             self.touch()
+            self.received += len(data)
             self.client.write(data)
 
     def agent_lost(self) -> None:
@@ -436,6 +445,16 @@ class PreviewTunnel:
             unpair_flow(self.client)
             self.client.loseConnection()
         self.touch()
+        # The access log never sees a tunnelled request (twisted.web does not finish it).
+        self._log.info(
+            "preview {sandbox}:{port} {label} {status}: {up} bytes up, {down} bytes down",
+            sandbox=self.sandbox.sandbox_id,
+            port=self.port,
+            label=self.label,
+            status=self.status or "-",
+            up=self.sent,
+            down=self.received,
+        )
 
 
 class _AgentSide(Protocol):
@@ -489,6 +508,7 @@ class _AgentSide(Protocol):
             except ValueError:
                 self._bad("the server did not answer with HTTP")
                 return
+            self.tunnel.status = status
             del self.buffer[: end + 4]
             self.tunnel.to_client(head)
             if status == 101 or status >= 200:

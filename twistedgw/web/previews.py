@@ -171,7 +171,10 @@ class PreviewRoutes:
             sandbox.touch(manager.now())
 
         touch()
-        channel.tunnel = PreviewTunnel(self.reactor, channel, sandbox, port, head, body, touch)
+        label = f"{method.decode('ascii', 'replace')} {rest.decode('utf-8', 'replace')[:200]}"
+        channel.tunnel = PreviewTunnel(
+            self.reactor, channel, sandbox, port, head, body, touch, label=label
+        )
 
     # -- POST /sandboxes/{id}/ports/{port}/url ---------------------------------------------
 
