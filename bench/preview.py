@@ -108,7 +108,9 @@ def main() -> int:
     options = parser.parse_args()
 
     client = docker.from_env(timeout=120)
-    instance = f"bench-preview-{secrets.token_hex(3)}"
+    # Short: a network-less sandbox's agent socket path (state dir, instance, id) must fit
+    # the 107 bytes of an AF_UNIX address.
+    instance = f"bp-{secrets.token_hex(3)}"
     size = f"{options.size_mib + 256}m"
     gateway = GatewayProcess(
         instance,

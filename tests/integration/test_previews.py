@@ -11,6 +11,7 @@ A sandbox without a network is previewed too (the agent's Unix socket carries it
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ import requests
 from websockets.sync.client import connect
 
 from tests.integration.conftest import GatewayProcess, remove_instance_containers
-from tests.integration.helpers import recv, send, wait_for
+from tests.integration.helpers import agent_pid, recv, rss_kib, send, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -270,3 +271,41 @@ def test_a_sandbox_without_network_is_previewed(gateway: GatewayProcess) -> None
     with connect(f"{gateway.ws_url}/sandboxes/{sandbox_id}/ports/8001/?access_token={ALPHA}") as ws:
         ws.send(b"\x00binary\xff")
         assert ws.recv(timeout=10) == b"\x00binary\xff"
+
+
+def test_a_client_that_stops_reading_does_not_grow_the_gateway_or_the_agent(
+    gateway: GatewayProcess, served: str, docker_client: Any
+) -> None:
+    """A 200 MiB answer to a client that reads 1 MiB and stops: the gateway and the agent
+    each stop reading once their bounded buffers are full, so neither process grows by more
+    than a few MiB (the rest waits in the server and the kernel's socket buffers)."""
+    with connect(f"{gateway.ws_url}/ws/{served}", additional_headers=A) as ws:
+        send(
+            ws,
+            {
+                "command": "mkdir -p /home/sandbox/big && cd /home/sandbox/big && "
+                "head -c 200M /dev/zero > zero.bin && exec python3 -m http.server 9000",
+                "request_id": "big",
+                "background": True,
+            },
+        )
+        assert recv(ws)["type"] == "started"
+    url = f"{gateway.url}/sandboxes/{served}/ports/9000/"
+    wait_for(lambda: requests.get(url, headers=A, timeout=10).status_code == 200, 60)
+    container = docker_client.containers.get(f"twistedgw-{served}")
+    agent = agent_pid(container)
+    gateway_before, agent_before = rss_kib(gateway.pid), rss_kib(agent)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.sendall(
+            f"GET /sandboxes/{served}/ports/9000/zero.bin HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{gateway.port}\r\nAuthorization: Bearer {ALPHA}\r\n\r\n".encode()
+        )
+        got = 0
+        while got < 1024 * 1024:
+            got += len(client.recv(65536))
+        time.sleep(4)  # the client stalls; everyone upstream fills up and pauses
+        gateway_growth = (rss_kib(gateway.pid) - gateway_before) / 1024
+        agent_growth = (rss_kib(agent) - agent_before) / 1024
+    assert gateway_growth < 16, f"gateway grew by {gateway_growth:.1f} MiB"
+    assert agent_growth < 8, f"agent grew by {agent_growth:.1f} MiB"
