@@ -4,11 +4,15 @@ body ends, and which paths the edge hands to the preview routes."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_twisted
+from treq.testing import StubTreq
 
 from twistedgw.proxy.ports import (
     RESERVED_PORTS,
@@ -20,6 +24,8 @@ from twistedgw.proxy.ports import (
     strip_token,
     upstream_head,
 )
+from twistedgw.testing.rest import request
+from twistedgw.web.api import GatewayAPI
 from twistedgw.web.previews import is_preview
 
 
@@ -258,3 +264,59 @@ def test_which_requests_are_previews() -> None:
     assert is_preview(b"GET", b"/previews/abc/8000/1/sig/")
     assert not is_preview(b"GET", b"/sandboxes/abc/files")
     assert not is_preview(b"GET", b"/sandboxes/abc")
+
+
+# -- POST /sandboxes/{id}/ports/{port}/url (in memory) -------------------------------------------
+
+
+async def _json(treq: Any, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    if "data" in kwargs:
+        kwargs.setdefault("headers", {"Content-Type": "application/json"})
+    code, _headers, body = await request(treq, method, path, **kwargs)
+    return code, json.loads(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_url_route_signs_a_path_that_verifies(manager: Any, clock: Any) -> None:
+    """The answer's path carries the id, port and now + ``expires_in``, and its signature is
+    the gateway's for them; without a body the URL lives an hour."""
+    api = GatewayAPI(manager)
+    treq = StubTreq(api.resource())
+    _, created = await _json(treq, "POST", "/sandboxes")
+    sandbox_id = created["sandbox_id"]
+    code, answer = await _json(
+        treq, "POST", f"/sandboxes/{sandbox_id}/ports/8000/url", data=b'{"expires_in": 60}'
+    )
+    assert code == 200, answer
+    expiry = int(clock.seconds()) + 60
+    assert answer["expires_at"] == expiry and answer["port"] == 8000
+    prefix = f"/previews/{sandbox_id}/8000/{expiry}/"
+    assert answer["path"].startswith(prefix) and answer["path"].endswith("/")
+    signature = answer["path"][len(prefix) : -1]
+    assert api.previews.signer.valid(sandbox_id, 8000, expiry, signature)
+    code, default = await _json(treq, "POST", f"/sandboxes/{sandbox_id}/ports/8000/url")
+    assert code == 200 and default["expires_at"] == int(clock.seconds()) + 3600
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_url_route_refuses_bad_lifetimes_ports_and_sandboxes(manager: Any) -> None:
+    """``expires_in`` must be seconds in (0, 7 days] (400); ports outside the list and the
+    agent's are 403, non-ports 404; an unknown sandbox is 404."""
+    treq = StubTreq(GatewayAPI(manager).resource())
+    _, created = await _json(treq, "POST", "/sandboxes")
+    base = f"/sandboxes/{created['sandbox_id']}/ports"
+    for body in (
+        b'{"expires_in": 0}',
+        b'{"expires_in": -5}',
+        b'{"expires_in": "60"}',
+        b'{"expires_in": true}',
+        b'{"expires_in": 604801}',
+        b'{"ttl": 60}',
+    ):
+        code, answer = await _json(treq, "POST", f"{base}/8000/url", data=body)
+        assert code == 400, (body, answer)
+    for port, status in ((80, 403), (8765, 403), (3128, 403), (70000, 404), (0, 404)):
+        code, answer = await _json(treq, "POST", f"{base}/{port}/url")
+        assert code == status, (port, answer)
+    code, _ = await _json(treq, "POST", f"/sandboxes/{'0' * 32}/ports/8000/url")
+    assert code == 404

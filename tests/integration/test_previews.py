@@ -10,8 +10,11 @@ A sandbox without a network is previewed too (the agent's Unix socket carries it
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +25,7 @@ import pytest
 import requests
 from websockets.sync.client import connect
 
-from tests.integration.conftest import GatewayProcess, remove_instance_containers
+from tests.integration.conftest import REPO, GatewayProcess, remove_instance_containers
 from tests.integration.helpers import agent_pid, recv, rss_kib, send, wait_for
 
 pytestmark = pytest.mark.integration
@@ -309,3 +312,29 @@ def test_a_client_that_stops_reading_does_not_grow_the_gateway_or_the_agent(
         agent_growth = (rss_kib(agent) - agent_before) / 1024
     assert gateway_growth < 16, f"gateway grew by {gateway_growth:.1f} MiB"
     assert agent_growth < 8, f"agent grew by {agent_growth:.1f} MiB"
+
+
+def test_the_preview_benchmark_runs(docker_client: Any, tmp_path: Path) -> None:
+    """``bench/preview.py`` with a small file exits 0 and writes its figures (they are not
+    judged here), so it cannot rot."""
+    out = tmp_path / "preview.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "preview.py"),
+            "--size-mib",
+            "4",
+            "--repeat",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["preview_mib_s"] > 0 and figures["docker_exec_cat_mib_s"] > 0
+    assert figures["gateway_rss_peak_growth_mib"] < 64

@@ -234,6 +234,7 @@ def upstream_head(
     client_ip: str,
     host: bytes | None,
     prefix: bytes,
+    proto: bytes = b"http",
 ) -> bytes:
     """The request head sent to the server in the sandbox: hop-by-hop headers, the gateway's
     ``Authorization`` and any ``Forwarded``/``X-Forwarded-*`` dropped; ``Host`` naming the
@@ -258,7 +259,7 @@ def upstream_head(
     lines.append(b"X-Forwarded-For: " + client_ip.encode("ascii", "replace"))
     if host:
         lines.append(b"X-Forwarded-Host: " + host)
-    lines.append(b"X-Forwarded-Proto: http")
+    lines.append(b"X-Forwarded-Proto: " + proto)
     lines.append(b"X-Forwarded-Prefix: " + prefix)
     return b"\r\n".join(lines) + b"\r\n\r\n"
 

@@ -104,7 +104,9 @@ class GatewayAPI:
         )
         self.snapshots = snapshots
         #: Port previews (the edge hands their requests over before any route runs).
-        self.previews = previews or PreviewRoutes.unsigned(manager, self.authenticator, clock)
+        self.previews = previews or PreviewRoutes.unsigned(
+            manager, self.authenticator, getattr(manager, "_reactor", clock)
+        )
 
     def resource(self) -> IResource:
         """The twisted.web resource serving this API."""
@@ -300,7 +302,8 @@ class GatewayAPI:
         )
         host = header_text(request, b"host")
         if host:
-            answer["url"] = f"http://{host}{answer['path']}"
+            scheme = "https" if request.isSecure() else "http"
+            answer["url"] = f"{scheme}://{host}{answer['path']}"
         return json_answer(request, 200, answer)
 
     @app.route("/ws/<sandbox:sandbox_id>", methods=["GET"])

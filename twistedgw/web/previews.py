@@ -77,7 +77,7 @@ class PreviewRoutes:
         built without a state directory (tests)."""
         import os
 
-        return cls(manager, authenticator, URLSigner(os.urandom(32), reactor.seconds), reactor)
+        return cls(manager, authenticator, URLSigner(os.urandom(32), manager.now), reactor)
 
     def check_port(self, port: int) -> None:
         if port not in self.ports:
@@ -164,6 +164,7 @@ class PreviewRoutes:
             str(getattr(peer, "host", "unknown")),
             host[0] if host else None,
             prefix,
+            b"https" if request.isSecure() else b"http",
         )
         manager = self.manager
 
