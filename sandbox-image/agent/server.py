@@ -1,4 +1,5 @@
-"""The agent's listening side: ``GET /healthz`` and the WebSocket at ``/agent``.
+"""The agent's listening side: ``GET /healthz``, the WebSocket at ``/agent``, the ``/files``
+routes (``agent.files``) and port tunnels at ``/tunnel/{port}`` (``agent.tunnel``).
 
 One ``AgentHTTP`` per accepted connection reads a bounded HTTP request head, answers
 ``/healthz`` (no auth), or checks ``Authorization: Bearer <secret>`` and switches ``/agent``
