@@ -10,7 +10,9 @@ A sandbox without a network is previewed too (the agent's Unix socket carries it
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import secrets
 import socket
 import subprocess
@@ -145,6 +147,25 @@ def test_the_server_never_sees_the_gateway_token(gateway: GatewayProcess, served
     )
     assert by_query.status_code == 200
     assert by_query.text.startswith("GET /q?y=2 HTTP/1.1\r\n") and ALPHA not in by_query.text
+
+
+def test_request_bodies_stream_through_as_sent(gateway: GatewayProcess, served: str) -> None:
+    """A 16 MiB body with ``Content-Length`` and one sent chunked both reach the server whole
+    (it answers with their length and SHA-256)."""
+    body = os.urandom(16 * 1024 * 1024)
+    want = f"body {len(body)} {hashlib.sha256(body).hexdigest()}"
+    url = f"{gateway.url}/sandboxes/{served}/ports/8001/upload"
+    sized = requests.post(url, data=body, headers=A, timeout=120)
+    assert sized.status_code == 200 and sized.text.endswith(want)
+    assert "Content-Length: 16777216" in sized.text
+
+    def pieces() -> Iterator[bytes]:
+        for start in range(0, len(body), 1_000_000):
+            yield body[start : start + 1_000_000]
+
+    chunked = requests.put(url, data=pieces(), headers=A, timeout=120)
+    assert chunked.status_code == 200 and chunked.text.endswith(want)
+    assert "Transfer-Encoding: chunked" in chunked.text
 
 
 def test_a_signed_url_works_without_the_token_and_its_relative_links_too(

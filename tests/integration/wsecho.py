@@ -3,7 +3,8 @@
 ``python3 wsecho.py PORT`` listens on 127.0.0.1:PORT. A WebSocket upgrade (the handshake and
 the frames written here by hand) echoes every text and binary message back and answers
 pings and close; any other request gets its own request head back as ``text/plain``, so a
-test can see what the server was sent.
+test can see what the server was sent, followed by the length and SHA-256 of its body
+(``Content-Length`` or chunked).
 """
 
 import base64
@@ -29,6 +30,36 @@ class Reader:
             self.buf += data
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
+
+
+def read_body(reader, headers):
+    """The body's length and SHA-256, read as it comes (never held whole)."""
+    digest = hashlib.sha256()
+    total = 0
+    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        while True:
+            line = b""
+            while not line.endswith(b"\r\n"):
+                line += reader.take(1)
+            size = int(line.split(b";")[0], 16)
+            if size == 0:
+                while reader.take(2) != b"\r\n":  # trailers, if any, end with a blank line
+                    pass
+                break
+            while size:
+                part = reader.take(min(size, 65536))
+                digest.update(part)
+                total += len(part)
+                size -= len(part)
+            reader.take(2)
+    else:
+        left = int(headers.get(b"content-length", b"0"))
+        while left:
+            part = reader.take(min(left, 65536))
+            digest.update(part)
+            total += len(part)
+            left -= len(part)
+    return total, digest.hexdigest()
 
 
 def frame(opcode, payload):
@@ -76,7 +107,8 @@ def handle(conn):
             name, _, value = line.partition(b":")
             headers[name.strip().lower()] = value.strip()
         if headers.get(b"upgrade", b"").lower() != b"websocket":
-            body = head + b"\r\n"
+            length, sha = read_body(Reader(conn, rest), headers)
+            body = head + b"\r\n\r\nbody %d %s" % (length, sha.encode())
             conn.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
                 b"Connection: close\r\n\r\n" % len(body) + body
