@@ -33,6 +33,9 @@ from twistedgw import protocol
 WATCH_CHUNK = 64 * 1024
 #: A watcher's new output goes out this long after the first unsent byte (coalescing).
 WATCH_DELAY = 0.005
+#: The same for a PTY: a keystroke's echo must not wait; what one turn of the loop reads
+#: still goes out as one chunk.
+PTY_WATCH_DELAY = 0.0
 #: Finished processes kept at most, whatever their logs' size.
 MAX_KEPT = 1024
 #: Process events kept for ``subscribe_events`` replays.
@@ -228,7 +231,8 @@ class Watcher:
 
     def schedule(self) -> None:
         if self._timer is None and not self.done:
-            self._timer = self.timers.call_later(WATCH_DELAY, self._on_timer)
+            delay = PTY_WATCH_DELAY if self.entry.pty else WATCH_DELAY
+            self._timer = self.timers.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
