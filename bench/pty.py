@@ -179,7 +179,11 @@ def main() -> int:
     client = docker.from_env(timeout=120)
     instance = f"bench-pty-{secrets.token_hex(3)}"
     gateway = GatewayProcess(instance)
-    results: dict[str, Any] = {"load_before": os.getloadavg(), "busy_pct": host_busy_pct(1.0)}
+    results: dict[str, Any] = {
+        "instance": instance,
+        "load_before": os.getloadavg(),
+        "busy_pct": host_busy_pct(1.0),
+    }
     try:
         gateway.start()
         created = requests.post(gateway.url + "/sandboxes", timeout=120)

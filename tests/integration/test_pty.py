@@ -7,18 +7,24 @@ Run with the image of this branch (the agent and the spawner changed):
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.sync.client import connect
 
-from tests.integration.conftest import GatewayProcess
+from tests.integration.conftest import REPO, GatewayProcess
 from tests.ptyclient import Screen, input_frame, recv, send, start_pty
+from twistedgw.runtime.labels import LABEL_INSTANCE
 
 pytestmark = pytest.mark.integration
 
+SMOKE_ARGS = ("--keys", "20", "--warmup", "5")
 SIZE_PROBE = "python3 -c 'import os,sys; print(os.isatty(0), os.get_terminal_size())'"
 
 
@@ -148,3 +154,23 @@ def test_invalid_pty_messages_are_answered_by_the_gateway(gateway: GatewayProces
             assert (reply["type"], reply["error_code"]) == ("error", code), reply
         ws.send(b"\x05not-a-terminal-frame")
         assert recv(ws)["error_code"] == "binary_message"
+
+
+def test_the_keystroke_bench_runs_and_cleans_up(docker_client: Any, tmp_path: Path) -> None:
+    """``bench/pty.py`` in a short run: every path gives figures, its JSON is written, and no
+    container of its gateway is left behind (its figures are not judged here)."""
+    out = tmp_path / "pty.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "pty.py"), *SMOKE_ARGS, "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for path in ("agent direct (JSON)", "gateway (JSON)", "gateway (binary frames)"):
+        assert figures[path]["n"] == 20 and 0 < figures[path]["p50_ms"] < 1000
+    instance = figures["instance"]
+    mine = {"label": f"{LABEL_INSTANCE}={instance}"}
+    assert docker_client.containers.list(all=True, filters=mine) == []
