@@ -85,6 +85,8 @@ def test_cat_echoes_typed_input_including_binary_frames(ws: ClientConnection) ->
     ws.send(input_frame(pid, "héllo\r".encode()))
     # Echoed by the line discipline, then written back by cat: twice.
     screen.until(lambda s: s.text().count("héllo") == 2)
+    send(ws, {"type": "stdin", "request_id": "cat", "eof": True})  # a terminal has no EOF
+    assert screen.message("error")["error_code"] == "unsupported"
     send(ws, {"type": "signal", "pid": pid, "signal": "KILL"})
     assert screen.message("result")["pid"] == pid
 
