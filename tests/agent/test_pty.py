@@ -85,6 +85,7 @@ def test_cat_echoes_typed_input_including_binary_frames(ws: ClientConnection) ->
     ws.send(input_frame(pid, "héllo\r".encode()))
     # Echoed by the line discipline, then written back by cat: twice.
     screen.until(lambda s: s.text().count("héllo") == 2)
+    assert screen.json_chunks == 0 and screen.binary_frames > 0
     send(ws, {"type": "stdin", "request_id": "cat", "eof": True})  # a terminal has no EOF
     assert screen.message("error")["error_code"] == "unsupported"
     send(ws, {"type": "signal", "pid": pid, "signal": "KILL"})
@@ -193,6 +194,7 @@ def test_a_seed_client_never_gets_a_binary_frame(ws: ClientConnection) -> None:
     result = screen.message("result")
     assert result["returncode"] == 0
     assert "café ok" in screen.text()  # the split character was carried over, not replaced
+    assert screen.binary_frames == 0 and screen.json_chunks > 0
 
 
 def pty_bytes(ws: ClientConnection, rid: str) -> int | None:

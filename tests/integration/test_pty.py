@@ -128,15 +128,15 @@ def test_takeover_and_a_second_watcher_with_binary_frames_through_the_gateway(
         taker.send(input_frame(pid, "naïve-input\r".encode()))
         for watcher in (screen, binary, plain):
             watcher.until(lambda s: s.text().count("naïve-input") == 2)
-        raw = [m for m in binary.messages if isinstance(m, bytes)]
-        assert raw == []  # every binary frame was output, taken by Screen
+        # Output as each asked for it: binary frames only for the one that asked.
+        assert binary.binary_frames > 0 and binary.json_chunks == 0
+        assert plain.binary_frames == 0 and screen.binary_frames == 0
         send(taker, {"type": "signal", "pid": pid, "signal": "KILL"})
         for watcher in (screen, binary, plain):
             assert watcher.message("result")["pid"] == pid
         assert "from-owner" not in screen.text()
-        # The seed client never got a binary frame: Screen would have taken one into its data,
-        # so check the raw socket too (nothing but JSON left to read).
-        send(seed, {"type": "processes"})
+        assert plain.binary_frames == 0 and plain.json_chunks > 0
+        send(seed, {"type": "processes"})  # nothing but JSON left to read
         assert isinstance(recv(seed), dict)
 
 
