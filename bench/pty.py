@@ -13,7 +13,11 @@ character comes back; the round trip is timed on the client. Measured in the sam
 - **agent direct** (the baseline): the same JSON round trip on the agent's own endpoint (the
   one the gateway uses: its port published on 127.0.0.1), without the gateway.
 
-Reports p50/p95/p99 (ms) of each; target p50 < 5 ms through the gateway on loopback. The
+Reports p50/p95/p99 (ms) of each; target p50 < 5 ms through the gateway on loopback.
+
+Then screen output throughput (no target): ``seq 1 --flood-lines`` on a PTY through the gateway
+(JSON and binary), beside the same command on a pseudo-terminal of this host read by a plain
+blocking loop (the kernel's PTY on this machine, the ceiling for any terminal). The
 machine's load is printed before and after (it is shared). Everything it creates (the
 gateway, its containers) is removed at the end.
 """
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import secrets
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -137,6 +142,62 @@ class Typist:
         self.ws.send(json.dumps({"type": "signal", "pid": self.pid, "signal": "KILL"}))
 
 
+def flood(ws: ClientConnection, lines: int, binary: bool) -> dict[str, float]:
+    """MB/s of ``seq 1 LINES`` on a PTY, from ``pty`` to its result."""
+    rid = f"flood-{secrets.token_hex(3)}"
+    command = f"seq 1 {lines}"
+    message = {"type": "pty", "request_id": rid, "cols": 80, "rows": 24, "command": command}
+    start = time.perf_counter()
+    ws.send(json.dumps({**message, "binary": binary}))
+    nbytes = chunks = 0
+    while True:
+        received = ws.recv(timeout=300)
+        if isinstance(received, bytes):
+            nbytes += len(received) - protocol.BINARY_OUTPUT_HEAD.size
+            chunks += 1
+            continue
+        decoded = json.loads(received)
+        if decoded.get("type") == "output":
+            nbytes += len(decoded["data"].encode())
+            chunks += 1
+        elif decoded.get("type") in ("result", "error"):
+            break
+    seconds = time.perf_counter() - start
+    return {
+        "mb": nbytes / 1e6,
+        "seconds": seconds,
+        "mb_s": nbytes / 1e6 / seconds,
+        "chunks": chunks,
+    }
+
+
+def flood_local(lines: int) -> dict[str, float]:
+    """The same on a pseudo-terminal of this host, read by a blocking loop (the baseline)."""
+    master, slave = os.openpty()
+    start = time.perf_counter()
+    child = subprocess.Popen(["seq", "1", str(lines)], stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    nbytes = chunks = 0
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the writer is gone
+            break
+        if not data:
+            break
+        nbytes += len(data)
+        chunks += 1
+    child.wait()
+    os.close(master)
+    seconds = time.perf_counter() - start
+    return {
+        "mb": nbytes / 1e6,
+        "seconds": seconds,
+        "mb_s": nbytes / 1e6 / seconds,
+        "chunks": chunks,
+    }
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     return {
         "n": len(samples),
@@ -173,6 +234,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--flood-lines", type=int, default=3_000_000)
     parser.add_argument("--json", default=None)
     options = parser.parse_args()
 
@@ -215,6 +277,13 @@ def main() -> int:
                 results[name] = summary(typist.round_trips(options.keys))
                 typist.close()
             print(name, json.dumps(results[name]), flush=True)
+        if options.flood_lines:
+            output: dict[str, Any] = {"local pty (baseline)": flood_local(options.flood_lines)}
+            with through_gateway() as ws:
+                output["gateway (JSON)"] = flood(ws, options.flood_lines, False)
+                output["gateway (binary frames)"] = flood(ws, options.flood_lines, True)
+            results["output"] = output
+            print("output", json.dumps(output), flush=True)
     finally:
         gateway.stop()
         mine = {"label": f"{LABEL_INSTANCE}={instance}"}
@@ -237,7 +306,7 @@ def report(results: dict[str, Any]) -> None:
     print("| path | keys | p50 | p95 | p99 | max |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, figures in results.items():
-        if isinstance(figures, dict):
+        if isinstance(figures, dict) and "p50_ms" in figures:
             print(
                 f"| {name} | {figures['n']} | {figures['p50_ms']:.2f} ms | "
                 f"{figures['p95_ms']:.2f} ms | {figures['p99_ms']:.2f} ms | "
@@ -246,6 +315,14 @@ def report(results: dict[str, Any]) -> None:
     gateway = results.get("gateway (JSON)")
     verdict = "met" if gateway and gateway["p50_ms"] < 5.0 else "MISSED"
     print(f"target: gateway p50 < 5 ms: {verdict}")
+    output = results.get("output")
+    if output:
+        print("\n| screen output (seq on a PTY) | MB | s | MB/s | chunks |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, f in output.items():
+            print(
+                f"| {name} | {f['mb']:.1f} | {f['seconds']:.2f} | {f['mb_s']:.2f} | {f['chunks']} |"
+            )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from twistedgw.runtime.labels import LABEL_INSTANCE
 
 pytestmark = pytest.mark.integration
 
-SMOKE_ARGS = ("--keys", "20", "--warmup", "5")
+SMOKE_ARGS = ("--keys", "20", "--warmup", "5", "--flood-lines", "20000")
 SIZE_PROBE = "python3 -c 'import os,sys; print(os.isatty(0), os.get_terminal_size())'"
 
 
@@ -171,6 +171,8 @@ def test_the_keystroke_bench_runs_and_cleans_up(docker_client: Any, tmp_path: Pa
     figures = json.loads(out.read_text())
     for path in ("agent direct (JSON)", "gateway (JSON)", "gateway (binary frames)"):
         assert figures[path]["n"] == 20 and 0 < figures[path]["p50_ms"] < 1000
+    for path in ("local pty (baseline)", "gateway (JSON)", "gateway (binary frames)"):
+        assert figures["output"][path]["mb"] > 0.1  # seq 1 20000 with CR LF: 128,894 bytes
     instance = figures["instance"]
     mine = {"label": f"{LABEL_INSTANCE}={instance}"}
     assert docker_client.containers.list(all=True, filters=mine) == []
