@@ -33,6 +33,13 @@ from twistedgw import protocol
 WATCH_CHUNK = 64 * 1024
 #: A watcher's new output goes out this long after the first unsent byte (coalescing).
 WATCH_DELAY = 0.005
+#: The same for a PTY: a keystroke's echo must not wait (what one turn of the loop reads
+#: still goes out as one chunk) ...
+PTY_WATCH_DELAY = 0.0
+#: ... but within this long after a send of at least PTY_BURST_BYTES (a flood, not typing)
+#: output is coalesced as other output is (WATCH_DELAY), into fewer and larger messages.
+PTY_BURST_WINDOW = 0.005
+PTY_BURST_BYTES = 2048
 #: Finished processes kept at most, whatever their logs' size.
 MAX_KEPT = 1024
 #: Process events kept for ``subscribe_events`` replays.
@@ -96,6 +103,8 @@ class WatchOwner(Protocol):
 
     def send_message(self, message: dict[str, Any]) -> None: ...
 
+    def send_binary(self, payload: bytes) -> None: ...
+
     def watcher_done(self, watcher: Watcher) -> None: ...
 
 
@@ -110,6 +119,7 @@ class ProcessEntry:
         command: str,
         background: bool,
         log_size: int,
+        pty: bool = False,
     ) -> None:
         self.table = table
         self.pid = pid
@@ -124,9 +134,17 @@ class ProcessEntry:
         self.result: dict[str, Any] | None = None
         #: Whether a connection still receives the process's result (its owner).
         self.owned = not background
-        self.stdout = RingLog(log_size)
-        self.stderr = RingLog(log_size)
+        self.stdout = RingLog(0 if pty else log_size)
+        self.stderr = RingLog(0 if pty else log_size)
         self.logs = {"stdout": self.stdout, "stderr": self.stderr}
+        #: A process on a pseudo-terminal has one stream, ``pty`` (its screen's bytes).
+        self.pty = pty
+        if pty:
+            self.logs = {protocol.PTY_STREAM: RingLog(log_size)}
+        #: PTYs: the window size, and the connection that took the PTY over (the only one
+        #: whose input and resizes are taken; None: any connection's).
+        self.size: tuple[int, int] | None = None
+        self.writer: Any = None
         self.watchers: set[Watcher] = set()
         #: The run (``runs.CommandRun``) while the process runs: cancel, kill.
         self.run: Any = None
@@ -137,7 +155,7 @@ class ProcessEntry:
 
     @property
     def log_bytes(self) -> int:
-        return len(self.stdout.buf) + len(self.stderr.buf)
+        return sum(len(log.buf) for log in self.logs.values())
 
     def write(self, stream: str, data: bytes) -> None:
         self.logs[stream].write(data)
@@ -152,6 +170,11 @@ class ProcessEntry:
         return {name: log.dropped for name, log in self.logs.items()}
 
     def describe(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.pty:
+            assert self.size is not None
+            extra = {"pty": True, "cols": self.size[0], "rows": self.size[1]}
+            extra["taken_over"] = self.writer is not None
         return {
             "pid": self.pid,
             "request_id": self.request_id,
@@ -163,6 +186,7 @@ class ProcessEntry:
             "bytes": self.offsets(),
             "dropped": self.dropped(),
             "watchers": len(self.watchers),
+            **extra,
         }
 
 
@@ -170,16 +194,22 @@ class Watcher:
     """One connection attached to one process: replay from a cursor, live output, result."""
 
     def __init__(
-        self, entry: ProcessEntry, owner: WatchOwner, since: dict[str, int], timers: Timers
+        self,
+        entry: ProcessEntry,
+        owner: WatchOwner,
+        since: dict[str, int],
+        timers: Timers,
+        binary: bool = False,
     ) -> None:
         self.entry = entry
         self.owner = owner
         self.timers = timers
+        #: Output as binary frames (PTYs; ``protocol.binary_output_frame``), not JSON.
+        self.binary = binary
         self.cursor: dict[str, int] = {}
         self.text_offset: dict[str, int] = {}
         self.decoders = {
-            name: codecs.getincrementaldecoder("utf-8")(errors="replace")
-            for name in protocol.STREAMS
+            name: codecs.getincrementaldecoder("utf-8")(errors="replace") for name in entry.logs
         }
         #: Bytes skipped since the last chunk sent, per stream (reported on the next one).
         self.skipped: dict[str, int] = {}
@@ -191,6 +221,10 @@ class Watcher:
             self.text_offset[name] = start
         self._timer: Any = None
         self.done = False
+        #: When this watcher's timer last sent output, and whether that was a burst (PTYs:
+        #: typing or a flood, see PTY_BURST_WINDOW).
+        self.last_sent = float("-inf")
+        self.burst = False
 
     def attached_message(self) -> dict[str, Any]:
         entry = self.entry
@@ -205,11 +239,19 @@ class Watcher:
 
     def schedule(self) -> None:
         if self._timer is None and not self.done:
-            self._timer = self.timers.call_later(WATCH_DELAY, self._on_timer)
+            delay = WATCH_DELAY
+            if self.entry.pty and not (
+                self.burst and self.timers.time() - self.last_sent < PTY_BURST_WINDOW
+            ):
+                delay = PTY_WATCH_DELAY
+            self._timer = self.timers.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
+        before = sum(self.cursor.values())
         self.pump()
+        self.last_sent = self.timers.time()
+        self.burst = sum(self.cursor.values()) - before >= PTY_BURST_BYTES
 
     def cancel(self) -> None:
         self.done = True
@@ -233,6 +275,12 @@ class Watcher:
                 if not data:
                     continue
                 self.cursor[name] = offset + len(data)
+                if self.binary:
+                    self.skipped[name] = 0  # the frame's offset tells the gap
+                    self.text_offset[name] = self.cursor[name]
+                    owner.send_binary(protocol.binary_output_frame(entry.pid, offset, data))
+                    sent = True
+                    continue
                 decoder = self.decoders[name]
                 text = decoder.decode(data)
                 chunk_offset = self.text_offset[name]
@@ -328,11 +376,13 @@ class ProcessTable:
         self.events = EventLog()
         self._expiry: Any = None
 
-    def add(self, pid: int, request_id: str, command: str, background: bool) -> ProcessEntry:
+    def add(
+        self, pid: int, request_id: str, command: str, background: bool, pty: bool = False
+    ) -> ProcessEntry:
         old = self.by_pid.get(pid)
         if old is not None:  # a kept entry of a process whose pid was reused
             self._forget(old)
-        entry = ProcessEntry(self, pid, request_id, command, background, self.log_size)
+        entry = ProcessEntry(self, pid, request_id, command, background, self.log_size, pty)
         self.by_pid[pid] = entry
         self.by_request[request_id] = entry
         self.events.add(
