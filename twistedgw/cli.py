@@ -5,10 +5,15 @@ The gateway is ``$TWISTEDGW_URL`` (or ``--url``, default http://127.0.0.1:8003) 
 
 from __future__ import annotations
 
+import codecs
 import os
+import select
 import shlex
+import signal
 import sys
+import termios
 import time
+import tty
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -285,6 +290,53 @@ def attach(ctx: _Context, sandbox_id: str, pid: int) -> None:
         process = sandbox.attach(pid, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr))
         result = process.wait()
     finally:
+        sandbox.close()
+    sys.exit(_exit_status(result.exit_code))
+
+
+@cli.command()
+@click.argument("sandbox_id", metavar="ID")
+@click.option("--command", "-c", help="run this instead of a login shell")
+@_needs_ctx
+def shell(ctx: _Context, sandbox_id: str, command: str | None) -> None:
+    """An interactive terminal in the sandbox: raw mode, resized with your window, your
+    terminal restored on exit (also on an error). Exits with the shell's status."""
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        raise click.UsageError("shell needs a terminal on stdin and stdout (use exec instead)")
+    fd = sys.stdin.fileno()
+    out = sys.stdout.buffer
+
+    def on_data(text: str) -> None:
+        out.write(text.encode("utf-8", "replace"))
+        out.flush()
+
+    size = os.get_terminal_size(fd)
+    sandbox = ctx.connect(sandbox_id)
+    saved = termios.tcgetattr(fd)
+    wake_r, wake_w = os.pipe()
+    old_handler = signal.signal(signal.SIGWINCH, lambda *_: os.write(wake_w, b"w"))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        tty.setraw(fd)
+        term = sandbox.pty(size.columns, size.lines, command=command, on_data=on_data)
+        while not term.done:
+            ready, _, _ = select.select([fd, wake_r], [], [], 0.1)
+            if wake_r in ready:
+                os.read(wake_r, 64)
+                size = os.get_terminal_size(fd)
+                term.resize(size.columns, size.lines)
+            if fd in ready:
+                data = os.read(fd, 4096)
+                if not data:
+                    break
+                if text := decoder.decode(data):
+                    term.send(text)
+        result = term.wait(timeout=10)
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        signal.signal(signal.SIGWINCH, old_handler)
+        os.close(wake_r)
+        os.close(wake_w)
         sandbox.close()
     sys.exit(_exit_status(result.exit_code))
 

@@ -237,3 +237,36 @@ def test_an_unreachable_gateway_is_a_gateway_error_not_a_traceback_of_httpx() ->
     relay.close()
     with pytest.raises(GatewayError, match="cannot reach"):
         Sandbox.create(url=relay.url)
+
+
+def _until(predicate: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_pty_input_output_resize_exit_and_a_cut_connection(gateway: GatewayProcess) -> None:
+    relay = TcpRelay(gateway.port)
+    fast = Backoff(initial=0.05, maximum=0.5, attempts=10)
+    try:
+        with Sandbox.create(url=relay.url, backoff=fast) as sb:
+            term = sb.pty(cols=80, rows=24)
+            _until(lambda: "$ " in term.output())
+            term.send("stty size\n")
+            _until(lambda: "24 80" in term.output())
+            term.resize(100, 30)
+            term.send("stty size\n")
+            _until(lambda: "30 100" in term.output())
+            relay.cut()
+            _until(lambda: sb.aio._channel.dials == 2)  # redialled and re-attached
+            time.sleep(0.3)  # keystrokes sent into a dropping connection may be lost
+            term.send("echo after-$((40 + 2))\n")
+            _until(lambda: "after-42" in term.output())
+            screen = term.output()
+            assert screen.count("after-42") == 1 and screen.count("30 100") == 1  # no replays
+            term.send("exit 3\n")
+            assert term.wait(timeout=20).exit_code == 3
+            assert term.done
+    finally:
+        relay.close()

@@ -14,9 +14,10 @@ from twistedgw.client._async import (
     DEFAULT_URL,
     AsyncFiles,
     AsyncProcess,
+    AsyncPty,
     AsyncSandbox,
 )
-from twistedgw.client._sync import Files, Process, Sandbox
+from twistedgw.client._sync import Files, Process, Pty, Sandbox
 from twistedgw.client.backoff import Backoff
 from twistedgw.client.errors import (
     AuthError,
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_URL",
     "AsyncFiles",
     "AsyncProcess",
+    "AsyncPty",
     "AsyncSandbox",
     "AuthError",
     "Backoff",
@@ -45,6 +47,7 @@ __all__ = [
     "PathNotFound",
     "Process",
     "ProcessInfo",
+    "Pty",
     "Sandbox",
     "SandboxGone",
     "SandboxInfo",

@@ -53,6 +53,9 @@ ProgressCallback = Callable[[int, int | None], object]
 
 #: Error codes after which the process may still run and can be re-attached.
 _RESUMABLE_CODES = frozenset({"agent_unavailable"})
+#: Error replies to control messages that share a running process's request_id (a stdin
+#: or resize that came too late): not the process's end.
+_IGNORED_AFTER_START = frozenset({"not_running", "not_writer", "stdin_closed"})
 #: Upload/download chunk size.
 _CHUNK = 256 * 1024
 
@@ -326,6 +329,57 @@ class AsyncProcess:
     async def kill(self) -> bool:
         """SIGKILL the process group."""
         return await self.signal("KILL")
+
+
+class AsyncPty:
+    """An interactive terminal in the sandbox (``AsyncSandbox.pty``)."""
+
+    def __init__(
+        self,
+        sandbox: AsyncSandbox,
+        pid: int,
+        request_id: str,
+        screen: _Stream,
+        follow: asyncio.Task[CommandResult],
+    ) -> None:
+        self.sandbox = sandbox
+        self.pid = pid
+        self.request_id = request_id
+        self._screen = screen
+        self._follow = follow
+
+    def __repr__(self) -> str:
+        return f"<AsyncPty pid={self.pid}>"
+
+    @property
+    def done(self) -> bool:
+        """Whether the terminal's process has exited (or following it failed)."""
+        return self._follow.done()
+
+    def output(self) -> str:
+        """Everything the terminal wrote so far (as this handle received it)."""
+        return self._screen.text()
+
+    async def send(self, data: str) -> None:
+        """Type ``data`` into the terminal (``"\\x03"`` is Ctrl-C, ``"\\x04"`` Ctrl-D)."""
+        # Input has no acknowledgement: what is sent while the connection is dropping may be
+        # lost (output is not: it resumes from the last offset).
+        message = {"type": "stdin", "request_id": self.request_id, "data": data}
+        await self.sandbox._side_channel().send(message)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        """Set the window size (the foreground job gets SIGWINCH)."""
+        message = {"type": "resize", "pid": self.pid, "cols": cols, "rows": rows}
+        message["request_id"] = self.request_id
+        await self.sandbox._ask(message, self.request_id, "resized", self.sandbox._side_channel())
+
+    async def wait(self, timeout: float | None = None) -> CommandResult:
+        """Wait until the terminal's process exits; its result (``stdout`` is the screen)."""
+        return await asyncio.wait_for(asyncio.shield(self._follow), timeout)
+
+    async def kill(self) -> bool:
+        """SIGKILL the terminal's process group."""
+        return await AsyncProcess(self.sandbox, self.pid, self.request_id).kill()
 
 
 class AsyncFiles:
@@ -718,14 +772,19 @@ class AsyncSandbox:
         attach: bool,
         first: dict[str, Any] | None = None,
         resumable: bool = True,
+        on_started: Callable[[dict[str, Any]], object] | None = None,
     ) -> CommandResult:
         """Send ``first`` (a command) or an attach, then read that process's messages until
-        its result, re-attaching after each drop."""
+        its result, re-attaching after each drop. A PTY's one stream (``pty``) goes to
+        ``out``."""
         channel = self._channel
         queue = channel.listen(request_id)
+        is_pty = first is not None and first.get("type") == "pty"
 
         def attach_message() -> dict[str, Any]:
-            since = {"stdout": out.offset, "stderr": err.offset}
+            since: dict[str, int] = (
+                {"pty": out.offset} if is_pty else {"stdout": out.offset, "stderr": err.offset}
+            )
             return {"type": "attach", "pid": pid, "request_id": request_id, "since": since}
 
         try:
@@ -745,18 +804,22 @@ class AsyncSandbox:
                     continue
                 kind = item.get("type")
                 if kind == "output":
-                    stream = out if item.get("stream") == "stdout" else err
+                    stream = err if item.get("stream") == "stderr" else out
                     offset = item.get("offset")
                     stream.feed(
                         str(item.get("data", "")), offset if isinstance(offset, int) else None
                     )
                 elif kind == "started":
                     pid = _pid(item)
+                    if on_started is not None:
+                        on_started(item)
                 elif kind == "attached":
                     pid = _pid(item) if "pid" in item else pid
                 elif kind == "result":
                     return CommandResult.from_message(item, out.text(), err.text())
                 elif kind == "error":
+                    if pid is not None and item.get("error_code") in _IGNORED_AFTER_START:
+                        continue
                     if item.get("error_code") in _RESUMABLE_CODES and resumable and pid:
                         continue  # the close follows; re-attach then
                     raise error_from_reply(item)
@@ -802,6 +865,52 @@ class AsyncSandbox:
     async def _control(self, message: dict[str, Any], kind: str) -> dict[str, Any]:
         request_id = _new_id()
         return await self._ask({**message, "request_id": request_id}, request_id, kind)
+
+    async def pty(
+        self,
+        cols: int = 80,
+        rows: int = 24,
+        *,
+        command: str | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        on_data: OutputCallback | None = None,
+    ) -> AsyncPty:
+        """Start an interactive terminal (a login ``bash -l``, or ``bash -c command``) of
+        ``cols`` x ``rows``; ``on_data`` gets what it writes, as text. The terminal outlives
+        this connection (redialled and re-attached from the last offset after a drop)."""
+        request_id = _new_id()
+        message: dict[str, Any] = {"type": "pty", "request_id": request_id}
+        message.update(cols=cols, rows=rows)
+        optional = {"command": command, "cwd": cwd, "env": dict(env) if env else None}
+        message.update({k: v for k, v in optional.items() if v is not None})
+        started: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+        def on_started(reply: dict[str, Any]) -> None:
+            if not started.done():
+                started.set_result(reply)
+
+        out = _Stream(on_data)
+        follow = asyncio.create_task(
+            self._follow(
+                request_id,
+                None,
+                out,
+                _Stream(None),
+                attach=False,
+                first=message,
+                on_started=on_started,
+            )
+        )
+        # Its failure is re-raised by wait(); never logged as "never retrieved".
+        follow.add_done_callback(lambda t: t.cancelled() or t.exception())
+        waiting: set[asyncio.Future[Any]] = {started, follow}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            started.cancel()
+            follow.result()  # raises what ended it (an error reply, a gone sandbox)
+            raise GatewayError("the PTY ended before it started")
+        return AsyncPty(self, _pid(started.result()), request_id, out, follow)
 
     async def processes(self) -> builtins.list[ProcessInfo]:
         """The sandbox's running and recently finished commands."""

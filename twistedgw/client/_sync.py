@@ -13,6 +13,7 @@ from typing import IO, Any, Literal, TypeVar, overload
 from twistedgw.client._async import (
     AsyncFiles,
     AsyncProcess,
+    AsyncPty,
     AsyncSandbox,
     OutputCallback,
     ProgressCallback,
@@ -71,6 +72,39 @@ class Process:
 
     def signal(self, name: str = "TERM") -> bool:
         return _run(self._inner.signal(name))
+
+    def kill(self) -> bool:
+        return _run(self._inner.kill())
+
+
+class Pty:
+    """An interactive terminal in the sandbox (sync flavour of ``AsyncPty``)."""
+
+    def __init__(self, inner: AsyncPty) -> None:
+        self._inner = inner
+
+    @property
+    def pid(self) -> int:
+        return self._inner.pid
+
+    @property
+    def done(self) -> bool:
+        return self._inner.done
+
+    def __repr__(self) -> str:
+        return f"<Pty pid={self.pid}>"
+
+    def output(self) -> str:
+        return self._inner.output()
+
+    def send(self, data: str) -> None:
+        _run(self._inner.send(data))
+
+    def resize(self, cols: int, rows: int) -> None:
+        _run(self._inner.resize(cols, rows))
+
+    def wait(self, timeout: float | None = None) -> CommandResult:
+        return _run(self._inner.wait(timeout))
 
     def kill(self) -> bool:
         return _run(self._inner.kill())
@@ -294,6 +328,21 @@ class Sandbox:
                 on_stdout=on_stdout,
                 on_stderr=on_stderr,
             )
+        )
+
+    def pty(
+        self,
+        cols: int = 80,
+        rows: int = 24,
+        *,
+        command: str | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        on_data: OutputCallback | None = None,
+    ) -> Pty:
+        """Start an interactive terminal (see ``AsyncSandbox.pty``)."""
+        return Pty(
+            _run(self._inner.pty(cols, rows, command=command, cwd=cwd, env=env, on_data=on_data))
         )
 
     def processes(self) -> builtins.list[ProcessInfo]:
