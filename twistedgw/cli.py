@@ -10,6 +10,7 @@ import os
 import select
 import shlex
 import signal
+import stat
 import sys
 import termios
 import time
@@ -202,6 +203,16 @@ def keepalive(ctx: _Context, sandbox_id: str, extend_by: float | None) -> None:
     click.echo(f"{info.sandbox_id} {info.state or info.status}{expires}")
 
 
+def _piped(stream: Any) -> bool:
+    """Whether ``stream`` is a pipe or a file (passed to the command), not a terminal or
+    /dev/null."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
 def _exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
@@ -238,7 +249,7 @@ def exec_(
     if not command:
         raise click.UsageError("no command given (exec ID -- CMD...)")
     line = command[0] if len(command) == 1 else shlex.join(command)
-    stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    stdin = sys.stdin.read() if _piped(sys.stdin) else None
     sandbox = ctx.connect(sandbox_id)
     try:
         result = sandbox.run(
