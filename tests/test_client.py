@@ -153,7 +153,16 @@ def test_http_statuses_map_to_one_exception_each(status: int, body: Any, kind: t
 
 
 def test_a_404_with_a_removal_reason_says_why_the_sandbox_is_gone() -> None:
-    error = error_from_http(404, {"error": "x", "status": "removed", "reason": "idle"}, "abc")
+    error = error_from_http(
+        404,
+        {
+            "error": "Sandbox abc was removed (idle)",
+            "sandbox_id": "abc",
+            "status": "removed",
+            "reason": "idle",
+        },
+        "abc",
+    )
     assert isinstance(error, SandboxGone)
     assert error.reason == "idle" and "removed (idle)" in str(error)
 
