@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import secrets
 import select
 import shlex
 import signal
@@ -251,6 +252,7 @@ def exec_(
     line = command[0] if len(command) == 1 else shlex.join(command)
     stdin = sys.stdin.read() if _piped(sys.stdin) else None
     sandbox = ctx.connect(sandbox_id)
+    request_id = secrets.token_hex(16)
     try:
         result = sandbox.run(
             line,
@@ -261,7 +263,11 @@ def exec_(
             session=session,
             on_stdout=_writer(sys.stdout),
             on_stderr=_writer(sys.stderr),
+            request_id=request_id,
         )
+    except KeyboardInterrupt:
+        sandbox.cancel(request_id)  # Ctrl-C ends the command too (it would run on)
+        raise
     finally:
         sandbox.close()
     sys.exit(_exit_status(result.exit_code))

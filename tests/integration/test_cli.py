@@ -85,6 +85,28 @@ def test_create_ls_exec_keepalive_ps_attach_rm(gateway: GatewayProcess) -> None:
     assert gateway.get(f"/sandboxes/{sandbox_id}").status_code == 404
 
 
+def test_ctrl_c_on_exec_cancels_the_command_in_the_sandbox(gateway: GatewayProcess) -> None:
+    sandbox_id = gateway.create()
+    environ = gateway_env()
+    environ["TWISTEDGW_URL"] = gateway.url
+    process = subprocess.Popen(
+        [CLI, "exec", sandbox_id, "--", "echo started; sleep 60"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "started\n"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and "Traceback" not in err
+    ps = cli("ps", sandbox_id, url=gateway.url)
+    line = next(line for line in ps.stdout.splitlines() if "sleep 60" in line)
+    assert "running" not in line and "-9" in line.split()
+
+
 def test_cp_files_and_directories_both_ways(gateway: GatewayProcess, tmp_path: Path) -> None:
     sandbox_id = gateway.create()
     big = tmp_path / "big.bin"

@@ -691,6 +691,7 @@ class AsyncSandbox:
         on_stdout: OutputCallback | None = ...,
         on_stderr: OutputCallback | None = ...,
         background: Literal[False] = ...,
+        request_id: str | None = ...,
     ) -> CommandResult: ...
 
     @overload
@@ -706,6 +707,7 @@ class AsyncSandbox:
         on_stdout: OutputCallback | None = ...,
         on_stderr: OutputCallback | None = ...,
         background: Literal[True],
+        request_id: str | None = ...,
     ) -> AsyncProcess: ...
 
     async def run(
@@ -720,6 +722,7 @@ class AsyncSandbox:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         background: bool = False,
+        request_id: str | None = None,
     ) -> CommandResult | AsyncProcess:
         """Run ``cmd`` (``bash -c``) and return its result; a non-zero exit is a result with
         ``success`` false, a command that hit ``timeout`` raises ``CommandTimeout``. Output is
@@ -728,8 +731,10 @@ class AsyncSandbox:
         which have no process handle: ``ConnectionLost``).
 
         With ``background=True``: a process handle at once (``wait``, ``kill``, ``signal``);
-        its output goes to the callbacks while ``wait`` follows it."""
-        request_id = _new_id()
+        its output goes to the callbacks while ``wait`` follows it.
+
+        ``request_id`` (default: a fresh one) names the command, for ``cancel``."""
+        request_id = request_id or _new_id()
         message = self._command_message(cmd, request_id, timeout, cwd, env, stdin, session)
         if background:
             if session is not None:

@@ -46,7 +46,12 @@ class _LoopThread:
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     loop = _LoopThread.loop()
-    return asyncio.run_coroutine_threadsafe(coro, loop).result()
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()  # Ctrl-C (KeyboardInterrupt) here stops the coroutine too
+        raise
 
 
 class Process:
@@ -272,6 +277,7 @@ class Sandbox:
         on_stdout: OutputCallback | None = ...,
         on_stderr: OutputCallback | None = ...,
         background: Literal[False] = ...,
+        request_id: str | None = ...,
     ) -> CommandResult: ...
 
     @overload
@@ -287,6 +293,7 @@ class Sandbox:
         on_stdout: OutputCallback | None = ...,
         on_stderr: OutputCallback | None = ...,
         background: Literal[True],
+        request_id: str | None = ...,
     ) -> Process: ...
 
     def run(
@@ -301,6 +308,7 @@ class Sandbox:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         background: bool = False,
+        request_id: str | None = None,
     ) -> CommandResult | Process:
         """Run a command (see ``AsyncSandbox.run``)."""
         if background:
@@ -314,6 +322,7 @@ class Sandbox:
                     on_stdout=on_stdout,
                     on_stderr=on_stderr,
                     background=True,
+                    request_id=request_id,
                 )
             )
             return Process(process)
@@ -327,6 +336,7 @@ class Sandbox:
                 session=session,
                 on_stdout=on_stdout,
                 on_stderr=on_stderr,
+                request_id=request_id,
             )
         )
 
