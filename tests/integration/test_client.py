@@ -260,7 +260,10 @@ def test_pty_input_output_resize_exit_and_a_cut_connection(gateway: GatewayProce
             _until(lambda: "30 100" in term.output())
             relay.cut()
             _until(lambda: sb.aio._channel.dials == 2)  # redialled and re-attached
-            time.sleep(0.3)  # keystrokes sent into a dropping connection may be lost
+            # Keystrokes sent into a dropping connection may be lost: wait until the input
+            # connection has seen the drop too (the next send redials it).
+            side = sb.aio._side
+            _until(lambda: side is not None and side.ws is None)
             term.send("echo after-$((40 + 2))\n")
             _until(lambda: "after-42" in term.output())
             screen = term.output()
