@@ -2,6 +2,13 @@
 
 from setuptools import find_packages, setup
 
+CLIENT_REQUIRES = [
+    "httpx>=0.27",
+    "websockets>=13",
+    "click>=8.1",
+    "rich>=13",
+]
+
 setup(
     name="twistedgw",
     version="0.1.0",
@@ -21,7 +28,11 @@ setup(
         "prometheus_client>=0.20",
     ],
     extras_require={
+        # The client library (twistedgw.client) and the `twistedgw` CLI: asyncio, for users'
+        # own programs (the gateway itself is Twisted and needs none of these).
+        "client": CLIENT_REQUIRES,
         "test": [
+            *CLIENT_REQUIRES,
             "pytest>=8",
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
@@ -36,4 +47,5 @@ setup(
             "mutmut>=3.8,<3.9",
         ],
     },
+    entry_points={"console_scripts": ["twistedgw = twistedgw.cli:main"]},
 )

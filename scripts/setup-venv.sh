@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or refresh) the project's virtualenv in .venv with the gateway and its test tools.
+# Create (or refresh) the project's virtualenv in .venv with the gateway, its client library
+# and CLI (the `client` extra) and its test tools.
 # Re-installs only when setup.py changed since the last install.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,7 +29,7 @@ want=$(sha256sum "$here/setup.py" | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing twistedgw and its dependencies into $venv (pip)"
     "$venv/bin/python" -m pip install -q --upgrade pip
-    "$venv/bin/python" -m pip install -q -e "$here[test]"
+    "$venv/bin/python" -m pip install -q -e "$here[client,test]"
     echo "$want" >"$stamp"
 fi
 # An editable install does not put the twisted/plugins dropin on twisted.plugins' path (a

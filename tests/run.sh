@@ -2,7 +2,8 @@
 # ./tests/run.sh [pytest args...]
 #
 # The whole test suite on this machine: sets up the venv, starts a Docker engine if none runs,
-# builds the sandbox image and its templates (python) if missing or stale, runs ruff and mypy,
+# installs tmux if missing (the CLI shell test), builds the sandbox image and its templates
+# (python) if missing or stale, runs ruff and mypy,
 # then pytest (fast in-memory tests and integration tests against the real engine and images,
 # on loopback). SANDBOX_IMAGE and TEMPLATE_IMAGE_PREFIX name other images (build.sh).
 set -euo pipefail
@@ -22,6 +23,7 @@ log "mypy"
 mypy
 
 scripts/ensure-docker.sh
+scripts/ensure-tmux.sh
 sandbox-image/build.sh
 
 log "pytest"

@@ -1,0 +1,275 @@
+"""The client library (``twistedgw.client``) against a real gateway process and the real
+engine: sync and asyncio flavours, files, background processes, errors, and a dropped
+connection redialled and resumed from the last offset (through a loopback TCP relay)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.integration.conftest import GatewayProcess
+from tests.integration.tcprelay import TcpRelay
+from twistedgw.client import (
+    AsyncSandbox,
+    AuthError,
+    Backoff,
+    CommandTimeout,
+    GatewayError,
+    Sandbox,
+    SandboxGone,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_sync_run_returns_a_typed_result_with_output_exit_code_and_callbacks(
+    gateway: GatewayProcess,
+) -> None:
+    chunks: list[str] = []
+    with Sandbox.create(url=gateway.url, env={"GREETING": "hi"}, idle_timeout=600) as sb:
+        result = sb.run(
+            'echo "$GREETING $X from $(pwd)"; echo oops >&2; read line; echo "got $line"; exit 3',
+            env={"X": "there"},
+            cwd="/tmp",
+            stdin="typed\n",
+            on_stdout=chunks.append,
+        )
+        assert result.stdout == "hi there from /tmp\ngot typed\n"
+        assert result.stderr == "oops\n"
+        assert (result.exit_code, result.success, result.timed_out) == (3, False, False)
+        assert result.pid is not None and result.pid > 0
+        assert "".join(chunks) == result.stdout
+        info = sb.info()
+        assert info.sandbox_id == sb.sandbox_id and info.idle_timeout == 600
+        sandbox_id = sb.sandbox_id
+    # The context manager deleted it.
+    assert gateway.get(f"/sandboxes/{sandbox_id}").status_code == 404
+
+
+def test_sessions_keep_state_and_timeouts_raise_command_timeout(gateway: GatewayProcess) -> None:
+    with Sandbox.create(url=gateway.url) as sb:
+        sb.run("cd /tmp && export K=v", session="s1")
+        assert sb.run('echo "$(pwd) $K"', session="s1").stdout == "/tmp v\n"
+        started = time.monotonic()
+        with pytest.raises(CommandTimeout) as caught:
+            sb.run("echo before; sleep 30", timeout=1)
+        assert time.monotonic() - started < 10
+        assert caught.value.result.stdout == "before\n"
+        assert caught.value.result.exit_code == -9
+
+
+def test_invalid_requests_raise_gateway_errors_with_the_protocols_code(
+    gateway: GatewayProcess,
+) -> None:
+    with Sandbox.create(url=gateway.url) as sb:
+        with pytest.raises(GatewayError) as caught:
+            sb.run("true", cwd="/no/such/dir")
+        assert caught.value.code == "invalid_cwd"
+        with pytest.raises(GatewayError) as refused:
+            Sandbox.create(url=gateway.url, memory="64g")
+        assert refused.value.status == 400 and "memory" in str(refused.value)
+
+
+def test_background_process_wait_attach_processes_and_kill(gateway: GatewayProcess) -> None:
+    with Sandbox.create(url=gateway.url) as sb:
+        process = sb.run("for i in 1 2 3; do echo $i; sleep 0.2; done", background=True)
+        listed = {p.pid: p for p in sb.processes()}
+        assert listed[process.pid].background and listed[process.pid].running
+        result = process.wait(timeout=30)
+        assert result.stdout == "1\n2\n3\n" and result.exit_code == 0
+        # Attaching to the finished process replays its output.
+        replay: list[str] = []
+        again = sb.attach(process.pid, on_stdout=replay.append).wait(timeout=30)
+        assert "".join(replay) == "1\n2\n3\n" and again.exit_code == 0
+        sleeper = sb.run("sleep 60", background=True)
+        assert sleeper.kill() is True
+        assert sleeper.wait(timeout=30).exit_code == -9
+        with pytest.raises(GatewayError) as unknown:
+            sb.attach(999999)
+        assert unknown.value.code == "unknown_process"
+
+
+def test_files_write_read_list_remove_and_directories_both_ways(
+    gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    with Sandbox.create(url=gateway.url) as sb:
+        assert sb.files.write("data/a.txt", "hello\n") == 6
+        sb.files.write("data/b.bin", bytes(range(256)) * 64, mode=0o600)
+        assert sb.files.read("data/a.txt") == b"hello\n"
+        entries = {e.name: e for e in sb.files.list("data")}
+        assert entries["b.bin"].size == 16384 and entries["b.bin"].mode == "0600"
+        assert sb.run("cat data/a.txt").stdout == "hello\n"
+        sb.files.remove("data/a.txt")
+        assert not sb.files.exists("data/a.txt") and sb.files.exists("data/b.bin")
+
+        local = tmp_path / "src"
+        (local / "pkg").mkdir(parents=True)
+        (local / "pkg" / "mod.py").write_text("X = 1\n")
+        (local / "top.txt").write_text("top\n")
+        assert sb.files.upload_dir(local, "proj") >= 3
+        assert sb.run("cat proj/pkg/mod.py proj/top.txt").stdout == "X = 1\ntop\n"
+        sb.files.download_dir("proj", tmp_path / "back")
+        assert (tmp_path / "back" / "pkg" / "mod.py").read_text() == "X = 1\n"
+        sb.files.remove("proj", recursive=True)
+        assert not sb.files.exists("proj")
+
+
+def test_keepalive_connect_delete_and_sandbox_gone(gateway: GatewayProcess) -> None:
+    sb = Sandbox.create(url=gateway.url, delete_on_exit=False)
+    try:
+        other = Sandbox.connect(sb.sandbox_id, url=gateway.url)
+        assert other.run("echo same").stdout == "same\n"
+        assert other.keepalive().sandbox_id == sb.sandbox_id
+        other.close()
+    finally:
+        sb.delete()
+    with pytest.raises(SandboxGone, match="removed"):
+        Sandbox.connect(sb.sandbox_id, url=gateway.url)
+    with pytest.raises(SandboxGone):
+        sb.run("true")
+    sb.close()
+
+
+def test_a_sandbox_deleted_under_a_running_command_raises_sandbox_gone(
+    gateway: GatewayProcess,
+) -> None:
+    sb = Sandbox.create(url=gateway.url, delete_on_exit=False)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sb.run("sleep 60")
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(1.0)
+    assert gateway.delete(sb.sandbox_id).status_code == 200
+    thread.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], SandboxGone), errors
+    sb.close()
+
+
+def test_tokens_are_sent_and_a_wrong_one_is_an_auth_error(
+    make_gateway: Any, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("right-token-0123456789\n")
+    gw = make_gateway("--tokens-file", str(tokens))
+    with pytest.raises(AuthError):
+        Sandbox.create(url=gw.url, token="wrong-token-0123456789")
+    with Sandbox.create(url=gw.url, token="right-token-0123456789") as sb:
+        assert sb.run("echo ok").stdout == "ok\n"
+        with pytest.raises(AuthError):
+            Sandbox.connect(sb.sandbox_id, url=gw.url, token="wrong-token-0123456789")
+
+
+def test_async_client_runs_commands_concurrently_and_deletes_on_exit(
+    gateway: GatewayProcess,
+) -> None:
+    async def main() -> str:
+        async with await AsyncSandbox.create(url=gateway.url) as sb:
+            started = time.monotonic()
+            results = await asyncio.gather(*(sb.run(f"sleep 1; echo {i}") for i in range(4)))
+            assert time.monotonic() - started < 3.5  # concurrent on one connection
+            assert [r.stdout for r in results] == [f"{i}\n" for i in range(4)]
+            await sb.files.write("f.txt", b"async")
+            assert await sb.files.read("f.txt") == b"async"
+            process = await sb.run("echo bg; exit 4", background=True)
+            assert (await process.wait(30)).exit_code == 4
+            return sb.sandbox_id
+
+    sandbox_id = asyncio.run(main())
+    assert requests.get(f"{gateway.url}/sandboxes/{sandbox_id}", timeout=30).status_code == 404
+
+
+def test_a_dropped_connection_is_redialled_and_output_resumed_from_the_last_offset(
+    gateway: GatewayProcess,
+) -> None:
+    relay = TcpRelay(gateway.port)
+    fast = Backoff(initial=0.05, maximum=0.5, attempts=10)
+    try:
+
+        async def main() -> None:
+            async with await AsyncSandbox.create(url=relay.url, backoff=fast) as sb:
+                seen: list[str] = []
+                got_three = asyncio.Event()
+
+                def on_stdout(data: str) -> None:
+                    seen.append(data)
+                    if "3\n" in "".join(seen):
+                        got_three.set()
+
+                command = "for i in $(seq 1 8); do echo $i; sleep 0.25; done; echo err >&2"
+                run = asyncio.create_task(sb.run(command, on_stdout=on_stdout))
+                await asyncio.wait_for(got_three.wait(), 20)
+                assert relay.cut() >= 1
+                result = await asyncio.wait_for(run, 30)
+                expected = "".join(f"{i}\n" for i in range(1, 9))
+                assert result.stdout == expected and "".join(seen) == expected
+                assert result.stderr == "err\n" and result.exit_code == 0
+                assert sb._channel.dials == 2
+
+                # A background process followed by wait() survives a cut too.
+                process = await sb.run(
+                    "for i in $(seq 1 6); do echo b$i; sleep 0.25; done", background=True
+                )
+                waiting = asyncio.create_task(process.wait(30))
+                await asyncio.sleep(0.6)
+                relay.cut()
+                resumed = await waiting
+                assert resumed.stdout == "".join(f"b{i}\n" for i in range(1, 7))
+
+        asyncio.run(main())
+    finally:
+        relay.close()
+
+
+def test_an_unreachable_gateway_is_a_gateway_error_not_a_traceback_of_httpx() -> None:
+    relay = TcpRelay(1)  # forwards to a closed port: every connection is dropped at once
+    relay.close()
+    with pytest.raises(GatewayError, match="cannot reach"):
+        Sandbox.create(url=relay.url)
+
+
+def _until(predicate: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_pty_input_output_resize_exit_and_a_cut_connection(gateway: GatewayProcess) -> None:
+    relay = TcpRelay(gateway.port)
+    fast = Backoff(initial=0.05, maximum=0.5, attempts=10)
+    try:
+        with Sandbox.create(url=relay.url, backoff=fast) as sb:
+            term = sb.pty(cols=80, rows=24)
+            _until(lambda: "$ " in term.output())
+            term.send("stty size\n")
+            _until(lambda: "24 80" in term.output())
+            term.resize(100, 30)
+            term.send("stty size\n")
+            _until(lambda: "30 100" in term.output())
+            relay.cut()
+            _until(lambda: sb.aio._channel.dials == 2)  # redialled and re-attached
+            # Keystrokes sent into a dropping connection may be lost: wait until the input
+            # connection has seen the drop too (the next send redials it).
+            side = sb.aio._side
+            _until(lambda: side is not None and side.ws is None)
+            term.send("echo after-$((40 + 2))\n")
+            _until(lambda: "after-42" in term.output())
+            screen = term.output()
+            assert screen.count("after-42") == 1 and screen.count("30 100") == 1  # no replays
+            term.send("exit 3\n")
+            assert term.wait(timeout=20).exit_code == 3
+            assert term.done
+    finally:
+        relay.close()
