@@ -124,6 +124,8 @@ class GatewayConfig:
     max_upload: int = 1024 * 1024 * 1024
     paused_timeout: float = 86400.0
     snapshot_dir_option: str | None = None
+    #: ``docker`` (containers, state file) or ``swarm`` (services, state in the cluster).
+    backend: str = "docker"
 
     @property
     def snapshot_dir(self) -> Path:
@@ -196,4 +198,5 @@ class GatewayConfig:
             ping_interval=options["ping-interval"],
             egress=options.get("egress-policy") or EgressPolicy(),
             resources=options.get("resource-policy") or ResourcePolicy(),
+            backend=options.get("backend") or "docker",
         )

@@ -37,6 +37,7 @@ from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.docker import DockerRuntime
 from twistedgw.runtime.hardening import ContainerLimits, size_bytes
+from twistedgw.runtime.swarm import SwarmRuntime
 from twistedgw.sandbox import Resources
 from twistedgw.service import ProxyService, ShutdownSignals
 from twistedgw.snapshots import SnapshotStore
@@ -241,6 +242,13 @@ class Options(usage.Options):
         ],
         ["docker-url", None, None, "Docker engine URL (default: from DOCKER_HOST, like the CLI)."],
         [
+            "backend",
+            None,
+            "docker",
+            "Where sandboxes run: docker (containers of one engine, state in a local file) or "
+            "swarm (Swarm services; state in the cluster; --docker-url names a manager).",
+        ],
+        [
             "instance",
             None,
             "default",
@@ -411,6 +419,10 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--port {port} is not a TCP port number")
             port = f"tcp:{port}"
         self["port"] = port
+        if self["backend"] not in ("docker", "swarm"):
+            raise usage.UsageError("--backend must be docker or swarm")
+        if self["backend"] == "swarm" and self["pool-sizes"] and any(self["pool-sizes"].values()):
+            raise usage.UsageError("--pool-size: the swarm backend has no warm pool yet")
         if not self["image"]:
             raise usage.UsageError("--image must not be empty")
         if self["idle-timeout"] > self["max-idle-timeout"]:
@@ -519,7 +531,8 @@ def makeService(options: Options) -> IService:
         tmp_size=config.tmp_size,
         runtime=config.container_runtime,
     )
-    runtime = DockerRuntime(
+    runtime_class = SwarmRuntime if config.backend == "swarm" else DockerRuntime
+    runtime = runtime_class(
         reactor,
         image=config.image,
         instance=config.instance,
