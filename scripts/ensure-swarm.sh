@@ -8,12 +8,21 @@
 # 172.17.0.0/16), which other work uses at the same time. So it has its own everything:
 #   --data-root, --exec-root, --pidfile, a Unix socket only (no TCP), its own containerd
 #   namespaces, an empty config file (never /etc/docker/daemon.json), no live-restore
-#   (swarm refuses it), its own bridge `tgwswarm0` (10.213.0.1/24, created here: with
-#   `--bridge none` dockerd deletes a `docker0` it finds, the default engine's), address pools
-#   in 10.213.128.0/17 (docker_gwbridge) and 10.214.0.0/16 (swarm networks), and
-#   --iptables=false: with iptables on, two engines would rewrite the same DOCKER chains.
+#   (swarm refuses it), its own bridge `tgwswarm0` (10.213.0.1/24, created here),
+#   `docker_gwbridge` made here before `swarm init` on 10.213.128.0/24 (Docker's documented
+#   way to choose its subnet), swarm networks in 10.214.0.0/16 (`swarm init
+#   --default-addr-pool`), and --iptables=false: with iptables on, two engines would rewrite
+#   the same DOCKER chains.
+#
+#   NEVER give this dockerd `--bridge none` or `--default-address-pool`: dockerd deletes the
+#   link named `docker0` (the default engine's!) at start-up with the first, and at every
+#   restart with the second when live-restore is off (moby daemon_unix.go,
+#   removeDefaultBridgeInterface; it happened here on 2026-11-26). The script checks that
+#   docker0 survived every start and fails loudly if not.
 #   The cost: its containers get no NAT to the outside (the gateway reaches agents over Unix
 #   sockets in volumes, never over the network) and no inter-bridge isolation rules.
+#   --no-new-privileges: a service spec (API 1.41) cannot ask for it per container, so the
+#   engine sets it for every container (SECURITY.md, the Swarm table).
 set -euo pipefail
 
 log() { printf '[ensure-swarm] %s\n' "$*" >&2; }
@@ -37,7 +46,7 @@ stop() {
         log "stopping the swarm engine (dockerd pid $pid)"
         kill -TERM "$pid"
         for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        kill -0 "$pid" 2>/dev/null && die "dockerd $pid did not stop within 20 s"
+        if kill -0 "$pid" 2>/dev/null; then die "dockerd $pid did not stop within 20 s"; fi
     else
         log "the swarm engine is not running"
     fi
@@ -59,6 +68,8 @@ esac
 command -v dockerd >/dev/null 2>&1 || die "dockerd is missing; run scripts/ensure-docker.sh first"
 ip link show docker0 >/dev/null 2>&1 || log "warning: the default engine's docker0 is missing (not ours to fix)"
 
+had_docker0=no
+ip link show docker0 >/dev/null 2>&1 && had_docker0=yes
 if ! running; then
     mkdir -p "$run_dir" "$data_root"
     if ! ip link show "$bridge" >/dev/null 2>&1; then
@@ -78,18 +89,29 @@ if ! running; then
         --containerd-namespace twistedgw-swarm \
         --containerd-plugins-namespace twistedgw-swarm-plugins \
         --bridge "$bridge" \
-        --default-address-pool base=10.213.128.0/17,size=24 \
         --iptables=false --ip-masq=false \
+        --no-new-privileges \
         >>"$logfile" 2>&1 </dev/null &
     for _ in $(seq 1 120); do
         "${swarm[@]}" info >/dev/null 2>&1 && break
         sleep 0.5
     done
     "${swarm[@]}" info >/dev/null 2>&1 || { tail -n 20 "$logfile" >&2; die "the swarm engine did not answer within 60 s"; }
+    if [ "$had_docker0" = yes ] && ! ip link show docker0 >/dev/null 2>&1; then
+        die "docker0 of the default engine vanished while this engine started: every published port of the default engine is down. Repair: ip link add docker0 type bridge; ip addr add 172.17.0.1/16 dev docker0; ip link set docker0 up; then 'ip link set <veth> master docker0' for each veth without a master"
+    fi
 fi
 
 state=$("${swarm[@]}" info --format '{{.Swarm.LocalNodeState}}')
 if [ "$state" != active ]; then
+    if ! "${swarm[@]}" network inspect docker_gwbridge >/dev/null 2>&1; then
+        log "creating docker_gwbridge on 10.213.128.0/24 (before swarm init picks a subnet)"
+        "${swarm[@]}" network create --subnet 10.213.128.0/24 \
+            --opt com.docker.network.bridge.name=docker_gwbridge \
+            --opt com.docker.network.bridge.enable_icc=false \
+            --opt com.docker.network.bridge.enable_ip_masquerade=false \
+            docker_gwbridge >/dev/null
+    fi
     log "docker swarm init (advertise 127.0.0.1, pools 10.214.0.0/16)"
     "${swarm[@]}" swarm init --advertise-addr 127.0.0.1 --listen-addr 127.0.0.1:2377 \
         --default-addr-pool 10.214.0.0/16 --default-addr-pool-mask-length 24 >/dev/null

@@ -47,6 +47,11 @@ def test_swarm_seed_flow(make_swarm_gateway: Any, swarm_client: Any) -> None:
     with connect(f"{gateway.ws_url}/ws/{sandbox_id}") as ws:
         result = run(ws, "echo hello; id -u", request_id="r1")
         assert (result["success"], result["output"]) == (True, "hello\n1000\n")
+        # The engine's --no-new-privileges (a service spec cannot ask for it).
+        assert run(ws, "grep NoNewPrivs /proc/self/status")["output"].split() == [
+            "NoNewPrivs:",
+            "1",
+        ]
         assert run(ws, "echo kept > notes.txt")["success"] is True
     with connect(f"{gateway.ws_url}/ws/{sandbox_id}") as ws:
         assert run(ws, "cat notes.txt")["output"] == "kept\n"
