@@ -20,6 +20,7 @@ from twistedgw.egress.policy import EgressPolicy, parse_cidrs, parse_patterns
 from twistedgw.egress.proxy import connect_tcp, loopback_only
 from twistedgw.egress.resolver import HostsResolver, resolver_from_environ
 from twistedgw.egress.service import EgressProxies
+from twistedgw.lease import ClusterLease, new_holder_id
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.lifecycle.resources import DEFAULT_MAXIMA, ResourcePolicy
@@ -41,9 +42,10 @@ from twistedgw.runtime.swarm import SwarmRuntime
 from twistedgw.sandbox import Resources
 from twistedgw.service import ProxyService, ShutdownSignals
 from twistedgw.snapshots import SnapshotStore
-from twistedgw.state import StateFile
+from twistedgw.state import ClusterState, StateFile
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.auth import Authenticator, read_tokens
+from twistedgw.web.cluster import ClusterLookup
 from twistedgw.web.events import SandboxEvents
 from twistedgw.web.files import FileRoutes
 from twistedgw.web.site import EdgePolicy, default_hosts, fit_descriptors, make_site
@@ -582,7 +584,12 @@ def makeService(options: Options) -> IService:
         runtime,
         reactor,
         policy=policy,
-        state=StateFile(config.state_file, reactor),
+        # Swarm: no gateway-local state; it lives in service labels (twistedgw.state).
+        state=(
+            ClusterState(runtime, reactor)
+            if isinstance(runtime, SwarmRuntime)
+            else StateFile(config.state_file, reactor)
+        ),
         pool_sizes=config.pool_sizes,
         templates=templates,
         agent_ready_timeout=config.agent_ready_timeout,
@@ -594,7 +601,13 @@ def makeService(options: Options) -> IService:
     manager.setServiceParent(root)
 
     events = SandboxEvents()
-    reaper = Reaper(manager, events, warn_before=max(60.0, 2 * config.reap_interval))
+    lease = None
+    if isinstance(runtime, SwarmRuntime):
+        # Each sandbox reaped once, whichever gateways serve it (twistedgw.lease).
+        lease = ClusterLease(
+            runtime, reactor, new_holder_id(), ttl=max(60.0, 4 * config.reap_interval)
+        )
+    reaper = Reaper(manager, events, warn_before=max(60.0, 2 * config.reap_interval), lease=lease)
     make_reaper_service(reaper, config.reap_interval, reactor).setServiceParent(root)
 
     authenticator = Authenticator.from_tokens(config.tokens)
@@ -632,9 +645,11 @@ def makeService(options: Options) -> IService:
         snapshots=snapshots,
     )
     endpoint = serverFromString(reactor, config.port)
-    web = StreamServerEndpointService(
-        endpoint, make_site(api, policy=edge_policy(config, authenticator))
-    )
+    site = make_site(api, policy=edge_policy(config, authenticator))
+    if isinstance(runtime, SwarmRuntime):
+        # Sandboxes another gateway created are looked up in the cluster, not 404.
+        site.resource = ClusterLookup(site.resource, manager, reactor)
+    web = StreamServerEndpointService(endpoint, site)
     web.setName("http")
     web.setServiceParent(root)
     return root

@@ -27,6 +27,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
 from twistedgw.runtime.docker import DockerRuntime, missing_image_message
 from twistedgw.runtime.hardening import (
     AGENT_UID,
@@ -40,6 +43,7 @@ from twistedgw.runtime.interface import (
     ContainerFailed,
     ContainerInfo,
     ContainerSpec,
+    IClusterLabels,
     ImageMissing,
 )
 from twistedgw.runtime.labels import (
@@ -51,6 +55,7 @@ from twistedgw.runtime.labels import (
     float_label,
     instance_labels,
     labels_for,
+    saved_from_label,
     settings_from,
 )
 from twistedgw.sandbox import is_valid_sandbox_id
@@ -88,6 +93,7 @@ def _latest_task(tasks: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return max(tasks, key=lambda t: (t.get("Version") or {}).get("Index", 0))
 
 
+@implementer(IClusterLabels)
 class SwarmRuntime(DockerRuntime):
     """``IContainerRuntime`` over Swarm services (one replica each); see the module doc.
 
@@ -274,6 +280,7 @@ class SwarmRuntime(DockerRuntime):
             oom_killed=False,
             for_pool=labels.get(LABEL_POOL) == "true",
             agent_socket=f"{mountpoint}/{SOCKET_NAME}" if mountpoint else None,
+            saved=saved_from_label(labels),
         )
 
     def _thd_list(self) -> list[ContainerInfo]:
@@ -297,6 +304,65 @@ class SwarmRuntime(DockerRuntime):
                 continue
             infos.append(info)
         return infos
+
+    # -- IClusterLabels --------------------------------------------------------------------
+
+    def read_labels(self, container_id: str) -> Deferred[tuple[int, dict[str, str]]]:
+        return self._defer(self._thd_read_labels, container_id)
+
+    def write_labels(
+        self, container_id: str, version: int, changes: Mapping[str, str | None]
+    ) -> Deferred[bool]:
+        return self._defer(self._thd_write_labels, container_id, version, dict(changes))
+
+    def _thd_read_labels(self, container_id: str) -> tuple[int, dict[str, str]]:
+        import docker.errors
+
+        try:
+            service = self._thd_client().api.inspect_service(container_id)
+        except docker.errors.NotFound as e:
+            raise ContainerFailed(f"sandbox service {container_id[:12]} is gone") from e
+        version = int((service.get("Version") or {}).get("Index") or 0)
+        return version, dict((service.get("Spec") or {}).get("Labels") or {})
+
+    def _thd_write_labels(
+        self, container_id: str, version: int, changes: Mapping[str, str | None]
+    ) -> bool:
+        """A label-only ``service update`` at ``version`` (Swarm refuses a stale version:
+        that is the compare-and-swap). The task spec is sent back unchanged, so the task
+        is not restarted (checked by tests/integration/test_swarm_cluster.py)."""
+        import docker.errors
+
+        api = self._thd_client().api
+        try:
+            service = api.inspect_service(container_id)
+        except docker.errors.NotFound as e:
+            raise ContainerFailed(f"sandbox service {container_id[:12]} is gone") from e
+        if int((service.get("Version") or {}).get("Index") or 0) != version:
+            return False
+        spec = dict(service.get("Spec") or {})
+        labels = dict(spec.get("Labels") or {})
+        for key, value in changes.items():
+            if value is None:
+                labels.pop(key, None)
+            else:
+                labels[key] = value
+        spec["Labels"] = labels
+        try:
+            # The spec goes back verbatim but for its labels, through the raw endpoint: the
+            # SDK's update_service rebuilds the task template, and Swarm then restarts the
+            # task (seen here), which would kill the sandbox's processes.
+            response = api._post_json(
+                api._url("/services/{0}/update", container_id),
+                data=spec,
+                params={"version": version},
+            )
+            api._raise_for_status(response)
+        except docker.errors.APIError as e:
+            if "out of sequence" in str(e):
+                return False
+            raise
+        return True
 
     # -- remove, pause ---------------------------------------------------------------------
 

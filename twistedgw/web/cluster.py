@@ -1,0 +1,63 @@
+"""Serving sandboxes another gateway created (Swarm backend).
+
+With several gateways on one cluster, a sandbox created through gateway A is unknown to
+gateway B until B's next reconciliation. ``ClusterLookup`` wraps the API resource: a request
+naming a sandbox id this gateway does not know (``/sandboxes/<id>...``, ``/ws/<id>``) first
+waits, boundedly, for one reconciliation (shared with any other in progress), then goes to
+the API as usual. So "create on A, then use it on B" answers at once instead of 404.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
+
+from twistedgw.sandbox import is_valid_sandbox_id
+
+
+def named_sandbox(path: bytes) -> str | None:
+    """The sandbox id a request path names, if any."""
+    parts = path.split(b"?", 1)[0].split(b"/")
+    if len(parts) >= 3 and parts[0] == b"" and parts[1] in (b"sandboxes", b"ws"):
+        try:
+            sandbox_id = parts[2].decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return sandbox_id if is_valid_sandbox_id(sandbox_id) else None
+    return None
+
+
+class ClusterLookup(Resource):
+    """``inner`` (a leaf, the Klein API), after a reconciliation for unknown sandbox ids."""
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, inner: IResource, manager: Any, clock: Any, timeout: float = 5.0) -> None:
+        super().__init__()
+        self._inner = inner
+        self._manager = manager
+        self._clock = clock
+        self._timeout = timeout
+
+    def render(self, request: Any) -> Any:
+        sandbox_id = named_sandbox(request.path)
+        manager = self._manager
+        if sandbox_id is None or not manager.recovered or sandbox_id in manager.registry:
+            return self._inner.render(request)
+        d = manager.reconcile()
+        d.addTimeout(self._timeout, self._clock)
+        d.addErrback(lambda f: self._log.debug("lookup reconciliation failed: {f}", f=f))
+        d.addCallback(lambda _: self._render_inner(request))
+        return NOT_DONE_YET
+
+    def _render_inner(self, request: Any) -> None:
+        if getattr(request, "_disconnected", False):
+            return
+        result = self._inner.render(request)
+        if result is not NOT_DONE_YET:
+            request.write(result)
+            request.finish()
