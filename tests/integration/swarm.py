@@ -2,7 +2,9 @@
 
 ``swarm_client`` (session) starts it through ``scripts/ensure-swarm.sh`` (under a file lock,
 so parallel workers start it once; the Swarm tests are also grouped with ``xdist_group``),
-stops it at the end only if this session started it, and, before and after, checks that the
+stops it at the end only if this session started it and is not an xdist worker (others may
+still use it; ``tests/run.sh`` starts it before and stops it after), and, before and after,
+checks that the
 default engine still serves a published port (``scripts/check-default-engine.sh``): a second
 dockerd once broke every published port of the default one.
 """
@@ -10,6 +12,7 @@ dockerd once broke every published port of the default one.
 from __future__ import annotations
 
 import fcntl
+import os
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -70,7 +73,9 @@ def swarm_client() -> Iterator[Any]:
         client.close()
         with open(LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if started:
+            # Under pytest-xdist other workers may still use it (--dist loadfile ignores the
+            # group): then tests/run.sh, which started it first, stops it.
+            if started and not os.environ.get("PYTEST_XDIST_WORKER"):
                 stopped = script("ensure-swarm.sh", "stop")
                 assert stopped.returncode == 0, stopped.stderr
             check_default_engine()
