@@ -78,3 +78,15 @@ def test_busy_on_one_gateway_is_not_reaped_by_the_other(
     wait_for(lambda: line in a.tail(1000), what="the reap's log line")
     time.sleep(2)  # a second reaper would have logged by now
     assert a.tail(1000).count(line) == 1
+
+
+def test_idempotent_retry_on_the_other_gateway(make_swarm_gateway: Any) -> None:
+    """A create retried with the same Idempotency-Key on another gateway (before that one's
+    next sweep) returns the sandbox the first try made, not a second one."""
+    a: GatewayProcess = make_swarm_gateway("--reap-interval", "30")
+    b: GatewayProcess = make_swarm_gateway("--reap-interval", "30", instance=a.instance)
+    headers = {"Idempotency-Key": "retry-1"}
+    first = a.create(headers=headers)
+    again = b.create(headers=headers)
+    assert again == first
+    assert [s["sandbox_id"] for s in b.get("/sandboxes").json()] == [first]

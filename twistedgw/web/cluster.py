@@ -2,9 +2,11 @@
 
 With several gateways on one cluster, a sandbox created through gateway A is unknown to
 gateway B until B's next reconciliation. ``ClusterLookup`` wraps the API resource: a request
-naming a sandbox id this gateway does not know (``/sandboxes/<id>...``, ``/ws/<id>``) first
-waits, boundedly, for one reconciliation (shared with any other in progress), then goes to
-the API as usual. So "create on A, then use it on B" answers at once instead of 404.
+naming a sandbox id this gateway does not know (``/sandboxes/<id>...``, ``/ws/<id>``), and a
+create with an ``Idempotency-Key``, first waits, boundedly, for one reconciliation (shared
+with any other in progress), then goes to the API as usual. So "create on A, then use it on
+B" answers at once instead of 404, and a keyed retry on B finds what the first try made on A
+(two tries racing on two gateways at the same moment can still make two sandboxes).
 """
 
 from __future__ import annotations
@@ -44,15 +46,24 @@ class ClusterLookup(Resource):
         self._timeout = timeout
 
     def render(self, request: Any) -> Any:
-        sandbox_id = named_sandbox(request.path)
         manager = self._manager
-        if sandbox_id is None or not manager.recovered or sandbox_id in manager.registry:
+        if not self._needs_lookup(request):
             return self._inner.render(request)
         d = manager.reconcile()
         d.addTimeout(self._timeout, self._clock)
         d.addErrback(lambda f: self._log.debug("lookup reconciliation failed: {f}", f=f))
         d.addCallback(lambda _: self._render_inner(request))
         return NOT_DONE_YET
+
+    def _needs_lookup(self, request: Any) -> bool:
+        """An unknown sandbox id, or a create with an ``Idempotency-Key`` (its retry may
+        come to this gateway after the first try went to another)."""
+        if not self._manager.recovered:
+            return False  # the API answers 503 until then anyway
+        if request.method == b"POST" and request.path.split(b"?", 1)[0] == b"/sandboxes":
+            return request.getHeader(b"idempotency-key") is not None
+        sandbox_id = named_sandbox(request.path)
+        return sandbox_id is not None and sandbox_id not in self._manager.registry
 
     def _render_inner(self, request: Any) -> None:
         if getattr(request, "_disconnected", False):
