@@ -57,8 +57,15 @@ case "${1:-start}" in
     purge)
         stop
         # Only our own: the data-root and exec-root of this engine and its bridge.
-        rm -rf "$data_root" "$run_dir"
-        ip link show "$bridge" >/dev/null 2>&1 && ip link delete "$bridge"
+        # Anything still mounted under them (task volumes, network namespaces) first.
+        { findmnt -rn -o TARGET | grep -E "^($data_root|$run_dir)/" || true; } | sort -r \
+            | while read -r target; do umount -l "$target" || true; done
+        rm -rf --one-file-system "$data_root" "$run_dir"
+        if ip link show "$bridge" >/dev/null 2>&1; then ip link delete "$bridge"; fi
+        # docker_gwbridge too, but only ours (its address in our range).
+        if ip -4 addr show docker_gwbridge 2>/dev/null | grep -q "inet 10\.213\.128\."; then
+            ip link delete docker_gwbridge
+        fi
         exit 0 ;;
     start) ;;
     *) die "usage: $0 [start|stop|purge]" ;;
