@@ -23,6 +23,7 @@ Every docker SDK call runs on the thread pool inherited from ``DockerRuntime``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +33,7 @@ from zope.interface import implementer
 
 from twistedgw.runtime.docker import DockerRuntime, missing_image_message
 from twistedgw.runtime.hardening import (
+    AGENT_CAPABILITIES,
     AGENT_UID,
     SANDBOX_UID,
     SOCKET_MOUNT,
@@ -49,6 +51,8 @@ from twistedgw.runtime.interface import (
 from twistedgw.runtime.labels import (
     COMMAND_ENV,
     LABEL_CREATED_AT,
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
     LABEL_POOL,
     LABEL_SANDBOX_ID,
     SECRET_ENV,
@@ -121,6 +125,8 @@ class SwarmRuntime(DockerRuntime):
                 "the swarm backend does not support network 'none' or an egress list yet"
             )
         limits = spec.limits or self.limits.for_resources(spec.settings.resources)
+        if limits.runtime:
+            raise ContainerFailed("the swarm backend cannot choose an OCI runtime per service")
         labels = labels_for(spec, self.instance)
         environment = {
             **self._agent_env,
@@ -128,8 +134,6 @@ class SwarmRuntime(DockerRuntime):
             "AGENT_UNIX_SOCKET": f"{SOCKET_MOUNT}/{SOCKET_NAME}",
         }
         if spec.settings.env:
-            import json
-
             environment[COMMAND_ENV] = json.dumps(dict(spec.settings.env))
         flags = "nosuid,nodev" + ("" if limits.exec_tmpfs else ",noexec")
         volumes = volume_names(spec.sandbox_id)
@@ -142,7 +146,10 @@ class SwarmRuntime(DockerRuntime):
             "/tmp": f"mode=1777,size={size_bytes(limits.tmp_size)},{flags}",
             "/var/tmp": f"mode=1777,size={size_bytes(limits.tmp_size)},{flags}",
         }
-        volume_labels = {**{k: labels[k] for k in instance_keys(labels)}}
+        # Enough to find (and remove) a sandbox's volumes: managed, instance, sandbox id.
+        volume_labels = {
+            k: labels[k] for k in (LABEL_MANAGED, LABEL_INSTANCE, LABEL_SANDBOX_ID) if k in labels
+        }
         mounts = [
             docker.types.Mount(
                 target=target,
@@ -164,7 +171,7 @@ class SwarmRuntime(DockerRuntime):
             mounts=mounts,
             read_only=limits.read_only_root,
             cap_drop=["ALL"],
-            cap_add=["CAP_SETUID", "CAP_SETGID", "CAP_KILL"],
+            cap_add=[f"CAP_{name}" for name in AGENT_CAPABILITIES],
             stop_grace_period=2_000_000_000,
         )
         container_spec["Ulimits"] = [
@@ -188,8 +195,6 @@ class SwarmRuntime(DockerRuntime):
                 "Options": {"max-size": limits.log_size, "max-file": "2"},
             },
         )
-        if limits.runtime:
-            raise ContainerFailed("the swarm backend cannot choose an OCI runtime per service")
         return {
             "task_template": task_template,
             "name": service_name(spec.sandbox_id),
@@ -424,10 +429,3 @@ class SwarmRuntime(DockerRuntime):
         )
         for callback in list(self._watchers):
             self._reactor.callFromThread(callback, container_event)
-
-
-def instance_keys(labels: Mapping[str, str]) -> list[str]:
-    """The label keys that mark a resource as this instance's sandbox's (for volumes)."""
-    from twistedgw.runtime.labels import LABEL_INSTANCE, LABEL_MANAGED
-
-    return [k for k in (LABEL_MANAGED, LABEL_INSTANCE, LABEL_SANDBOX_ID) if k in labels]
