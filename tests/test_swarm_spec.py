@@ -77,8 +77,8 @@ def test_listing_reads_state_and_skips_starting_tasks() -> None:
     service = {"ID": "svc1", "Spec": {"Labels": labels, "TaskTemplate": {"ContainerSpec": {}}}}
     running = {"ServiceID": "svc1", "Version": {"Index": 3}, "Status": {"State": "running"}}
     mount = {volume_names(wanted.sandbox_id)["/run/twistedgw"]: "/data/v/_data"}
-    info = rt._info(service, running, mount)
-    assert info.running and info.container_id == "svc1"
+    info = rt._info(service, running, mount, {"svc1": "10.213.0.7"})
+    assert info.running and info.container_id == "svc1" and info.ip_address == "10.213.0.7"
     assert info.agent_socket == "/data/v/_data/agent.sock"
     assert info.saved is not None and info.saved.last_activity == 5.0
 
@@ -94,6 +94,9 @@ def test_listing_reads_state_and_skips_starting_tasks() -> None:
 
         def volumes(self, filters: Any) -> dict[str, Any]:
             return {"Volumes": []}
+
+        def containers(self, filters: Any) -> list[Any]:
+            return []
 
     starting = {**running, "Status": {"State": "preparing"}}
     client = type("Client", (), {})()

@@ -11,7 +11,12 @@ from typing import Any
 from websockets.sync.client import connect
 
 from tests.integration.conftest import GatewayProcess
-from tests.integration.swarm import make_swarm_gateway, pytestmark_swarm, swarm_client
+from tests.integration.swarm import (
+    check_default_engine,
+    make_swarm_gateway,
+    pytestmark_swarm,
+    swarm_client,
+)
 from twistedgw.runtime.labels import LABEL_SANDBOX_ID
 
 pytestmark = pytestmark_swarm
@@ -43,7 +48,14 @@ def test_swarm_seed_flow(make_swarm_gateway: Any, swarm_client: Any) -> None:
     sandbox_id = gateway.create()
     assert [s.name for s in services_of(swarm_client, sandbox_id)] == [f"twistedgw-{sandbox_id}"]
     assert sandbox_id in [e["sandbox_id"] for e in gateway.get("/sandboxes").json()]
-    assert gateway.get(f"/sandboxes/{sandbox_id}").json()["status"] == "idle"
+    info = gateway.get(f"/sandboxes/{sandbox_id}").json()
+    assert info["status"] == "idle"
+    (container,) = swarm_client.containers.list(
+        filters={"label": f"{LABEL_SANDBOX_ID}={sandbox_id}"}
+    )
+    assert (
+        info["ip_address"] == container.attrs["NetworkSettings"]["Networks"]["bridge"]["IPAddress"]
+    )
     with connect(f"{gateway.ws_url}/ws/{sandbox_id}") as ws:
         result = run(ws, "echo hello; id -u", request_id="r1")
         assert (result["success"], result["output"]) == (True, "hello\n1000\n")
@@ -87,3 +99,10 @@ def test_swarm_recovery_after_sigkill(make_swarm_gateway: Any) -> None:
     assert second.get(f"/sandboxes/{sandbox_id}").json()["created_at"] == before["created_at"]
     with connect(f"{second.ws_url}/ws/{sandbox_id}") as ws:
         assert run(ws, "cat state.txt")["output"] == "survived\n"
+
+
+def test_default_engine_still_serves_a_published_port(swarm_client: Any) -> None:
+    """With the swarm engine up beside it (and after the tests above), the default engine
+    still has docker0 and a container's published loopback port answers."""
+    assert swarm_client.info()["Swarm"]["LocalNodeState"] == "active"
+    check_default_engine()

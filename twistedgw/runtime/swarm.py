@@ -233,7 +233,7 @@ class SwarmRuntime(DockerRuntime):
                         f"the sandbox's task did not start within {self.start_timeout:g} s"
                     )
                 time.sleep(0.05)
-            info = self._info(service, task, self._thd_mountpoints())
+            info = self._info(service, task, self._thd_mountpoints(), self._thd_addresses())
             if not info.agent_socket:
                 raise ContainerFailed("the agent is not reachable (no socket volume)")
             return info
@@ -253,11 +253,26 @@ class SwarmRuntime(DockerRuntime):
             v["Name"]: v["Mountpoint"] for v in (answer or {}).get("Volumes") or [] if v.get("Name")
         }
 
+    def _thd_addresses(self) -> dict[str, str]:
+        """Service id -> its task container's address on this engine (the seed's
+        ``ip_address``; informational, the gateway never connects to it)."""
+        found = self._thd_client().api.containers(filters={"label": instance_labels(self.instance)})
+        addresses = {}
+        for summary in found or []:
+            service_id = (summary.get("Labels") or {}).get(SERVICE_ID_LABEL)
+            networks = (summary.get("NetworkSettings") or {}).get("Networks") or {}
+            for network in networks.values():
+                if service_id and network and network.get("IPAddress"):
+                    addresses[service_id] = str(network["IPAddress"])
+                    break
+        return addresses
+
     def _info(
         self,
         service: Mapping[str, Any],
         task: Mapping[str, Any] | None,
         mountpoints: Mapping[str, str],
+        addresses: Mapping[str, str] | None = None,
     ) -> ContainerInfo:
         spec = service.get("Spec") or {}
         labels = spec.get("Labels") or {}
@@ -275,7 +290,7 @@ class SwarmRuntime(DockerRuntime):
             sandbox_id=sandbox_id,
             container_id=str(service.get("ID") or ""),
             created_at=float_label(labels, LABEL_CREATED_AT) or 0.0,
-            ip_address="",
+            ip_address=(addresses or {}).get(str(service.get("ID") or ""), ""),
             agent_host="127.0.0.1",
             agent_port=0,
             agent_secret=env.get(SECRET_ENV, ""),
@@ -298,12 +313,13 @@ class SwarmRuntime(DockerRuntime):
         for task in api.tasks(filters={"service": ids}) or []:
             tasks.setdefault(str(task.get("ServiceID")), []).append(task)
         mountpoints = self._thd_mountpoints()
+        addresses = self._thd_addresses()
         now = self.wall_clock()
         infos = []
         for service in services:
             task = _latest_task(tasks.get(str(service.get("ID")), []))
             state = str(((task or {}).get("Status") or {}).get("State") or "")
-            info = self._info(service, task, mountpoints)
+            info = self._info(service, task, mountpoints, addresses)
             if (task is None or state in STARTING_STATES) and now - info.created_at < START_GRACE:
                 # Being created (perhaps by another gateway): not ours to judge yet.
                 continue
