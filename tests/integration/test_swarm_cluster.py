@@ -37,7 +37,8 @@ def services_of(client: Any, sandbox_id: str) -> list[Any]:
 
 def test_two_gateways_share_sandboxes(make_swarm_gateway: Any, swarm_client: Any) -> None:
     """Two gateways on one swarm (one instance): a sandbox created on A is found at once and
-    run through B, and deleted through B; another made on B is deleted through A."""
+    run through B, and deleted through B; another made on B is run (a WebSocket straight to
+    A, A's first request about it) and deleted through A."""
     a: GatewayProcess = make_swarm_gateway("--reap-interval", "30")
     b: GatewayProcess = make_swarm_gateway("--reap-interval", "30", instance=a.instance)
     sandbox_id = a.create()
@@ -51,6 +52,9 @@ def test_two_gateways_share_sandboxes(make_swarm_gateway: Any, swarm_client: Any
     assert services_of(swarm_client, sandbox_id) == []
     wait_for(lambda: a.get(f"/sandboxes/{sandbox_id}").status_code == 404, what="A forgets it")
     other = b.create()
+    # A WebSocket straight to A, the first A hears of it: upgraded after A's lookup.
+    with connect(f"{a.ws_url}/ws/{other}") as ws:
+        assert run(ws, "echo via-a")["output"] == "via-a\n"
     assert a.delete(other).status_code == 200
     assert services_of(swarm_client, other) == []
 
