@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from websockets.sync.client import connect
@@ -85,18 +86,29 @@ def test_swarm_idle_sandbox_is_reaped(make_swarm_gateway: Any, swarm_client: Any
     assert len(services_of(swarm_client, busy)) == 1
 
 
-def test_swarm_recovery_after_sigkill(make_swarm_gateway: Any) -> None:
+def test_swarm_recovery_after_sigkill(make_swarm_gateway: Any, tmp_path: Path) -> None:
     """After SIGKILL, a new gateway process on the same instance serves the same sandbox
-    (same created_at, files intact)."""
-    first: GatewayProcess = make_swarm_gateway()
+    (same created_at, files intact) and resumes its idle clock and "ever connected" from the
+    cluster (the state label written by the first one's sweep), not from a local file: the
+    second one has a state directory of its own, as a replacement on another host would."""
+    first: GatewayProcess = make_swarm_gateway("--reap-interval", "0.5")
     sandbox_id = first.create()
     before = first.get(f"/sandboxes/{sandbox_id}").json()
     with connect(f"{first.ws_url}/ws/{sandbox_id}") as ws:
         assert run(ws, "echo survived > state.txt")["success"]
+    detail = f"/sandboxes/{sandbox_id}?details=true"
+    left_at = first.get(detail).json()["last_activity"]
+    time.sleep(2)  # a few sweeps: the state label is written
     first.stop(signal.SIGKILL)
-    second: GatewayProcess = make_swarm_gateway(instance=first.instance)
+    time.sleep(1)
+    second: GatewayProcess = make_swarm_gateway(
+        "--state-dir", str(tmp_path), instance=first.instance
+    )
     wait_for(lambda: second.get(f"/sandboxes/{sandbox_id}").status_code == 200, what="recovery")
-    assert second.get(f"/sandboxes/{sandbox_id}").json()["created_at"] == before["created_at"]
+    after = second.get(detail).json()
+    assert after["created_at"] == before["created_at"]
+    assert after["state"] == "idle"  # not "created": it remembers the client
+    assert abs(after["last_activity"] - left_at) < 1.0  # not reset to its own start
     with connect(f"{second.ws_url}/ws/{sandbox_id}") as ws:
         assert run(ws, "cat state.txt")["output"] == "survived\n"
 
