@@ -12,6 +12,10 @@ before warning about or removing an idle sandbox the reaper asks it (a ``process
 on a connection of its own); running processes count as activity now. An agent that cannot be
 asked counts as having none. Within ``warn_before`` seconds of its idle removal a sandbox's
 event streams get ``idle_warning`` (once per idle period).
+
+Several gateways (Swarm backend): each sweeps every sandbox, but removes one only after
+taking its lease (``twistedgw.lease``), which also brings the cluster's newest saved facts;
+the sandbox must still be due by those. On one host the lease is always granted (``NoLease``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ start. Each write is durable (flushed, fsynced, renamed over the old file, direc
 a crash or power loss leaves the old state or the new one. A file that cannot be read at start-up
 (corrupt, empty, not JSON) is logged as an error and renamed aside, ``<name>.corrupt-<time>``,
 for an operator to look at: it is never silently taken for "no state", nor overwritten.
+
+Under the Swarm backend there is no file: ``ClusterState`` keeps the same facts in a label on
+each sandbox's service, so no gateway holds state of its own (``StateStore`` is what both
+offer the lifecycle).
 """
 
 from __future__ import annotations
