@@ -127,6 +127,8 @@ class GatewayConfig:
     snapshot_dir_option: str | None = None
     # Port previews.
     preview_ports: PortSet = field(factory=lambda: parse_ports(DEFAULT_PREVIEW_PORTS))
+    #: ``docker`` (containers, state file) or ``swarm`` (services, state in the cluster).
+    backend: str = "docker"
 
     @property
     def snapshot_dir(self) -> Path:
@@ -205,4 +207,5 @@ class GatewayConfig:
             egress=options.get("egress-policy") or EgressPolicy(),
             resources=options.get("resource-policy") or ResourcePolicy(),
             preview_ports=options.get("preview-port-set") or parse_ports(DEFAULT_PREVIEW_PORTS),
+            backend=options.get("backend") or "docker",
         )

@@ -12,6 +12,10 @@ before warning about or removing an idle sandbox the reaper asks it (a ``process
 on a connection of its own); running processes count as activity now. An agent that cannot be
 asked counts as having none. Within ``warn_before`` seconds of its idle removal a sandbox's
 event streams get ``idle_warning`` (once per idle period).
+
+Several gateways (Swarm backend): each sweeps every sandbox, but removes one only after
+taking its lease (``twistedgw.lease``), which also brings the cluster's newest saved facts;
+the sandbox must still be due by those. On one host the lease is always granted (``NoLease``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from twistedgw.lease import ClusterLease, NoLease
 from twistedgw.lifecycle.errors import SandboxNotFound
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.sandbox import REASON_IDLE, REASON_LIFETIME, Sandbox
@@ -41,8 +46,11 @@ class Reaper:
         manager: SandboxManager,
         events: SandboxEvents | None = None,
         warn_before: float = 60.0,
+        lease: ClusterLease | NoLease | None = None,
     ) -> None:
         self.manager = manager
+        #: Who reaps a sandbox when several gateways serve it (``twistedgw.lease``).
+        self.lease = lease or NoLease()
         self.events = events or SandboxEvents()
         self.warn_before = warn_before
         #: sandbox id -> the ``last_activity`` it was warned about (one warning per idle spell).
@@ -53,15 +61,37 @@ class Reaper:
         now = self.manager.now()
         due = []
         for sandbox in self.manager.registry:
-            if sandbox.is_lifetime_over(now):
-                due.append((sandbox.sandbox_id, REASON_LIFETIME))
-            elif sandbox.paused_at is not None:
-                # Paused on purpose: kept for --paused-timeout, whatever its idle timeout.
-                if now - sandbox.paused_at > self.manager.paused_timeout:
-                    due.append((sandbox.sandbox_id, REASON_IDLE))
-            elif sandbox.is_idle_expired(now):
-                due.append((sandbox.sandbox_id, REASON_IDLE))
+            reason = self._reason(sandbox, now)
+            if reason is not None:
+                due.append((sandbox.sandbox_id, reason))
         return due
+
+    def _reason(self, sandbox: Sandbox, now: float) -> str | None:
+        """Why ``sandbox`` is to be removed now, or ``None``."""
+        if sandbox.is_lifetime_over(now):
+            return REASON_LIFETIME
+        if sandbox.paused_at is not None:
+            # Paused on purpose: kept for --paused-timeout, whatever its idle timeout.
+            if now - sandbox.paused_at > self.manager.paused_timeout:
+                return REASON_IDLE
+            return None
+        if sandbox.is_idle_expired(now):
+            return REASON_IDLE
+        return None
+
+    async def _leased(self, sandbox_id: str, reason: str) -> str | None:
+        """The reason to remove ``sandbox_id`` if this gateway holds its lease (always, on
+        one host) and it is still due by the cluster's newest facts; else ``None``."""
+        sandbox = self.manager.registry.get(sandbox_id)
+        if sandbox is None:
+            return None
+        granted, saved = await self.lease.try_acquire(sandbox)
+        if not granted:
+            return None
+        if saved is None:
+            return reason
+        self.manager.merge_saved(sandbox, saved)
+        return self._reason(sandbox, self.manager.now())
 
     def sweep(self) -> Deferred[None]:
         """One pass: reconcile, reap, save state. Logs its own failures; never fails."""
@@ -76,7 +106,11 @@ class Reaper:
             # anyway, so nothing is forgotten while it is away).
             self._log.failure("reconciliation failed; reaping from the cached registry")
         await self._check_processes()
-        for sandbox_id, reason in self.due():
+        for sandbox_id, due_for in self.due():
+            leased = await self._leased(sandbox_id, due_for)
+            if leased is None:
+                continue  # another gateway reaps it, or it is busy after all
+            reason = leased
             try:
                 await self.manager.delete(sandbox_id, reason=reason)
             except SandboxNotFound:

@@ -8,6 +8,10 @@ start. Each write is durable (flushed, fsynced, renamed over the old file, direc
 a crash or power loss leaves the old state or the new one. A file that cannot be read at start-up
 (corrupt, empty, not JSON) is logged as an error and renamed aside, ``<name>.corrupt-<time>``,
 for an operator to look at: it is never silently taken for "no state", nor overwritten.
+
+Under the Swarm backend there is no file: ``ClusterState`` keeps the same facts in a label on
+each sandbox's service, so no gateway holds state of its own (``StateStore`` is what both
+offer the lifecycle).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredLock, succeed
@@ -38,6 +42,20 @@ class SavedSandbox:
     #: For a sandbox handed out from the warm pool: what its labels do not say.
     assigned: SandboxSettings | None = None
     created_at: float | None = None
+
+
+class StateStore(Protocol):
+    """Where the gateway keeps what labels fixed at creation cannot hold: ``StateFile`` on
+    one host, ``ClusterState`` (service labels) in Swarm mode."""
+
+    def load(self) -> dict[str, SavedSandbox]:
+        """What was saved, read once at start-up (before serving)."""
+
+    def seen(self, sandbox_id: str, saved: SavedSandbox) -> None:
+        """A listing brought ``saved`` for ``sandbox_id`` from the runtime."""
+
+    def save(self, sandboxes: Iterable[Sandbox]) -> Deferred[None]:
+        """Persist the current facts of ``sandboxes``."""
 
 
 def _settings_json(settings: SandboxSettings) -> dict[str, Any]:
@@ -133,6 +151,9 @@ class StateFile:
             for sandbox_id, entry in raw["sandboxes"].items()
         }
 
+    def seen(self, sandbox_id: str, saved: SavedSandbox) -> None:
+        """A listing brought ``saved`` from the cluster (``ClusterState``); nothing here."""
+
     def save(self, sandboxes: Iterable[Sandbox]) -> Deferred[None]:
         """Write the current facts of ``sandboxes`` (in a thread, one write at a time)."""
         if self.path is None:
@@ -183,3 +204,104 @@ class StateFile:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class ClusterState:
+    """The state file's job in Swarm mode: each sandbox's mutable facts are a label on its
+    service (``LABEL_STATE``, via ``IClusterLabels``), so any gateway can be killed and
+    replaced and two gateways see one truth. ``load`` has nothing to read at start-up: the
+    listing brings each sandbox's saved facts (``ContainerInfo.saved``) and reconciliation
+    merges them (``LifecycleCore._merge_saved``).
+
+    ``save`` writes a sandbox's label only when its facts changed (its last activity by at
+    least ``resolution`` seconds): one service update per active sandbox per sweep at most.
+    An attached client counts as activity now (another gateway cannot see it). A write that
+    loses a race with another gateway is retried once on the new version, keeping the later
+    activity and the later expiry of the two.
+    """
+
+    _log = Logger()
+
+    def __init__(self, labels: Any, reactor: Any, resolution: float = 1.0) -> None:
+        self._labels = labels
+        self._reactor = reactor
+        self._resolution = resolution
+        #: Sandbox id -> what was last written (or seen) for it.
+        self._written: dict[str, SavedSandbox] = {}
+        self._lock = DeferredLock()
+
+    def load(self) -> dict[str, SavedSandbox]:
+        return {}
+
+    def seen(self, sandbox_id: str, saved: SavedSandbox) -> None:
+        """What the cluster holds for ``sandbox_id`` now (from a listing): not rewritten."""
+        self._written[sandbox_id] = saved
+
+    def save(self, sandboxes: Iterable[Sandbox]) -> Deferred[None]:
+        now = float(self._reactor.seconds())
+        wanted = [(s.sandbox_id, s.container_id, self._facts(s, now)) for s in sandboxes]
+        return self._lock.run(lambda: Deferred.fromCoroutine(self._save(wanted)))
+
+    @staticmethod
+    def _facts(sandbox: Sandbox, now: float) -> SavedSandbox:
+        return SavedSandbox(
+            last_activity=now if sandbox.clients else sandbox.last_activity,
+            ever_connected=sandbox.ever_connected,
+            expires_at=sandbox.expires_at,
+        )
+
+    def _changed(self, sandbox_id: str, facts: SavedSandbox) -> bool:
+        before = self._written.get(sandbox_id)
+        return (
+            before is None
+            or facts.last_activity - before.last_activity >= self._resolution
+            or facts.ever_connected != before.ever_connected
+            or facts.expires_at != before.expires_at
+        )
+
+    async def _save(self, wanted: list[tuple[str, str, SavedSandbox]]) -> None:
+        from twistedgw.runtime.labels import LABEL_STATE, saved_from_label, state_label
+
+        keep = {sandbox_id for sandbox_id, _, _ in wanted}
+        for sandbox_id in list(self._written):
+            if sandbox_id not in keep:
+                del self._written[sandbox_id]
+        failures = 0
+        for sandbox_id, container_id, facts in wanted:
+            if not self._changed(sandbox_id, facts):
+                continue
+            try:
+                for _ in range(2):
+                    version, labels = await self._labels.read_labels(container_id)
+                    theirs = saved_from_label(labels)
+                    if theirs is not None:
+                        facts = merge_saved(facts, theirs)
+                    if await self._labels.write_labels(
+                        container_id, version, {LABEL_STATE: state_label(facts)}
+                    ):
+                        self._written[sandbox_id] = facts
+                        break
+            except Exception as e:
+                failures += 1
+                self._log.debug(
+                    "could not save {sandbox_id}'s state in the cluster: {error}",
+                    sandbox_id=sandbox_id,
+                    error=str(e),
+                )
+        if failures:
+            self._log.warn("could not save the state of {n} sandboxes in the cluster", n=failures)
+
+
+def merge_saved(ours: SavedSandbox, theirs: SavedSandbox) -> SavedSandbox:
+    """Two gateways' views of one sandbox: the later activity, connected if either saw a
+    client, the later expiry (a keepalive through either counts)."""
+    expires_at = ours.expires_at
+    if theirs.expires_at is not None:
+        expires_at = theirs.expires_at if expires_at is None else max(expires_at, theirs.expires_at)
+    return SavedSandbox(
+        last_activity=max(ours.last_activity, theirs.last_activity),
+        ever_connected=ours.ever_connected or theirs.ever_connected,
+        expires_at=expires_at,
+        assigned=ours.assigned,
+        created_at=ours.created_at,
+    )

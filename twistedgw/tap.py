@@ -20,6 +20,7 @@ from twistedgw.egress.policy import EgressPolicy, parse_cidrs, parse_patterns
 from twistedgw.egress.proxy import connect_tcp, loopback_only
 from twistedgw.egress.resolver import HostsResolver, resolver_from_environ
 from twistedgw.egress.service import EgressProxies
+from twistedgw.lease import ClusterLease, new_holder_id
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.lifecycle.resources import DEFAULT_MAXIMA, ResourcePolicy
@@ -38,12 +39,14 @@ from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.docker import DockerRuntime
 from twistedgw.runtime.hardening import AGENT_PORT, EGRESS_PORT, ContainerLimits, size_bytes
+from twistedgw.runtime.swarm import SwarmRuntime
 from twistedgw.sandbox import Resources
 from twistedgw.service import ProxyService, ShutdownSignals
 from twistedgw.snapshots import SnapshotStore
-from twistedgw.state import StateFile
+from twistedgw.state import ClusterState, StateFile
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.auth import Authenticator, read_tokens
+from twistedgw.web.cluster import ClusterLookup
 from twistedgw.web.events import SandboxEvents
 from twistedgw.web.files import FileRoutes
 from twistedgw.web.previews import PreviewRoutes
@@ -243,6 +246,13 @@ class Options(usage.Options):
         ],
         ["docker-url", None, None, "Docker engine URL (default: from DOCKER_HOST, like the CLI)."],
         [
+            "backend",
+            None,
+            "docker",
+            "Where sandboxes run: docker (containers of one engine, state in a local file) or "
+            "swarm (Swarm services; state in the cluster; --docker-url names a manager).",
+        ],
+        [
             "instance",
             None,
             "default",
@@ -421,6 +431,10 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--port {port} is not a TCP port number")
             port = f"tcp:{port}"
         self["port"] = port
+        if self["backend"] not in ("docker", "swarm"):
+            raise usage.UsageError("--backend must be docker or swarm")
+        if self["backend"] == "swarm" and self["pool-sizes"] and any(self["pool-sizes"].values()):
+            raise usage.UsageError("--pool-size: the swarm backend has no warm pool yet")
         if not self["image"]:
             raise usage.UsageError("--image must not be empty")
         if self["idle-timeout"] > self["max-idle-timeout"]:
@@ -533,7 +547,8 @@ def makeService(options: Options) -> IService:
         tmp_size=config.tmp_size,
         runtime=config.container_runtime,
     )
-    runtime = DockerRuntime(
+    runtime_class = SwarmRuntime if config.backend == "swarm" else DockerRuntime
+    runtime = runtime_class(
         reactor,
         image=config.image,
         instance=config.instance,
@@ -583,7 +598,12 @@ def makeService(options: Options) -> IService:
         runtime,
         reactor,
         policy=policy,
-        state=StateFile(config.state_file, reactor),
+        # Swarm: no gateway-local state; it lives in service labels (twistedgw.state).
+        state=(
+            ClusterState(runtime, reactor)
+            if isinstance(runtime, SwarmRuntime)
+            else StateFile(config.state_file, reactor)
+        ),
         pool_sizes=config.pool_sizes,
         templates=templates,
         agent_ready_timeout=config.agent_ready_timeout,
@@ -595,7 +615,13 @@ def makeService(options: Options) -> IService:
     manager.setServiceParent(root)
 
     events = SandboxEvents()
-    reaper = Reaper(manager, events, warn_before=max(60.0, 2 * config.reap_interval))
+    lease = None
+    if isinstance(runtime, SwarmRuntime):
+        # Each sandbox reaped once, whichever gateways serve it (twistedgw.lease).
+        lease = ClusterLease(
+            runtime, reactor, new_holder_id(), ttl=max(60.0, 4 * config.reap_interval)
+        )
+    reaper = Reaper(manager, events, warn_before=max(60.0, 2 * config.reap_interval), lease=lease)
     make_reaper_service(reaper, config.reap_interval, reactor).setServiceParent(root)
 
     authenticator = Authenticator.from_tokens(config.tokens)
@@ -645,9 +671,11 @@ def makeService(options: Options) -> IService:
         previews=previews,
     )
     endpoint = serverFromString(reactor, config.port)
-    web = StreamServerEndpointService(
-        endpoint, make_site(api, policy=edge_policy(config, authenticator))
-    )
+    site = make_site(api, policy=edge_policy(config, authenticator))
+    if isinstance(runtime, SwarmRuntime):
+        # Sandboxes another gateway created are looked up in the cluster, not 404.
+        site.resource = ClusterLookup(site.resource, manager, reactor)
+    web = StreamServerEndpointService(endpoint, site)
     web.setName("http")
     web.setServiceParent(root)
     return root

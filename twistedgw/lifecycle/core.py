@@ -24,7 +24,7 @@ from twistedgw.protocol import CLOSE_AGENT_LOST
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec, IContainerRuntime
 from twistedgw.sandbox import Graveyard, Sandbox, SandboxSettings, Tombstone, new_agent_secret
-from twistedgw.state import SavedSandbox, StateFile
+from twistedgw.state import SavedSandbox, StateStore
 
 #: WebSocket close code for "the sandbox went away under you" (1011: server error).
 CLOSE_SANDBOX_GONE = CLOSE_AGENT_LOST
@@ -42,7 +42,7 @@ class LifecycleCore(Service):
     graveyard: Graveyard
     recovered: bool
     _reactor: Any
-    _state: StateFile
+    _state: StateStore
     _saved: dict[str, SavedSandbox]
     _in_flight: set[str]
     _touched: set[str] | None
@@ -119,6 +119,15 @@ class LifecycleCore(Service):
             except Exception:
                 self._log.failure("disconnecting a client failed")
         sandbox.attachments.clear()
+
+    def merge_saved(self, sandbox: Sandbox, saved: SavedSandbox) -> None:
+        """Facts another gateway saved in the cluster (Swarm): its later activity (never in
+        the future), its clients, its lifetime extension, so that whichever gateway reaps
+        judges by both."""
+        sandbox.last_activity = max(sandbox.last_activity, min(saved.last_activity, self.now()))
+        sandbox.ever_connected = sandbox.ever_connected or saved.ever_connected
+        if saved.expires_at is not None and sandbox.expires_at is not None:
+            sandbox.expires_at = max(sandbox.expires_at, saved.expires_at)
 
     def _sandbox_from(self, info: ContainerInfo, saved: SavedSandbox | None = None) -> Sandbox:
         settings, created_at, from_pool = info.settings, info.created_at, False

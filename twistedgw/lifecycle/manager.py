@@ -39,7 +39,7 @@ from twistedgw.sandbox import (
     is_valid_sandbox_id,
     new_sandbox_id,
 )
-from twistedgw.state import SavedSandbox, StateFile
+from twistedgw.state import SavedSandbox, StateFile, StateStore
 
 
 @frozen
@@ -67,7 +67,7 @@ class SandboxManager(Reconciliation):
         max_message_size: int = 0,
         wait_ready: Callable[[ContainerInfo], Awaitable[None]] | None = None,
         policy: LifecyclePolicy = DEFAULT_LIFECYCLE,
-        state: StateFile | None = None,
+        state: StateStore | None = None,
         pool_size: int = 0,
         agent_recovery_timeout: float = 5.0,
         agents: IAgents | None = None,
@@ -89,7 +89,7 @@ class SandboxManager(Reconciliation):
         self._agent_connect_timeout = agent_connect_timeout
         self._max_message_size = max_message_size
         self._wait_ready = wait_ready or self._wait_for_agent
-        self._state = state or StateFile(None, reactor)
+        self._state: StateStore = state or StateFile(None, reactor)
         self._saved: dict[str, SavedSandbox] = {}
         # Sandbox ids whose container is being created or removed right now: reconciliation
         # must neither adopt nor remove those, and events about them are ours.

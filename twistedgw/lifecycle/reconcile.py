@@ -73,7 +73,12 @@ class Reconciliation(WarmPool):
             known = self.registry.get(info.sandbox_id)
             in_pool = any(p.sandbox_id == info.sandbox_id for p in self._pool)
             if info.running and (info.agent_port or info.agent_socket) and info.agent_secret:
-                saved = self._saved.get(info.sandbox_id)
+                # A cluster's saved facts (Swarm) are fresher than the file read at start-up.
+                saved = info.saved or self._saved.get(info.sandbox_id)
+                if info.saved is not None:
+                    self._state.seen(info.sandbox_id, info.saved)
+                    if known is not None:
+                        self.merge_saved(known, info.saved)
                 if known is not None or in_pool:
                     continue
                 if info.for_pool and (saved is None or saved.assigned is None):

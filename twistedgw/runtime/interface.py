@@ -12,6 +12,7 @@ from zope.interface import Interface
 
 from twistedgw.runtime.hardening import ContainerLimits
 from twistedgw.sandbox import SandboxSettings
+from twistedgw.state import SavedSandbox
 
 
 class RuntimeFailure(Exception):
@@ -64,6 +65,8 @@ class ContainerInfo:
     #: Created for the warm pool (its labels describe the pool, not a creator's sandbox).
     for_pool: bool = False
     agent_socket: str | None = None
+    #: What the cluster keeps of the sandbox's mutable state (Swarm; ``None`` elsewhere).
+    saved: SavedSandbox | None = None
 
 
 @frozen
@@ -118,3 +121,18 @@ class IContainerRuntime(Interface):
 
     def inspect_image(image: str) -> Deferred[ImageFacts | None]:
         """What the engine knows about ``image`` (``None``: it is not present)."""
+
+
+class IClusterLabels(Interface):
+    """Labels of a sandbox that can change after creation, with compare-and-swap: what a
+    cluster runtime (Swarm) offers for state that must outlive any one gateway."""
+
+    def read_labels(container_id: str) -> Deferred[tuple[int, dict[str, str]]]:
+        """The sandbox's version (changes on every write) and its labels; ``ContainerFailed``
+        if it is gone."""
+
+    def write_labels(
+        container_id: str, version: int, changes: Mapping[str, str | None]
+    ) -> Deferred[bool]:
+        """Apply ``changes`` (``None`` removes a label) if the sandbox is still at
+        ``version``; ``False`` (nothing written) if someone wrote since."""

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from twistedgw.runtime.hardening import size_bytes
 from twistedgw.runtime.interface import ContainerSpec
 from twistedgw.sandbox import ResourceRequest, Resources, SandboxSettings
+from twistedgw.state import SavedSandbox
 
 #: Label keys on every container this gateway creates.
 LABEL_MANAGED = "org.twistedgw.managed"
@@ -38,6 +39,13 @@ LABEL_DISK = "org.twistedgw.disk"
 LABEL_REQUESTED = "org.twistedgw.requested"
 #: The template a container was made from (always set: an image may carry one of its own).
 LABEL_TEMPLATE = "org.twistedgw.sandbox-template"
+
+#: Swarm backend only: what the state file holds on one host (last activity, whether a client
+#: ever attached, a lifetime extended by keepalive), as JSON on the sandbox's service, updated
+#: in place (a label-only update does not restart the task). ``SavedSandbox`` in state.py.
+LABEL_STATE = "org.twistedgw.state"
+#: Swarm backend only: the reaper's lease on a sandbox (JSON ``{"holder", "expires"}``).
+LABEL_REAPER_LEASE = "org.twistedgw.reaper-lease"
 
 #: Environment variable carrying the per-sandbox agent secret into the container.
 SECRET_ENV = "SANDBOX_AGENT_SECRET"
@@ -156,3 +164,29 @@ def labels_for(spec: ContainerSpec, instance: str) -> dict[str, str]:
 def instance_labels(instance: str) -> list[str]:
     """``key=value`` label filters selecting every container of gateway ``instance``."""
     return [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={instance}"]
+
+
+def state_label(saved: SavedSandbox) -> str:
+    """``LABEL_STATE``'s value for ``saved`` (pool hand-outs are not kept: no pool in Swarm)."""
+    return json.dumps(
+        {
+            "last_activity": saved.last_activity,
+            "ever_connected": saved.ever_connected,
+            "expires_at": saved.expires_at,
+        },
+        sort_keys=True,
+    )
+
+
+def saved_from_label(labels: Mapping[str, str]) -> SavedSandbox | None:
+    """The ``SavedSandbox`` in ``LABEL_STATE`` (``None``: absent or unreadable)."""
+    try:
+        raw = json.loads(labels[LABEL_STATE])
+        expires_at = raw.get("expires_at")
+        return SavedSandbox(
+            last_activity=float(raw["last_activity"]),
+            ever_connected=bool(raw.get("ever_connected", False)),
+            expires_at=None if expires_at is None else float(expires_at),
+        )
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None

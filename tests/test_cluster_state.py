@@ -1,0 +1,216 @@
+"""Swarm mode's cluster state, without a cluster: the reaper's lease (compare-and-swap on a
+fake label store, clock injected), ``ClusterState``'s writes and merges, the reaper honouring
+a lease held elsewhere and another gateway's newer activity, and ``ClusterLookup``'s paths."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+
+import pytest_twisted
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from tests.test_sandbox import Client
+from twistedgw.lease import ClusterLease, Lease, claim, encode_lease
+from twistedgw.lifecycle.manager import SandboxManager
+from twistedgw.reaper import Reaper
+from twistedgw.runtime.labels import (
+    LABEL_REAPER_LEASE,
+    LABEL_STATE,
+    saved_from_label,
+    state_label,
+)
+from twistedgw.state import ClusterState, SavedSandbox, merge_saved
+from twistedgw.testing.fakes import FakeRuntime
+from twistedgw.web.cluster import named_sandbox
+
+
+class FakeLabels:
+    """``IClusterLabels`` in memory: a version per container, bumped by every write."""
+
+    def __init__(self) -> None:
+        self.labels: dict[str, dict[str, str]] = {}
+        self.versions: dict[str, int] = {}
+        self.writes = 0
+        #: Called between a caller's read and its write (to simulate another writer).
+        self.between: Callable[[str], None] | None = None
+
+    def read_labels(self, container_id: str) -> Deferred[tuple[int, dict[str, str]]]:
+        version = self.versions.setdefault(container_id, 1)
+        labels = dict(self.labels.setdefault(container_id, {}))
+        if self.between is not None:
+            self.between(container_id)
+        return succeed((version, labels))
+
+    def write_labels(
+        self, container_id: str, version: int, changes: Mapping[str, str | None]
+    ) -> Deferred[bool]:
+        if self.versions.get(container_id, 1) != version:
+            return succeed(False)
+        labels = self.labels.setdefault(container_id, {})
+        for key, value in changes.items():
+            if value is None:
+                labels.pop(key, None)
+            else:
+                labels[key] = value
+        self.versions[container_id] = version + 1
+        self.writes += 1
+        return succeed(True)
+
+    def bump(self, container_id: str) -> None:
+        self.versions[container_id] = self.versions.get(container_id, 1) + 1
+
+
+def test_claim_rules() -> None:
+    """A free, expired or own lease may be (re)written; another holder's live one may not."""
+    assert claim(None, "a", 100.0, 60.0) == Lease("a", 160.0)
+    assert claim(Lease("b", 150.0), "a", 100.0, 60.0) is None
+    assert claim(Lease("b", 100.0), "a", 100.0, 60.0) == Lease("a", 160.0)  # expired
+    assert claim(Lease("a", 150.0), "a", 100.0, 60.0) == Lease("a", 160.0)  # renewed
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_gateways_one_lease_until_it_expires(manager: SandboxManager) -> None:
+    """Of two holders on one store, the first gets the lease, the second not until the
+    lease's ttl has passed on the injected clock; then the first has lost it."""
+    sandbox = await manager.create()
+    store, clock = FakeLabels(), Clock()
+    clock.advance(1000)
+    a = ClusterLease(store, clock, "gw-a", ttl=30.0)
+    b = ClusterLease(store, clock, "gw-b", ttl=30.0)
+    assert (await a.try_acquire(sandbox))[0] is True
+    assert (await b.try_acquire(sandbox))[0] is False
+    clock.advance(29)
+    assert (await b.try_acquire(sandbox))[0] is False
+    clock.advance(2)
+    assert (await b.try_acquire(sandbox))[0] is True
+    assert (await a.try_acquire(sandbox))[0] is False
+    lease = json.loads(store.labels[sandbox.container_id][LABEL_REAPER_LEASE])
+    assert lease == {"holder": "gw-b", "expires": 1061.0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_lost_race_is_not_granted(manager: SandboxManager) -> None:
+    """A free lease whose service another gateway wrote between read and write (the
+    version moved) is not granted: compare-and-swap, not last-writer-wins."""
+    sandbox = await manager.create()
+    store, clock = FakeLabels(), Clock()
+    store.between = store.bump
+    assert (await ClusterLease(store, clock, "gw-a").try_acquire(sandbox))[0] is False
+    assert LABEL_REAPER_LEASE not in store.labels[sandbox.container_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reaper_leaves_a_sandbox_leased_by_another_gateway(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """An idle sandbox whose lease another gateway holds is not removed by this reaper;
+    once that lease has expired, it is."""
+    sandbox = await manager.create()
+    store = FakeLabels()
+    store.labels[sandbox.container_id] = {
+        LABEL_REAPER_LEASE: encode_lease(Lease("gw-other", clock.seconds() + 500))
+    }
+    reaper = Reaper(manager, lease=ClusterLease(store, clock, "gw-me", ttl=30.0))
+    clock.advance(200)  # past the idle timeout
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    clock.advance(400)
+    await reaper.sweep()
+    assert sandbox.sandbox_id not in manager.registry
+    assert runtime.containers == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_reaper_spares_a_sandbox_busy_on_another_gateway(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """Idle here but active on another gateway (its newer activity is in the cluster's state
+    label, read with the lease): not removed."""
+    sandbox = await manager.create()
+    store = FakeLabels()
+    reaper = Reaper(manager, lease=ClusterLease(store, clock, "gw-me", ttl=30.0))
+    clock.advance(200)
+    store.labels[sandbox.container_id] = {
+        LABEL_STATE: state_label(SavedSandbox(clock.seconds() - 1, True, None))
+    }
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    assert sandbox.ever_connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_state_writes_changes_only(manager: SandboxManager, clock: Clock) -> None:
+    """``ClusterState.save`` writes a sandbox's state label once, not again while nothing
+    changed, again when it did; an attached client is saved as activity now."""
+    sandbox = await manager.create()
+    store = FakeLabels()
+    state = ClusterState(store, clock)
+    await state.save([sandbox])
+    assert store.writes == 1
+    saved = saved_from_label(store.labels[sandbox.container_id])
+    assert saved is not None and saved.last_activity == sandbox.last_activity
+    await state.save([sandbox])
+    assert store.writes == 1
+    sandbox.attach(Client(), manager.now())
+    clock.advance(50)
+    await state.save([sandbox])
+    assert store.writes == 2
+    saved = saved_from_label(store.labels[sandbox.container_id])
+    assert saved is not None and saved.last_activity == clock.seconds() and saved.ever_connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_state_keeps_the_other_gateways_later_facts(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """A save merges with what another gateway wrote: the later activity and the later
+    expiry survive, whoever writes last."""
+    sandbox = await manager.create()
+    store = FakeLabels()
+    theirs = SavedSandbox(sandbox.last_activity + 40, True, 9e9)
+    store.labels[sandbox.container_id] = {LABEL_STATE: state_label(theirs)}
+    await ClusterState(store, clock).save([sandbox])
+    saved = saved_from_label(store.labels[sandbox.container_id])
+    assert saved == SavedSandbox(sandbox.last_activity + 40, True, 9e9)
+
+
+def test_merge_saved() -> None:
+    """Merging two views keeps the later activity, any connection, the later expiry."""
+    a = SavedSandbox(10.0, False, None)
+    b = SavedSandbox(5.0, True, 100.0)
+    assert merge_saved(a, b) == SavedSandbox(10.0, True, 100.0)
+    assert merge_saved(b, SavedSandbox(1.0, False, 200.0)).expires_at == 200.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconcile_merges_cluster_state_into_known_sandboxes(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """A listing that brings newer saved facts (another gateway's) moves a known sandbox's
+    idle clock forward, never into the future."""
+    import attrs
+
+    sandbox = await manager.create()
+    clock.advance(100)
+    info = runtime.containers[sandbox.container_id]
+    later = SavedSandbox(clock.seconds() - 5, True, None)
+    runtime.containers[sandbox.container_id] = attrs.evolve(info, saved=later)
+    await manager.reconcile()
+    assert sandbox.last_activity == clock.seconds() - 5 and sandbox.ever_connected
+    future = SavedSandbox(clock.seconds() + 500, True, None)
+    runtime.containers[sandbox.container_id] = attrs.evolve(info, saved=future)
+    await manager.reconcile()
+    assert sandbox.last_activity == clock.seconds()
+
+
+def test_cluster_lookup_paths() -> None:
+    """Only sandbox routes with a well-formed id trigger a cluster lookup."""
+    sid = "0123456789abcdef0123456789abcdef"
+    assert named_sandbox(f"/sandboxes/{sid}".encode()) == sid
+    assert named_sandbox(f"/sandboxes/{sid}/files?path=x".encode()) == sid
+    assert named_sandbox(f"/ws/{sid}".encode()) == sid
+    assert named_sandbox(b"/sandboxes") is None
+    assert named_sandbox(b"/sandboxes/../etc") is None
+    assert named_sandbox(b"/healthz") is None
