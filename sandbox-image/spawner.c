@@ -17,7 +17,8 @@
  * answers  i32 pid, i32 errno  (pid > 0 and 0; or 0 and the errno of the failed clone).
  *
  * The new process first writes its pid (i32) on the status pipe, then calls setsid, puts the
- * three fds on 0, 1, 2, changes to cwd and execs argv[0] (an absolute path: no PATH search)
+ * three fds on 0, 1, 2 (when fd 0 is a terminal, a PTY's slave, it becomes the new session's
+ * controlling terminal: TIOCSCTTY), changes to cwd and execs argv[0] (an absolute path: no PATH search)
  * with exactly env; if chdir or exec fails it writes  i32 stage (1 chdir, 2 exec), i32 errno
  * there too and exits with status 127. The status pipe is close-on-exec. The pid record is
  * what lets the agent recover from a spawner that dies or hangs in the middle of a request:
@@ -44,6 +45,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -183,6 +185,8 @@ static int child(void *arg)
     for (int i = 0; i < 3; i++)
         if (dup2(job->fds[i], i) < 0)
             child_fail(job->fds[3], STAGE_EXEC);
+    if (isatty(0) && ioctl(0, TIOCSCTTY, 0) != 0)
+        child_fail(job->fds[3], STAGE_EXEC);
     if (chdir(job->cwd) != 0)
         child_fail(job->fds[3], STAGE_CHDIR);
     execve(job->argv[0], job->argv, job->envp);

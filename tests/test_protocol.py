@@ -129,6 +129,8 @@ def test_control_types_form_one_table() -> None:
         "subscribe_events",
         "watch",
         "unwatch",
+        "pty",
+        "resize",
     }
     assert protocol.MESSAGE_TYPES == ("command", *CONTROL_PARSERS)
 

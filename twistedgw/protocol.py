@@ -62,6 +62,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -107,6 +108,20 @@ ON_DISCONNECT_KILL = "kill"
 ON_DISCONNECT_VALUES = (ON_DISCONNECT_CONTINUE, ON_DISCONNECT_KILL)
 #: Output streams of a process, in the order replies list them.
 STREAMS = ("stdout", "stderr")
+#: The one output stream of a process on a pseudo-terminal (``pty``; issue 16).
+PTY_STREAM = "pty"
+#: Every stream an ``attach`` may name in ``since``.
+LOG_STREAMS = (*STREAMS, PTY_STREAM)
+#: A terminal's ``cols`` and ``rows`` are integers in this range.
+MIN_TERMINAL_SIZE = 1
+MAX_TERMINAL_SIZE = 4096
+#: Binary WebSocket frames (opt-in, PTYs only), told apart by their first byte: terminal
+#: output (agent -> client: kind, u32 pid, u64 offset, bytes) and terminal input
+#: (client -> agent: kind, u32 pid, bytes); integers are big-endian. See PROTOCOL.md.
+BINARY_OUTPUT = 0x01
+BINARY_STDIN = 0x02
+BINARY_OUTPUT_HEAD = struct.Struct("!BIQ")
+BINARY_STDIN_HEAD = struct.Struct("!BI")
 #: Signals ``signal`` may send (names without ``SIG``), with their numbers on Linux.
 SIGNALS: Mapping[str, int] = MappingProxyType(
     {
@@ -191,6 +206,14 @@ ERROR_CODES: Mapping[str, str] = MappingProxyType(
         "unknown_session": "no session of that name",
         "unknown_process": "no process (running or kept) has this 'pid' or 'request_id'",
         "not_running": "the process has already exited",
+        # pseudo-terminals (issue 16)
+        "invalid_size": "'cols'/'rows' are not integers from 1 to 4096",
+        "unknown_field": "a pty or resize message with a field it does not have",
+        "invalid_binary": "'binary' or 'takeover' is not true or false, or a binary frame "
+        "is not a terminal input frame",
+        "not_a_pty": "resize, takeover, binary output or terminal input for a process that "
+        "is not on a pseudo-terminal",
+        "not_writer": "terminal input or resize from a client while another took the PTY over",
         # either end
         "agent_unavailable": "the gateway's connection to the sandbox agent is closed",
         "agent_restarted": "the sandbox agent restarted while the command was in flight; "
@@ -396,15 +419,24 @@ class Attach:
 
     pid: int | None = None
     request_id: str | None = None
-    since: Mapping[str, int] = field(default_factory=lambda: {name: 0 for name in STREAMS})
+    since: Mapping[str, int] = field(default_factory=lambda: {name: 0 for name in LOG_STREAMS})
+    #: PTYs only: this connection becomes the only one whose input and resizes are taken.
+    takeover: bool = False
+    #: PTYs only: output comes as binary frames (``BINARY_OUTPUT``).
+    binary: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "type": self.TYPE,
             "pid": self.pid,
             "request_id": self.request_id,
             "since": dict(self.since),
         }
+        if self.takeover:
+            wire["takeover"] = True
+        if self.binary:
+            wire["binary"] = True
+        return wire
 
     def error(self, code: str, message: str) -> ProtocolError:
         return ProtocolError(code, message, self.request_id, control=True)
@@ -465,6 +497,106 @@ class SubscribeEvents:
 
     def error(self, code: str, message: str) -> ProtocolError:
         return ProtocolError(code, message, self.request_id, control=True)
+
+
+# pseudo-terminals (issue 16) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pty:
+    """Start ``command`` (None: a login shell) on a new pseudo-terminal of ``cols`` x ``rows``."""
+
+    TYPE: ClassVar[str] = "pty"
+
+    request_id: str
+    cols: int
+    rows: int
+    command: str | None = None
+    cwd: str | None = None
+    env: Mapping[str, str] | None = None
+    binary: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "type": self.TYPE,
+            "request_id": self.request_id,
+            "cols": self.cols,
+            "rows": self.rows,
+        }
+        if self.command is not None:
+            wire["command"] = self.command
+        if self.cwd is not None:
+            wire["cwd"] = self.cwd
+        if self.env:
+            wire["env"] = dict(self.env)
+        if self.binary:
+            wire["binary"] = True
+        return wire
+
+    def error(self, code: str, message: str) -> ProtocolError:
+        return ProtocolError(code, message, self.request_id, control=True)
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Set the window size of the PTY process ``pid`` (or ``request_id``)."""
+
+    TYPE: ClassVar[str] = "resize"
+
+    cols: int
+    rows: int
+    pid: int | None = None
+    request_id: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "pid": self.pid,
+            "request_id": self.request_id,
+            "cols": self.cols,
+            "rows": self.rows,
+        }
+
+    def error(self, code: str, message: str) -> ProtocolError:
+        return ProtocolError(code, message, self.request_id, control=True)
+
+
+@dataclass(frozen=True)
+class TerminalInput:
+    """A binary frame of terminal input: ``data`` for the PTY process ``pid``."""
+
+    TYPE: ClassVar[str] = "binary stdin"
+
+    pid: int
+    data: bytes
+    request_id: None = None
+
+    def to_frame(self) -> bytes:
+        return BINARY_STDIN_HEAD.pack(BINARY_STDIN, self.pid) + self.data
+
+    def to_wire(self) -> dict[str, Any]:  # pragma: no cover - it travels as a binary frame
+        raise TypeError("terminal input travels as a binary frame (to_frame)")
+
+    def error(self, code: str, message: str) -> ProtocolError:
+        return ProtocolError(code, f"{message} (binary frame for pid {self.pid})", control=True)
+
+
+def binary_output_frame(pid: int, offset: int, data: bytes) -> bytes:
+    """A binary frame of terminal output: ``data``, at byte ``offset`` of process ``pid``."""
+    return BINARY_OUTPUT_HEAD.pack(BINARY_OUTPUT, pid, offset) + data
+
+
+def parse_terminal_input(payload: bytes) -> TerminalInput:
+    """A binary frame from a client: only terminal input frames are accepted."""
+    if len(payload) < BINARY_STDIN_HEAD.size or payload[0] != BINARY_STDIN:
+        raise ProtocolError(
+            "binary_message",
+            "binary messages are only terminal input frames (0x02, u32 pid, bytes); send JSON text",
+        )
+    _kind, pid = BINARY_STDIN_HEAD.unpack_from(payload)
+    if not 0 < pid < 1 << 31:
+        raise ProtocolError("invalid_pid", "a terminal input frame's pid must be positive")
+    return TerminalInput(pid, bytes(payload[BINARY_STDIN_HEAD.size :]))
 
 
 # -- watching files (issue 15): watch / unwatch, answered by watching / fs_event / unwatched --
@@ -561,6 +693,9 @@ ControlMessage = (
     | SubscribeEvents
     | Watch
     | Unwatch
+    | Pty
+    | Resize
+    | TerminalInput
 )
 Message = Command | ControlMessage
 
@@ -695,6 +830,8 @@ def parse_message(
     make_request_id: Callable[[], str] = new_request_id,
 ) -> Message:
     """Decode and validate one WebSocket message; raises ``ProtocolError``."""
+    if is_binary:
+        return parse_terminal_input(payload)
     return parse_object(decode(payload, is_binary), limits, make_request_id)
 
 
@@ -948,9 +1085,9 @@ def _parse_attach(obj: Mapping[str, Any]) -> Attach:
     raw = obj.get("since")
     since: dict[str, int] = {}
     if raw is None:
-        since = {name: 0 for name in STREAMS}
-    elif isinstance(raw, dict) and set(raw) <= set(STREAMS):
-        for name in STREAMS:
+        since = {name: 0 for name in LOG_STREAMS}
+    elif isinstance(raw, dict) and set(raw) <= set(LOG_STREAMS):
+        for name in LOG_STREAMS:
             offset = _offset(raw.get(name, 0))
             if offset is None:
                 break
@@ -958,15 +1095,101 @@ def _parse_attach(obj: Mapping[str, Any]) -> Attach:
     else:
         offset = _offset(raw)
         if offset is not None:
-            since = {name: offset for name in STREAMS}
-    if len(since) != len(STREAMS):
+            since = {name: offset for name in LOG_STREAMS}
+    if len(since) != len(LOG_STREAMS):
         raise ProtocolError(
             "invalid_since",
-            "'since' must be a byte offset >= 0, or an object of them for 'stdout'/'stderr'",
+            "'since' must be a byte offset >= 0, or an object of them for 'stdout'/'stderr'/'pty'",
             request_id,
             control=True,
         )
-    return Attach(pid, request_id, MappingProxyType(since))
+    takeover = _flag(obj, "takeover", request_id)
+    binary = _flag(obj, "binary", request_id)
+    return Attach(pid, request_id, MappingProxyType(since), takeover, binary)
+
+
+def _flag(obj: Mapping[str, Any], name: str, request_id: str | None) -> bool:
+    value = obj.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ProtocolError(
+            "invalid_binary", f"'{name}' must be true or false", request_id, control=True
+        )
+    return value
+
+
+def _terminal_size(obj: Mapping[str, Any], request_id: str | None) -> tuple[int, int]:
+    size = []
+    for name in ("cols", "rows"):
+        value = obj.get(name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not MIN_TERMINAL_SIZE <= value <= MAX_TERMINAL_SIZE
+        ):
+            raise ProtocolError(
+                "invalid_size",
+                f"'{name}' must be an integer from {MIN_TERMINAL_SIZE} to {MAX_TERMINAL_SIZE}",
+                request_id,
+                control=True,
+            )
+        size.append(value)
+    return size[0], size[1]
+
+
+def _no_unknown_fields(obj: Mapping[str, Any], known: set[str], request_id: str | None) -> None:
+    unknown = sorted(str(k) for k, v in obj.items() if k not in known and v is not None)
+    if unknown:
+        raise ProtocolError(
+            "unknown_field",
+            f"unknown field(s) in a {obj.get('type')} message: {shorten(', '.join(unknown), 200)}"
+            f"; known: {', '.join(sorted(known))}",
+            request_id,
+            control=True,
+        )
+
+
+PTY_FIELDS = {"type", "request_id", "cols", "rows", "command", "cwd", "env", "binary"}
+RESIZE_FIELDS = {"type", "request_id", "pid", "cols", "rows"}
+
+
+def _parse_pty(obj: Mapping[str, Any]) -> Pty:
+    request_id = _request_id(obj, required=True, kind=Pty.TYPE)
+    assert request_id is not None
+    _no_unknown_fields(obj, PTY_FIELDS, request_id)
+    cols, rows = _terminal_size(obj, request_id)
+
+    def fail(code: str, text: str) -> ProtocolError:
+        return ProtocolError(code, text, request_id, control=True)
+
+    command = obj.get("command")
+    if command is not None and not (is_text(command) and command.strip()):
+        raise fail(
+            "invalid_command",
+            "'command' must be a non-empty string without NUL characters or lone surrogates",
+        )
+    cwd = obj.get("cwd")
+    if cwd is not None and not (is_text(cwd) and 0 < len(cwd) <= MAX_CWD_LENGTH):
+        raise fail(
+            "invalid_cwd",
+            f"'cwd' must be a non-empty path of at most {MAX_CWD_LENGTH} characters "
+            "without NUL or lone surrogates",
+        )
+    env = obj.get("env")
+    if env is not None:
+        problem = _env_problem(env, None)
+        if problem is not None:
+            raise fail("invalid_env", problem)
+    binary = _flag(obj, "binary", request_id)
+    return Pty(request_id, cols, rows, command, cwd, dict(env) if env else None, binary)
+
+
+def _parse_resize(obj: Mapping[str, Any]) -> Resize:
+    pid, request_id = _pid_and_request_id(obj, Resize.TYPE)
+    _no_unknown_fields(obj, RESIZE_FIELDS, request_id)
+    cols, rows = _terminal_size(obj, request_id)
+    return Resize(cols, rows, pid, request_id)
 
 
 def _parse_processes(obj: Mapping[str, Any]) -> Processes:
@@ -1012,6 +1235,8 @@ CONTROL_PARSERS: Mapping[str, Callable[[Mapping[str, Any]], ControlMessage]] = M
         SubscribeEvents.TYPE: _parse_subscribe_events,
         Watch.TYPE: _parse_watch,
         Unwatch.TYPE: _parse_unwatch,
+        Pty.TYPE: _parse_pty,
+        Resize.TYPE: _parse_resize,
     }
 )
 #: Every message type, in the order the error message lists them.

@@ -66,7 +66,10 @@ class ChildProcess:
         self.loop = loop
         self.pid = spawned.pid
         self.handler = handler
-        self.readers: dict[int, int] = {1: spawned.stdout, 2: spawned.stderr}
+        #: Output fds by the child fd they stand for (a PTY has no stderr of its own: -1).
+        self.readers: dict[int, int] = {
+            child_fd: fd for child_fd, fd in ((1, spawned.stdout), (2, spawned.stderr)) if fd >= 0
+        }
         self.stdin_fd: int | None = spawned.stdin
         self._stdin_buffer = bytearray()
         self._stdin_closing = False

@@ -15,6 +15,7 @@ from agent import log, watches
 from agent.child import Reaper
 from agent.config import AgentConfig
 from agent.proctable import ProcessEntry, ProcessTable, Watcher
+from agent.pty import PtyRun
 from agent.runs import CommandRun, RunBase, resolve_cwd
 from agent.sessions import SessionManager, SessionRun
 from twistedgw import protocol
@@ -40,8 +41,13 @@ class Agent:
             config.kept_log_bytes,
         )
 
-    def connect(self, send: Callable[[bytes], None], peer: str = "?") -> Connection:
-        conn = Connection(self, send, peer)
+    def connect(
+        self,
+        send: Callable[[bytes], None],
+        peer: str = "?",
+        send_binary: Callable[[bytes], None] | None = None,
+    ) -> Connection:
+        conn = Connection(self, send, peer, send_binary)
         self.connections.add(conn)
         return conn
 
@@ -60,9 +66,17 @@ class Agent:
 class Connection:
     """One gateway connection: runs the commands it sends, replies with their results."""
 
-    def __init__(self, agent: Agent, send: Callable[[bytes], None], peer: str) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        send: Callable[[bytes], None],
+        peer: str,
+        send_binary: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.agent = agent
         self._send = send
+        #: Sends one binary frame (PTY output for clients that asked for it).
+        self._send_binary = send_binary
         self.peer = peer
         self.runs: dict[str, RunBase] = {}
         self.open = True
@@ -93,6 +107,10 @@ class Connection:
                 watches.handle(self, message)
             elif isinstance(message, protocol.CloseSession):
                 self._close_session(message)
+            elif isinstance(message, protocol.Pty):
+                self._pty(message)
+            elif isinstance(message, protocol.Resize | protocol.TerminalInput):
+                self._terminal(message)
             else:
                 self._process_message(message)
         except protocol.ProtocolError as e:
@@ -118,6 +136,12 @@ class Connection:
         if not paused:
             for watcher in list(self.watchers):
                 watcher.pump()
+        self._update_pty_reading()
+
+    def _update_pty_reading(self) -> None:
+        for watcher in list(self.watchers):
+            if isinstance(watcher.entry.run, PtyRun):
+                watcher.entry.run.update_reading()
 
     def lost(self) -> None:
         """The connection closed: its plain commands run on (their results are kept), but
@@ -131,7 +155,12 @@ class Connection:
         for watcher in list(self.watchers):
             watcher.cancel()
             watcher.entry.watchers.discard(watcher)
+            if isinstance(watcher.entry.run, PtyRun):
+                watcher.entry.run.update_reading()
         self.watchers.clear()
+        for entry in self.agent.table.by_pid.values():
+            if entry.writer is self:  # its takeover ends: any connection may write again
+                entry.writer = None
         runs = list(self.runs.values())
         self.runs.clear()
         killed = 0
@@ -218,6 +247,15 @@ class Connection:
         self._find(message).cancel()
 
     def _stdin(self, message: protocol.Stdin) -> None:
+        if message.request_id not in self.runs:
+            entry = self.agent.table.find(None, message.request_id)
+            if entry is not None and entry.pty:
+                if message.eof:
+                    raise message.error(
+                        "unsupported", "a PTY has no end of input; send \u0004 (Ctrl-D) instead"
+                    )
+                self._pty_run(message, entry).write_stdin(message.data.encode("utf-8"))
+                return
         run = self._find(message)
         if not isinstance(run, CommandRun) or not run.spec.interactive:
             raise message.error("not_interactive", "the command was not started with 'interactive'")
@@ -235,6 +273,89 @@ class Connection:
             raise message.error("unknown_session", f"no session {message.session!r}")
         log.info("session %s closed by %s", message.session, self.peer)
         self.send_message(protocol.session_closed_message(message.request_id, message.session))
+
+    # pseudo-terminals -----------------------------------------------------------------------
+
+    def _pty(self, spec: protocol.Pty) -> None:
+        agent = self.agent
+        config, table = agent.config, agent.table
+        rid = spec.request_id
+        running = table.find(None, rid)
+        if rid in self.runs or (running is not None and running.running):
+            raise spec.error("duplicate_request_id", f"request_id {rid!r} is already running")
+        if table.unowned_running() >= config.max_background:
+            raise spec.error(
+                "too_many_commands",
+                f"too many background processes and PTYs (limit {config.max_background})",
+            )
+        if spec.binary and self._send_binary is None:
+            raise spec.error("invalid_binary", "this connection cannot carry binary frames")
+        try:
+            cwd = resolve_cwd(config, spec.cwd)
+        except ValueError as e:
+            raise spec.error("invalid_cwd", str(e)) from None
+        run = PtyRun(spec, self, agent.loop, config, agent.reaper, cwd)
+        try:
+            run.start(agent.loop, table)
+        except OSError as e:
+            run.owner = None
+            run.finished = True
+            raise spec.error("spawn_failed", f"could not start the PTY: {e}") from None
+        entry = run.entry
+        assert entry is not None and run.pid is not None
+        log.debug("started PTY %s pid=%s", rid, run.pid)
+        self.send_message(
+            protocol.started_message(rid, run.pid, pty=True, cols=spec.cols, rows=spec.rows)
+        )
+        run.orphan()
+        self._watch(entry, {protocol.PTY_STREAM: 0}, spec.binary)
+
+    def _pty_run(
+        self,
+        message: protocol.Stdin | protocol.Resize | protocol.TerminalInput,
+        entry: ProcessEntry,
+    ) -> PtyRun:
+        """The running PTY of ``entry``, if this connection may write to it."""
+        if not entry.pty:
+            raise message.error("not_a_pty", f"process {entry.pid} is not on a pseudo-terminal")
+        if not entry.running or not isinstance(entry.run, PtyRun):
+            raise message.error("not_running", f"process {entry.pid} has already exited")
+        if entry.writer is not None and entry.writer is not self:
+            raise message.error(
+                "not_writer",
+                f"another client took PTY {entry.pid} over; attach with 'takeover' to write",
+            )
+        return entry.run
+
+    def _terminal(self, message: protocol.Resize | protocol.TerminalInput) -> None:
+        entry = self.agent.table.find(message.pid, message.request_id)
+        if entry is None:
+            raise message.error(
+                "unknown_process", f"no process with pid {message.pid} (running or kept)"
+            )
+        run = self._pty_run(message, entry)
+        if isinstance(message, protocol.TerminalInput):
+            run.write_stdin(message.data)
+            return
+        run.resize(message.cols, message.rows)
+        self.send_message(
+            {
+                "type": "resized",
+                "request_id": entry.request_id,
+                "pid": entry.pid,
+                "cols": message.cols,
+                "rows": message.rows,
+            }
+        )
+
+    def _watch(self, entry: ProcessEntry, since: dict[str, int], binary: bool) -> Watcher:
+        watcher = Watcher(entry, self, since, self.agent.loop, binary)
+        entry.watchers.add(watcher)
+        self.watchers.add(watcher)
+        if isinstance(entry.run, PtyRun):
+            entry.run.update_reading()
+        watcher.pump()
+        return watcher
 
     # process handles ------------------------------------------------------------------------
 
@@ -263,10 +384,30 @@ class Connection:
         if isinstance(message, protocol.Signal):
             self._signal(message, entry)
             return
-        watcher = Watcher(entry, self, dict(message.since), self.agent.loop)
-        self.send_message(watcher.attached_message())
+        if (message.takeover or message.binary) and not entry.pty:
+            raise message.error(
+                "not_a_pty",
+                f"'takeover' and 'binary' are for PTYs; process {entry.pid} is not on one",
+            )
+        if message.binary and self._send_binary is None:
+            raise message.error("invalid_binary", "this connection cannot carry binary frames")
+        attached: dict[str, Any] = {}
+        if message.takeover and entry.running:
+            previous, entry.writer = entry.writer, self
+            attached["takeover"] = True
+            # Everyone else watching (and the previous writer) hears that its input now fails.
+            others = {w.owner for w in entry.watchers} | ({previous} if previous else set())
+            others.discard(self)
+            for other in others:
+                other.send_message(
+                    {"type": "taken_over", "request_id": entry.request_id, "pid": entry.pid}
+                )
+        watcher = Watcher(entry, self, dict(message.since), self.agent.loop, message.binary)
+        self.send_message({**watcher.attached_message(), **attached})
         entry.watchers.add(watcher)
         self.watchers.add(watcher)
+        if isinstance(entry.run, PtyRun):
+            entry.run.update_reading()
         watcher.pump()
 
     def _signal(self, message: protocol.Signal, entry: ProcessEntry) -> None:
@@ -290,6 +431,11 @@ class Connection:
 
     def watcher_done(self, watcher: Watcher) -> None:
         self.watchers.discard(watcher)
+
+    def send_binary(self, payload: bytes) -> None:
+        """Send one binary frame, if the connection is still open."""
+        if self.open and self._send_binary is not None:
+            self._send_binary(payload)
 
     # RunOwner -------------------------------------------------------------------------------
 

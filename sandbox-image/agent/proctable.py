@@ -96,6 +96,8 @@ class WatchOwner(Protocol):
 
     def send_message(self, message: dict[str, Any]) -> None: ...
 
+    def send_binary(self, payload: bytes) -> None: ...
+
     def watcher_done(self, watcher: Watcher) -> None: ...
 
 
@@ -110,6 +112,7 @@ class ProcessEntry:
         command: str,
         background: bool,
         log_size: int,
+        pty: bool = False,
     ) -> None:
         self.table = table
         self.pid = pid
@@ -124,9 +127,17 @@ class ProcessEntry:
         self.result: dict[str, Any] | None = None
         #: Whether a connection still receives the process's result (its owner).
         self.owned = not background
-        self.stdout = RingLog(log_size)
-        self.stderr = RingLog(log_size)
+        self.stdout = RingLog(0 if pty else log_size)
+        self.stderr = RingLog(0 if pty else log_size)
         self.logs = {"stdout": self.stdout, "stderr": self.stderr}
+        #: A process on a pseudo-terminal has one stream, ``pty`` (its screen's bytes).
+        self.pty = pty
+        if pty:
+            self.logs = {protocol.PTY_STREAM: RingLog(log_size)}
+        #: PTYs: the window size, and the connection that took the PTY over (the only one
+        #: whose input and resizes are taken; None: any connection's).
+        self.size: tuple[int, int] | None = None
+        self.writer: Any = None
         self.watchers: set[Watcher] = set()
         #: The run (``runs.CommandRun``) while the process runs: cancel, kill.
         self.run: Any = None
@@ -137,7 +148,7 @@ class ProcessEntry:
 
     @property
     def log_bytes(self) -> int:
-        return len(self.stdout.buf) + len(self.stderr.buf)
+        return sum(len(log.buf) for log in self.logs.values())
 
     def write(self, stream: str, data: bytes) -> None:
         self.logs[stream].write(data)
@@ -152,6 +163,11 @@ class ProcessEntry:
         return {name: log.dropped for name, log in self.logs.items()}
 
     def describe(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.pty:
+            assert self.size is not None
+            extra = {"pty": True, "cols": self.size[0], "rows": self.size[1]}
+            extra["taken_over"] = self.writer is not None
         return {
             "pid": self.pid,
             "request_id": self.request_id,
@@ -163,6 +179,7 @@ class ProcessEntry:
             "bytes": self.offsets(),
             "dropped": self.dropped(),
             "watchers": len(self.watchers),
+            **extra,
         }
 
 
@@ -170,16 +187,22 @@ class Watcher:
     """One connection attached to one process: replay from a cursor, live output, result."""
 
     def __init__(
-        self, entry: ProcessEntry, owner: WatchOwner, since: dict[str, int], timers: Timers
+        self,
+        entry: ProcessEntry,
+        owner: WatchOwner,
+        since: dict[str, int],
+        timers: Timers,
+        binary: bool = False,
     ) -> None:
         self.entry = entry
         self.owner = owner
         self.timers = timers
+        #: Output as binary frames (PTYs; ``protocol.binary_output_frame``), not JSON.
+        self.binary = binary
         self.cursor: dict[str, int] = {}
         self.text_offset: dict[str, int] = {}
         self.decoders = {
-            name: codecs.getincrementaldecoder("utf-8")(errors="replace")
-            for name in protocol.STREAMS
+            name: codecs.getincrementaldecoder("utf-8")(errors="replace") for name in entry.logs
         }
         #: Bytes skipped since the last chunk sent, per stream (reported on the next one).
         self.skipped: dict[str, int] = {}
@@ -233,6 +256,12 @@ class Watcher:
                 if not data:
                     continue
                 self.cursor[name] = offset + len(data)
+                if self.binary:
+                    self.skipped[name] = 0  # the frame's offset tells the gap
+                    self.text_offset[name] = self.cursor[name]
+                    owner.send_binary(protocol.binary_output_frame(entry.pid, offset, data))
+                    sent = True
+                    continue
                 decoder = self.decoders[name]
                 text = decoder.decode(data)
                 chunk_offset = self.text_offset[name]
@@ -328,11 +357,13 @@ class ProcessTable:
         self.events = EventLog()
         self._expiry: Any = None
 
-    def add(self, pid: int, request_id: str, command: str, background: bool) -> ProcessEntry:
+    def add(
+        self, pid: int, request_id: str, command: str, background: bool, pty: bool = False
+    ) -> ProcessEntry:
         old = self.by_pid.get(pid)
         if old is not None:  # a kept entry of a process whose pid was reused
             self._forget(old)
-        entry = ProcessEntry(self, pid, request_id, command, background, self.log_size)
+        entry = ProcessEntry(self, pid, request_id, command, background, self.log_size, pty)
         self.by_pid[pid] = entry
         self.by_request[request_id] = entry
         self.events.add(

@@ -121,7 +121,7 @@ class AgentHTTP:
             return
         self.transport.write(wsproto.switching_protocols(request.header("sec-websocket-key")))
         self.parser = wsproto.FrameParser(self.max_message)
-        self.conn = self.agent.connect(self._send_text, self.peer)
+        self.conn = self.agent.connect(self._send_text, self.peer, self._send_binary)
         log.info("connection open from %s", self.peer)
         if rest:
             self._websocket(rest)
@@ -172,6 +172,10 @@ class AgentHTTP:
     def _send_text(self, payload: bytes) -> None:
         if not self.closing:
             self.transport.write(wsproto.frame(wsproto.OP_TEXT, payload))
+
+    def _send_binary(self, payload: bytes) -> None:
+        if not self.closing:
+            self.transport.write(wsproto.frame(wsproto.OP_BINARY, payload))
 
     def _close(self, code: int, reason: str) -> None:
         """Send a close frame and close the TCP connection (the server closes first)."""

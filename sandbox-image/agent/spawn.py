@@ -32,8 +32,10 @@ no capability, nor does going back down to where it started) and the child inher
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
+import termios
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -217,6 +219,37 @@ def start_process(
             _write_oom_score_adj(user.agent_oom_score_adj)
 
 
+def start_on_terminal(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    terminal: int,
+    user: UserIdentity | None = None,
+) -> int:
+    """Start ``argv`` as ``start_process`` does (same user, oom_score_adj, new session), but
+    with stdin, stdout and stderr on ``terminal`` (a PTY's slave end, which the caller keeps
+    and closes), made the new session's controlling terminal; return its pid.
+
+    The spawner makes a terminal on fd 0 the controlling terminal (TIOCSCTTY) after its
+    setsid; without the spawner the process is forked (posix_spawn has no TIOCSCTTY action)
+    and does the same before it execs (the wrapper, when there is one: the terminal stays).
+    """
+    user = user or UserIdentity()
+    if user.spawner is not None:
+        try:
+            return user.spawner.spawn(argv, env, cwd, (terminal, terminal, terminal))
+        except SpawnerUnavailable:
+            pass
+    if user.prefix:
+        argv = [*user.prefix, *argv]
+    raised = user.oom_score_adj is not None and _write_oom_score_adj(user.oom_score_adj)
+    try:
+        return _fork_exec(argv, env, cwd, terminal, terminal, terminal, controlling=True)
+    finally:
+        if raised:
+            _write_oom_score_adj(user.agent_oom_score_adj)
+
+
 def _start(launch: Callable[[int, int, int], int]) -> Spawned:
     """New pipes for stdin/stdout/stderr, and ``launch(stdin, stdout, stderr)`` -> pid."""
     pipes: list[int] = []
@@ -256,7 +289,15 @@ def _posix_spawn(argv: list[str], env: dict[str, str], cwd: str, i: int, o: int,
         os.chdir(previous)
 
 
-def _fork_exec(argv: list[str], env: dict[str, str], cwd: str, i: int, o: int, e: int) -> int:
+def _fork_exec(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    i: int,
+    o: int,
+    e: int,
+    controlling: bool = False,
+) -> int:
     # Check what would fail in the child first, so that errors reach the caller.
     if not os.path.isdir(cwd):
         raise FileNotFoundError(2, "no such directory", cwd)
@@ -270,6 +311,8 @@ def _fork_exec(argv: list[str], env: dict[str, str], cwd: str, i: int, o: int, e
             os.dup2(i, 0)
             os.dup2(o, 1)
             os.dup2(e, 2)
+            if controlling:  # stdin is a terminal: make it this session's
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
             os.execve(argv[0], argv, env)
         finally:
             os._exit(127)

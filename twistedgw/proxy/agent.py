@@ -70,6 +70,10 @@ class AgentSide(WebSocketClientProtocol):
         """Send one JSON text message to the agent."""
         self.sendMessage(payload, isBinary=False)
 
+    def send_binary(self, payload: bytes) -> None:
+        """Send one binary frame to the agent (terminal input, ``protocol.BINARY_STDIN``)."""
+        self.sendMessage(payload, isBinary=True)
+
     def close(self) -> None:
         """Close this agent connection (normal closure)."""
         self.listener = None

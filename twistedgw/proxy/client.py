@@ -3,6 +3,9 @@
 A client's handshake completes only once the gateway's own connection to the sandbox's agent is
 up (``onConnect`` returns a Deferred), so an accepted client can send at once. Client messages
 are validated (``protocol.parse_message``) and forwarded; agent results go back verbatim.
+Binary frames go both ways only for PTYs: terminal input frames from a client (validated, then
+forwarded as binary frames), terminal output frames from the agent to a client that asked for
+them (forwarded as they come, like every agent message).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from twistedgw.protocol import (
     Limits,
     Message,
     ProtocolError,
+    TerminalInput,
     command_error,
     encode,
     parse_message,
@@ -227,6 +231,9 @@ class ClientSide(WebSocketServerProtocol):
             sandbox.touch(manager.now())
             if not self._track(sandbox, message):
                 return
+        if isinstance(message, TerminalInput):
+            self.agent.send_binary(message.to_frame())
+            return
         self.agent.send_json(encode(message.to_wire()))
 
     def _track(self, sandbox: Sandbox, message: Message) -> bool:
