@@ -241,10 +241,11 @@ class TerminalView {
   }
 
   /** Shows process `pid` of `sandboxId` from its first byte, then live. */
-  attach(sandboxId, pid, rid) {
+  attach(sandboxId, pid, rid, isPty) {
     this.reset(sandboxId);
     this.pid = pid;
     this.rid = rid || null;
+    this.isPty = Boolean(isPty);
     this.first = () => this.sendAttach(true);
     this.open(sandboxId);
   }
@@ -256,7 +257,7 @@ class TerminalView {
     this.pid = null;
     this.offsets = {};
     this.finished = false;
-    this.takeover = false;
+    this.isPty = true;
   }
 
   open(sandboxId) {
@@ -274,16 +275,20 @@ class TerminalView {
   /** Attaches to the process: from its first byte, or after a drop from what was shown. */
   sendAttach(fromStart) {
     if (this.pid === null) return;
-    let since = 0;
+    // A PTY has one stream; a command's offsets are per stream.
+    let since = this.isPty ? 0 : { stdout: 0, stderr: 0 };
     if (!fromStart) {
       since = this.offsets.pty !== undefined ? this.offsets.pty
         : { stdout: this.offsets.stdout || 0, stderr: this.offsets.stderr || 0 };
     }
+    // No request_id: with one, attach names the process by both.
     this.socket.send({ type: "attach", pid: this.pid, since });
   }
 
   mine(m) {
     if (this.pid !== null && m.pid === this.pid) return true;
+    // Errors about a message that had no usable request_id (a binary frame, say).
+    if (m.type === "error" && (m.request_id === null || m.request_id === undefined)) return true;
     return this.rid !== null && m.request_id === this.rid;
   }
 
@@ -294,7 +299,14 @@ class TerminalView {
       case "attached":
         if (m.pid !== undefined) this.pid = m.pid;
         if (m.request_id) this.rid = m.request_id;
+        if (m.type === "attached" && m.state === "exited") this.finished = true;
+        // The window's size wins over whatever the PTY had.
         if (m.type === "attached") this.resize(this.term.cols, this.term.rows);
+        break;
+      case "resized":
+        break;
+      case "taken_over":
+        notice(`Another client took over terminal ${m.pid}: watching only`);
         break;
       case "output": {
         const stream = m.stream || "stdout";
@@ -320,13 +332,13 @@ class TerminalView {
   }
 
   input(data) {
-    if (this.rid === null || this.finished) return;
+    if (this.rid === null || this.finished || !this.isPty) return;
     this.socket.send({ type: "stdin", request_id: this.rid, data });
   }
 
   resize(cols, rows) {
-    if (this.rid === null || this.finished || !this.socket) return;
-    this.socket.send({ type: "resize", request_id: this.rid, cols, rows });
+    if (this.pid === null || this.finished || !this.isPty || !this.socket) return;
+    this.socket.send({ type: "resize", pid: this.pid, cols, rows });
   }
 
   dispose() {
@@ -473,12 +485,12 @@ async function refreshProcesses() {
     const row = document.createElement("tr");
     row.dataset.pid = p.pid;
     cell(row, String(p.pid));
-    cell(row, p.command || "");
+    cell(row, p.pty ? `[terminal] ${p.command || "bash -l"}` : p.command || "");
     cell(row, p.state === "exited" ? `exited (${p.returncode})` : p.state);
     cell(row, time(p.started_at));
     cell(row, button("Reattach", "reattach", () => {
       notice(`Reattached to process ${p.pid}`);
-      state.terminal.attach(id, p.pid, p.request_id);
+      state.terminal.attach(id, p.pid, p.request_id, p.pty);
       state.terminal.term.focus();
     }));
     body.append(row);
