@@ -167,14 +167,17 @@ def test_console_lists_creates_and_deletes_sandboxes(
     browser: webdriver.Chrome, gateway: GatewayProcess, tmp_path: Path
 ) -> None:
     """With the token entered, the page lists the caller's sandboxes (a sandbox made over REST
-    shows with its status and template), creates one, and deletes it: the row goes and the
-    gateway answers 404 for it."""
+    shows with its status and template), keeps one alive, creates one, and deletes both: the
+    rows go and the gateway answers 404 for them."""
     made = requests.post(gateway.url + "/sandboxes", headers=AUTH, timeout=60).json()["sandbox_id"]
     open_console(browser, gateway)
     until(lambda: made in sandbox_rows(browser), what="the REST-made sandbox in the list")
     row = browser.find_element(By.CSS_SELECTOR, f'#sandboxes tr[data-id="{made}"]')
     cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
     assert cells[1] in ("idle", "connected") and cells[2] == "default"
+
+    click_when(browser, f'#sandboxes tr[data-id="{made}"] [data-action="keepalive"]', "keepalive")
+    until(lambda: f"Kept {made} alive" in by_id(browser, "notice").text, what="keep alive")
 
     created = create_in_browser(browser)
     info = requests.get(f"{gateway.url}/sandboxes/{created}", headers=AUTH, timeout=30)
@@ -338,3 +341,20 @@ def test_console_terminal_runs_what_is_typed_and_reconnects(
         browser.save_screenshot(str(tmp_path / "terminal-reconnected.png"))
     finally:
         requests.delete(f"{gateway.url}/sandboxes/{sandbox_id}", headers=AUTH, timeout=60)
+
+
+def test_console_works_on_a_gateway_without_tokens(
+    browser: webdriver.Chrome, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """On a gateway without tokens (loopback only), nothing needs entering: the page lists
+    and creates sandboxes and opens their terminal (WebSockets without ``access_token``)."""
+    gateway = make_gateway()
+    browser.get(gateway.url + "/ui/")
+    until(lambda: browser.execute_script("return !!window.twistedgwConsole"), what="the page")
+    sandbox_id = create_in_browser(browser)
+    assert requests.get(f"{gateway.url}/sandboxes/{sandbox_id}", timeout=30).status_code == 200
+    surface = browser.find_element(By.CSS_SELECTOR, "#terminal .xterm-helper-textarea")
+    until(lambda: "$" in terminal_text(browser), what="the shell prompt")
+    surface.send_keys("echo open-$((6*7))\n")
+    until(lambda: "\nopen-42" in "\n" + terminal_text(browser), what="the command's output")
+    assert error_text(browser) == ""

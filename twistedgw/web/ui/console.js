@@ -367,7 +367,9 @@ async function refreshSandboxes() {
     cell(row, sb.paused ? `${sb.status} (paused)` : sb.status);
     cell(row, sb.template || "default");
     cell(row, time(sb.created_at));
-    cell(row, time(sb.expires_at));
+    // The lifetime's end if it has one; else the idle rule (reset by use and Keep alive).
+    if (sb.expires_at) cell(row, time(sb.expires_at));
+    else cell(row, sb.idle_timeout ? `after ${Math.round(sb.idle_timeout)} s idle` : "-");
     const actions = cell(row, button("Open", "open", () => select(sb.sandbox_id)));
     actions.append(
       button("Keep alive", "keepalive", () => keepAlive(sb.sandbox_id)),
@@ -415,7 +417,7 @@ async function create(event) {
 
 async function keepAlive(id) {
   const details = await guarded(() => api("Keep alive", "POST", `/sandboxes/${id}/keepalive`));
-  if (details) notice(`Kept ${id} alive; expires ${time(details.expires_at)}`);
+  if (details) notice(`Kept ${id} alive (idle timer reset${details.expires_at ? `; lifetime ends ${time(details.expires_at)}` : ""})`);
   await refreshSandboxes();
 }
 
