@@ -33,16 +33,21 @@ class Screen:
         self.data = bytearray()
         #: The offset of data[0] (an attach may start past 0).
         self.base = 0
+        #: How many output chunks came as binary frames, and as JSON.
+        self.binary_frames = 0
+        self.json_chunks = 0
         self.messages: list[dict[str, Any]] = []
 
     def _take(self, message: Any) -> None:
         if isinstance(message, bytes):
             kind, _pid, offset = protocol.BINARY_OUTPUT_HEAD.unpack_from(message)
             assert kind == protocol.BINARY_OUTPUT
+            self.binary_frames += 1
             assert offset == self.base + len(self.data), "binary output continues in order"
             self.data += message[protocol.BINARY_OUTPUT_HEAD.size :]
         elif message["type"] == "output":
             assert message["stream"] == "pty"
+            self.json_chunks += 1
             assert message["offset"] == self.base + len(self.data), "text output is in order"
             self.data += message["data"].encode("utf-8")
         else:

@@ -561,3 +561,89 @@ def test_module_is_standard_library_only(tmp_path: Path) -> None:
     assert json.loads(out[0])["timeout"] == 5.0
     assert json.loads(out[1])["error_code"] == "invalid_command"
     assert out[2] == "[]"
+
+
+# -- PTY sessions (issue 16) -------------------------------------------------------------------
+
+
+def test_pty_and_resize_parse_into_records_and_go_on_the_wire_with_their_fields() -> None:
+    """A ``pty`` keeps command/cwd/env/binary; defaults stay off the wire; ``resize`` names
+    its process by pid or request id."""
+    pty = protocol.parse_object(
+        {"type": "pty", "request_id": "t", "cols": 100, "rows": 30, "env": {"A": "1"}}
+    )
+    assert pty == protocol.Pty("t", 100, 30, None, None, {"A": "1"}, False)
+    assert pty.to_wire() == {
+        "type": "pty",
+        "request_id": "t",
+        "cols": 100,
+        "rows": 30,
+        "env": {"A": "1"},
+    }
+    full = {"type": "pty", "request_id": "t", "cols": 1, "rows": 4096, "command": "vim"}
+    wire = protocol.parse_object({**full, "cwd": "src", "binary": True, "extra": None}).to_wire()
+    assert wire == {**full, "cwd": "src", "binary": True}
+    resize = protocol.parse_object({"type": "resize", "pid": 7, "cols": 80, "rows": 24})
+    assert resize == protocol.Resize(80, 24, 7, None)
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ({"type": "pty", "request_id": "t", "cols": 80}, "invalid_size"),
+        ({"type": "pty", "request_id": "t", "cols": True, "rows": 24}, "invalid_size"),
+        ({"type": "pty", "request_id": "t", "cols": 4097, "rows": 24}, "invalid_size"),
+        ({"type": "pty", "request_id": "t", "cols": 80, "rows": 24, "tty": 1}, "unknown_field"),
+        (
+            {"type": "pty", "request_id": "t", "cols": 80, "rows": 24, "command": " "},
+            "invalid_command",
+        ),
+        (
+            {"type": "pty", "request_id": "t", "cols": 80, "rows": 24, "env": {"1": "x"}},
+            "invalid_env",
+        ),
+        ({"type": "pty", "cols": 80, "rows": 24}, "invalid_request_id"),
+        ({"type": "resize", "request_id": "t", "cols": 80, "rows": 0}, "invalid_size"),
+        ({"type": "resize", "request_id": "t", "cols": 80, "rows": 24, "x": 1}, "unknown_field"),
+        ({"type": "attach", "pid": 3, "takeover": "yes"}, "invalid_binary"),
+        ({"type": "attach", "pid": 3, "since": {"tty": 0}}, "invalid_since"),
+    ],
+)
+def test_invalid_pty_messages_are_control_errors(message: dict[str, Any], code: str) -> None:
+    """Each PTY mistake has its own code, in the short control error form."""
+    with pytest.raises(ProtocolError) as caught:
+        protocol.parse_object(message)
+    reply = caught.value.reply()
+    assert (reply["type"], reply["error_code"]) == ("error", code)
+    assert "command" not in reply
+
+
+def test_attach_sends_a_pty_offset_only_when_it_is_set() -> None:
+    """An agent of an older image refuses a ``pty`` key in ``since``: it goes on the wire only
+    when a client asked for an offset in that stream."""
+    plain = protocol.parse_object({"type": "attach", "pid": 3, "since": 5})
+    assert plain.to_wire()["since"] == {"stdout": 5, "stderr": 5, "pty": 5}
+    default = protocol.parse_object({"type": "attach", "pid": 3})
+    assert default.to_wire() == {
+        "type": "attach",
+        "pid": 3,
+        "request_id": None,
+        "since": {"stdout": 0, "stderr": 0},
+    }
+    taken = protocol.parse_object({"type": "attach", "pid": 3, "takeover": True, "binary": True})
+    assert taken.to_wire()["takeover"] is True and taken.to_wire()["binary"] is True
+
+
+def test_binary_frames_are_terminal_input_or_an_error() -> None:
+    """A binary frame 0x02 + u32 pid + bytes is terminal input (any bytes, not only UTF-8);
+    any other binary frame is still ``binary_message``."""
+    frame = b"\x02\x00\x00\x01\x00" + b"\xff\x03"
+    message = protocol.parse_message(frame, True)
+    assert message == protocol.TerminalInput(256, b"\xff\x03")
+    assert isinstance(message, protocol.TerminalInput) and message.to_frame() == frame
+    for bad in (b"\x02\x00\x00", b'{"command": "ls"}', b"\x01" + bytes(12)):
+        assert error_of(bad, True).code == "binary_message"
+    assert error_of(b"\x02\x00\x00\x00\x00x", True).code == "invalid_pid"
+    head = protocol.binary_output_frame(5, 1 << 40, b"ab")
+    assert protocol.BINARY_OUTPUT_HEAD.unpack_from(head) == (protocol.BINARY_OUTPUT, 5, 1 << 40)
+    assert head[protocol.BINARY_OUTPUT_HEAD.size :] == b"ab"

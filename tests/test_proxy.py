@@ -10,6 +10,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.proxygw import Gateway, proxy_gateway
+from twistedgw import protocol
 from twistedgw.lifecycle.options import settings_from_body
 from twistedgw.proxy.client import finished_request
 
@@ -66,6 +67,27 @@ async def test_bad_messages_get_errors_and_connection_stays(gateway: Gateway) ->
     assert gateway.agent.received == [
         {"command": "echo still here", "request_id": result["request_id"], "timeout": 900.0}
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_terminal_frames_pass_the_proxy_both_ways_and_other_binary_is_refused(
+    gateway: Gateway,
+) -> None:
+    """A terminal input frame (PTYs, opt-in) goes to the agent as a binary frame, and the
+    agent's binary output frame comes back as one; a binary frame that is not terminal input
+    gets ``binary_message`` and never reaches the agent."""
+    sandbox = await gateway.manager.create()
+    client = await gateway.client(sandbox.sandbox_id)
+    frame = protocol.BINARY_STDIN_HEAD.pack(protocol.BINARY_STDIN, 42) + b"\x03ls\r\xff"
+    client.sendMessage(frame, isBinary=True)
+    assert await client.messages.get() == protocol.binary_output_frame(42, 0, b"\x03ls\r\xff")
+    assert gateway.agent.factory.received_binary == [frame]
+    for bad in (b"\x02\x00\x00", b"\x01" + bytes(12)):
+        client.sendMessage(bad, isBinary=True)
+        error = await client.messages.get()
+        assert error["error_code"] == "binary_message"
+    assert gateway.agent.factory.received_binary == [frame]
+    assert gateway.agent.received == []
 
 
 @pytest_twisted.ensureDeferred

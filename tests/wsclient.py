@@ -25,7 +25,7 @@ class TestClient(WebSocketClientProtocol):  # type: ignore[misc]
         self.opened.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.messages.put(json.loads(payload))
+        self.messages.put(payload if isBinary else json.loads(payload))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.opened.called:

@@ -426,11 +426,13 @@ class Attach:
     binary: bool = False
 
     def to_wire(self) -> dict[str, Any]:
+        # ``pty`` only when it is not 0: an agent of an older image refuses that key.
+        since = {name: offset for name, offset in self.since.items() if name in STREAMS or offset}
         wire: dict[str, Any] = {
             "type": self.TYPE,
             "pid": self.pid,
             "request_id": self.request_id,
-            "since": dict(self.since),
+            "since": since,
         }
         if self.takeover:
             wire["takeover"] = True

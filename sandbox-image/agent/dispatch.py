@@ -252,7 +252,7 @@ class Connection:
             if entry is not None and entry.pty:
                 if message.eof:
                     raise message.error(
-                        "unsupported", "a PTY has no end of input; send \u0004 (Ctrl-D) instead"
+                        "unsupported", "a PTY has no end of input; send Ctrl-D (byte 4) instead"
                     )
                 self._pty_run(message, entry).write_stdin(message.data.encode("utf-8"))
                 return
@@ -348,14 +348,23 @@ class Connection:
             }
         )
 
-    def _watch(self, entry: ProcessEntry, since: dict[str, int], binary: bool) -> Watcher:
+    def _watch(
+        self,
+        entry: ProcessEntry,
+        since: dict[str, int],
+        binary: bool,
+        attached: dict[str, Any] | None = None,
+    ) -> None:
+        """Attach this connection to ``entry`` (after an ``attached`` reply with the fields
+        of ``attached``, when given) and send what it has from ``since``."""
         watcher = Watcher(entry, self, since, self.agent.loop, binary)
+        if attached is not None:
+            self.send_message({**watcher.attached_message(), **attached})
         entry.watchers.add(watcher)
         self.watchers.add(watcher)
         if isinstance(entry.run, PtyRun):
             entry.run.update_reading()
         watcher.pump()
-        return watcher
 
     # process handles ------------------------------------------------------------------------
 
@@ -402,13 +411,7 @@ class Connection:
                 other.send_message(
                     {"type": "taken_over", "request_id": entry.request_id, "pid": entry.pid}
                 )
-        watcher = Watcher(entry, self, dict(message.since), self.agent.loop, message.binary)
-        self.send_message({**watcher.attached_message(), **attached})
-        entry.watchers.add(watcher)
-        self.watchers.add(watcher)
-        if isinstance(entry.run, PtyRun):
-            entry.run.update_reading()
-        watcher.pump()
+        self._watch(entry, dict(message.since), message.binary, attached)
 
     def _signal(self, message: protocol.Signal, entry: ProcessEntry) -> None:
         if not entry.running:

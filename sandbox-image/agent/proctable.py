@@ -33,6 +33,13 @@ from twistedgw import protocol
 WATCH_CHUNK = 64 * 1024
 #: A watcher's new output goes out this long after the first unsent byte (coalescing).
 WATCH_DELAY = 0.005
+#: The same for a PTY: a keystroke's echo must not wait (what one turn of the loop reads
+#: still goes out as one chunk) ...
+PTY_WATCH_DELAY = 0.0
+#: ... but within this long after a send of at least PTY_BURST_BYTES (a flood, not typing)
+#: output is coalesced as other output is (WATCH_DELAY), into fewer and larger messages.
+PTY_BURST_WINDOW = 0.005
+PTY_BURST_BYTES = 2048
 #: Finished processes kept at most, whatever their logs' size.
 MAX_KEPT = 1024
 #: Process events kept for ``subscribe_events`` replays.
@@ -214,6 +221,10 @@ class Watcher:
             self.text_offset[name] = start
         self._timer: Any = None
         self.done = False
+        #: When this watcher's timer last sent output, and whether that was a burst (PTYs:
+        #: typing or a flood, see PTY_BURST_WINDOW).
+        self.last_sent = float("-inf")
+        self.burst = False
 
     def attached_message(self) -> dict[str, Any]:
         entry = self.entry
@@ -228,11 +239,19 @@ class Watcher:
 
     def schedule(self) -> None:
         if self._timer is None and not self.done:
-            self._timer = self.timers.call_later(WATCH_DELAY, self._on_timer)
+            delay = WATCH_DELAY
+            if self.entry.pty and not (
+                self.burst and self.timers.time() - self.last_sent < PTY_BURST_WINDOW
+            ):
+                delay = PTY_WATCH_DELAY
+            self._timer = self.timers.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
+        before = sum(self.cursor.values())
         self.pump()
+        self.last_sent = self.timers.time()
+        self.burst = sum(self.cursor.values()) - before >= PTY_BURST_BYTES
 
     def cancel(self) -> None:
         self.done = True

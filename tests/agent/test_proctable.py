@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from agent import proctable
 from agent.loop import Loop
-from agent.proctable import RingLog
+from agent.proctable import ProcessTable, RingLog, Watcher
 
+from tests.agent.fakeclock import FakeClock
 from tests.agent.test_dispatch import Harness
 
 
@@ -349,3 +351,50 @@ def test_many_finished_commands_arm_one_expiry_timer(loop: Loop) -> None:
         h.wait_for("result")
     expiry = [t for t in loop._timers if getattr(t.callback, "__self__", None) is h.agent.table]
     assert len(expiry) == 1 and not expiry[0].cancelled
+
+
+class _Owner:
+    """A connection that records what a watcher sends it."""
+
+    open = True
+    output_paused = False
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send_message(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+    def send_binary(self, payload: bytes) -> None:
+        self.sent.append(payload)
+
+    def watcher_done(self, watcher: Any) -> None:
+        pass
+
+
+def test_pty_output_goes_out_at_once_when_typing_and_coalesced_in_a_flood() -> None:
+    """A PTY watcher sends a keystroke's echo without the 5 ms coalescing delay, and goes
+    back to coalescing right after it sent a burst (>= PTY_BURST_BYTES), so a flood becomes
+    fewer, larger messages; after a quiet moment it is immediate again."""
+    clock = FakeClock()
+    table = ProcessTable(clock, 1 << 20, 60.0, 8, 1 << 24)
+    entry = table.add(123, "t", "bash -l", True, pty=True)
+    owner = _Owner()
+    watcher = Watcher(entry, owner, {"pty": 0}, clock)
+    entry.watchers.add(watcher)
+    entry.write("pty", b"k")
+    clock.advance(0.0)
+    assert [m["data"] for m in owner.sent] == ["k"]  # the echo: no delay
+    entry.write("pty", b"x" * proctable.PTY_BURST_BYTES)
+    clock.advance(0.0)
+    assert len(owner.sent) == 2  # the first chunk of a flood: no delay either
+    entry.write("pty", b"y" * 100)
+    clock.advance(0.0)
+    assert len(owner.sent) == 2  # right after a burst: coalesced
+    entry.write("pty", b"y" * 100)
+    clock.advance(proctable.WATCH_DELAY)
+    assert owner.sent[-1]["data"] == "y" * 200 and owner.sent[-1]["offset"] == 2049
+    clock.advance(proctable.PTY_BURST_WINDOW)
+    entry.write("pty", b"z")
+    clock.advance(0.0)
+    assert owner.sent[-1]["data"] == "z"  # quiet again: immediate

@@ -7,6 +7,7 @@ The "host" agent runs as this user and forks PTY processes (TIOCSCTTY in the chi
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, unix_connect
 
-from tests.agent.blackbox import AgentServer
+from tests.agent.blackbox import AgentServer, RawClient
 from tests.ptyclient import Screen, input_frame, recv, send, start_pty
 from twistedgw import protocol
 
@@ -84,6 +85,9 @@ def test_cat_echoes_typed_input_including_binary_frames(ws: ClientConnection) ->
     ws.send(input_frame(pid, "héllo\r".encode()))
     # Echoed by the line discipline, then written back by cat: twice.
     screen.until(lambda s: s.text().count("héllo") == 2)
+    assert screen.json_chunks == 0 and screen.binary_frames > 0
+    send(ws, {"type": "stdin", "request_id": "cat", "eof": True})  # a terminal has no EOF
+    assert screen.message("error")["error_code"] == "unsupported"
     send(ws, {"type": "signal", "pid": pid, "signal": "KILL"})
     assert screen.message("result")["pid"] == pid
 
@@ -190,3 +194,41 @@ def test_a_seed_client_never_gets_a_binary_frame(ws: ClientConnection) -> None:
     result = screen.message("result")
     assert result["returncode"] == 0
     assert "café ok" in screen.text()  # the split character was carried over, not replaced
+    assert screen.binary_frames == 0 and screen.json_chunks > 0
+
+
+def pty_bytes(ws: ClientConnection, rid: str) -> int | None:
+    send(ws, {"type": "processes"})
+    reply = recv(ws)
+    listed = [p for p in reply["processes"] if p["request_id"] == rid and p["state"] == "running"]
+    return listed[0]["bytes"]["pty"] if listed else None
+
+
+def test_a_pty_nobody_keeps_up_with_blocks_its_writer_until_the_reader_leaves(
+    server: AgentServer,
+) -> None:
+    """Flow control: while every attached connection's send buffer is full, the agent stops
+    reading the terminal (the writer blocks); with nobody attached the log moves on."""
+    stalled = RawClient(server)  # starts the PTY, then never reads
+    message = {"type": "pty", "request_id": "flood", "cols": 80, "rows": 24, "command": "yes"}
+    stalled.send_frame(0x1, json.dumps(message).encode())
+    with connect(server) as ws:
+        deadline = time.monotonic() + 15
+        sizes: list[int] = []
+        while time.monotonic() < deadline:
+            size = pty_bytes(ws, "flood")
+            if size is not None:
+                sizes.append(size)
+                if len(sizes) >= 3 and sizes[-1] == sizes[-3] > 0:
+                    break
+            time.sleep(0.3)
+        assert len(sizes) >= 3 and sizes[-1] == sizes[-3] > 0, f"never stalled: {sizes}"
+        stalled_at = sizes[-1]
+        assert stalled_at < 16 << 20  # socket buffers and the agent's send buffer, no more
+        stalled.close()  # nobody attached now: the log keeps moving
+        deadline = time.monotonic() + 15
+        while (pty_bytes(ws, "flood") or 0) < stalled_at + (4 << 20):
+            assert time.monotonic() < deadline, "the PTY did not run on without watchers"
+            time.sleep(0.2)
+        send(ws, {"type": "signal", "request_id": "flood", "signal": "KILL"})
+        assert recv(ws)["type"] == "signalled"

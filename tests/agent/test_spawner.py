@@ -401,3 +401,44 @@ def test_the_spawner_holds_only_its_socket_and_dev_null(client: spawner.Spawner)
     assert set(targets) == {"0", "1", "2"}
     assert targets["0"].startswith("socket:")
     assert targets["1"] == targets["2"] == "/dev/null"
+
+
+CTTY_PROBE = (
+    "import os; fd = os.open('/dev/tty', os.O_RDWR); "  # only with a controlling terminal
+    "print(os.ttyname(0), os.tcgetpgrp(fd) == os.getpgrp() == os.getsid(0) == os.getpid())"
+)
+
+
+@pytest.mark.parametrize("how", ["spawner", "fork"])
+def test_a_process_started_on_a_terminal_has_it_as_controlling_terminal(
+    how: str, request: pytest.FixtureRequest
+) -> None:
+    """``start_on_terminal``: the PTY slave is stdin/stdout/stderr and the controlling terminal
+    of the new session, both through the spawner (TIOCSCTTY in spawner.c) and without it (fork,
+    TIOCSCTTY before the exec)."""
+    user = (
+        spawn.UserIdentity(spawner=request.getfixturevalue("client"))
+        if how == "spawner"
+        else spawn.UserIdentity()
+    )
+    master, slave = os.openpty()
+    try:
+        pid = spawn.start_on_terminal(
+            [sys.executable, "-c", CTTY_PROBE], {"PATH": "/usr/bin:/bin"}, "/", slave, user
+        )
+        slave_name = os.ttyname(slave)
+        os.close(slave)
+        _, status = os.waitpid(pid, 0)
+        out = b""
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: no process holds the slave any more
+                break
+            if not data:
+                break
+            out += data
+    finally:
+        os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert out.decode().split() == [slave_name, "True"]

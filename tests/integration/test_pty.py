@@ -7,18 +7,24 @@ Run with the image of this branch (the agent and the spawner changed):
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.sync.client import connect
 
-from tests.integration.conftest import GatewayProcess
+from tests.integration.conftest import REPO, GatewayProcess
 from tests.ptyclient import Screen, input_frame, recv, send, start_pty
+from twistedgw.runtime.labels import LABEL_INSTANCE
 
 pytestmark = pytest.mark.integration
 
+SMOKE_ARGS = ("--keys", "20", "--warmup", "5", "--flood-lines", "20000")
 SIZE_PROBE = "python3 -c 'import os,sys; print(os.isatty(0), os.get_terminal_size())'"
 
 
@@ -122,15 +128,15 @@ def test_takeover_and_a_second_watcher_with_binary_frames_through_the_gateway(
         taker.send(input_frame(pid, "naïve-input\r".encode()))
         for watcher in (screen, binary, plain):
             watcher.until(lambda s: s.text().count("naïve-input") == 2)
-        raw = [m for m in binary.messages if isinstance(m, bytes)]
-        assert raw == []  # every binary frame was output, taken by Screen
+        # Output as each asked for it: binary frames only for the one that asked.
+        assert binary.binary_frames > 0 and binary.json_chunks == 0
+        assert plain.binary_frames == 0 and screen.binary_frames == 0
         send(taker, {"type": "signal", "pid": pid, "signal": "KILL"})
         for watcher in (screen, binary, plain):
             assert watcher.message("result")["pid"] == pid
         assert "from-owner" not in screen.text()
-        # The seed client never got a binary frame: Screen would have taken one into its data,
-        # so check the raw socket too (nothing but JSON left to read).
-        send(seed, {"type": "processes"})
+        assert plain.binary_frames == 0 and plain.json_chunks > 0
+        send(seed, {"type": "processes"})  # nothing but JSON left to read
         assert isinstance(recv(seed), dict)
 
 
@@ -148,3 +154,25 @@ def test_invalid_pty_messages_are_answered_by_the_gateway(gateway: GatewayProces
             assert (reply["type"], reply["error_code"]) == ("error", code), reply
         ws.send(b"\x05not-a-terminal-frame")
         assert recv(ws)["error_code"] == "binary_message"
+
+
+def test_the_keystroke_bench_runs_and_cleans_up(docker_client: Any, tmp_path: Path) -> None:
+    """``bench/pty.py`` in a short run: every path gives figures, its JSON is written, and no
+    container of its gateway is left behind (its figures are not judged here)."""
+    out = tmp_path / "pty.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "pty.py"), *SMOKE_ARGS, "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for path in ("agent direct (JSON)", "gateway (JSON)", "gateway (binary frames)"):
+        assert figures[path]["n"] == 20 and 0 < figures[path]["p50_ms"] < 1000
+    for path in ("local pty (baseline)", "gateway (JSON)", "gateway (binary frames)"):
+        assert figures["output"][path]["mb"] > 0.1  # seq 1 20000 with CR LF: 128,894 bytes
+    instance = figures["instance"]
+    mine = {"label": f"{LABEL_INSTANCE}={instance}"}
+    assert docker_client.containers.list(all=True, filters=mine) == []

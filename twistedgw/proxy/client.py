@@ -267,7 +267,7 @@ class ClientSide(WebSocketServerProtocol):
         if self.sandbox is not None:
             manager = self.factory.manager
             self.sandbox.touch(manager.now())
-        if self.in_flight:
+        if self.in_flight and not is_binary:  # binary frames are terminal output only
             finished = finished_request(payload)
             if finished is not None:
                 self.in_flight.pop(finished, None)

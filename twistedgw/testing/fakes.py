@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from twistedgw.protocol import binary_output_frame
 from twistedgw.runtime.interface import (
     ContainerEvent,
     ContainerFailed,
@@ -204,6 +205,11 @@ class _FakeAgentProtocol(WebSocketServerProtocol):
         self.factory.connections.discard(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:  # terminal input (a PTY): echoed back as terminal output at offset 0
+            self.factory.received_binary.append(payload)
+            pid = int.from_bytes(payload[1:5], "big")
+            self.sendMessage(binary_output_frame(pid, 0, payload[5:]), isBinary=True)
+            return
         message = json.loads(payload)
         self.factory.received.append(message)
         if message.get("type") == "list_sessions":
@@ -247,6 +253,8 @@ class _FakeAgentFactory(WebSocketServerFactory):
         self.reactor = reactor
         self.secrets: set[str] = set()
         self.received: list[dict[str, Any]] = []
+        #: Binary frames received (terminal input), as they came.
+        self.received_binary: list[bytes] = []
         self.connections: set[_FakeAgentProtocol] = set()
         #: Names of the sessions commands were sent to (forgotten by a restart).
         self.sessions: set[str] = set()
