@@ -70,11 +70,15 @@ async function api(what, method, path, { json, body, headers = {}, raw = false }
   return type.includes("json") ? response.json() : response.text();
 }
 
-/** Runs an action; any failure is shown in the error banner (and returned as null). */
-async function guarded(action) {
+/**
+ * Runs an action; any failure is shown in the error banner (and returned as null). A user's
+ * action that succeeds clears the banner; a background refresh (`clear: false`) does not, so
+ * an error stays until the user has seen it.
+ */
+async function guarded(action, { clear = true } = {}) {
   try {
     const value = await action();
-    clearError();
+    if (clear) clearError();
     return value;
   } catch (e) {
     showError(e.message);
@@ -351,8 +355,9 @@ class TerminalView {
 
 const state = { selected: null, terminal: null };
 
-async function refreshSandboxes() {
-  const list = await guarded(() => api("Listing sandboxes", "GET", "/sandboxes?details=true"));
+async function refreshSandboxes({ background = false } = {}) {
+  const list = await guarded(
+    () => api("Listing sandboxes", "GET", "/sandboxes?details=true"), { clear: !background });
   if (list === null) return;
   const body = $("sandboxes").tBodies[0];
   body.replaceChildren();
@@ -408,7 +413,7 @@ async function create(event) {
   try {
     const made = await guarded(() => api("Creating a sandbox", "POST", "/sandboxes", { json: options }));
     notice(made ? `Created ${made.sandbox_id}` : "");
-    await refreshSandboxes();
+    await refreshSandboxes({ background: true });
     if (made) select(made.sandbox_id);
   } finally {
     $("create").disabled = false;
@@ -418,14 +423,14 @@ async function create(event) {
 async function keepAlive(id) {
   const details = await guarded(() => api("Keep alive", "POST", `/sandboxes/${id}/keepalive`));
   if (details) notice(`Kept ${id} alive (idle timer reset${details.expires_at ? `; lifetime ends ${time(details.expires_at)}` : ""})`);
-  await refreshSandboxes();
+  await refreshSandboxes({ background: true });
 }
 
 async function remove(id) {
   if (state.selected === id) deselect();
   const done = await guarded(() => api("Deleting the sandbox", "DELETE", `/sandboxes/${id}`));
   if (done) notice(done.message);
-  await refreshSandboxes();
+  await refreshSandboxes({ background: true });
 }
 
 function select(id) {
@@ -440,7 +445,7 @@ function select(id) {
   state.terminal.start(id);
   state.terminal.term.focus();
   $("files").tBodies[0].replaceChildren();
-  refreshProcesses();
+  refreshProcesses({ background: true });
 }
 
 function deselect() {
@@ -470,7 +475,7 @@ function ask(id, message, replyType) {
   });
 }
 
-async function refreshProcesses() {
+async function refreshProcesses({ background = false } = {}) {
   const id = state.selected;
   if (!id) return;
   const reply = await guarded(async () => {
@@ -479,7 +484,7 @@ async function refreshProcesses() {
     } catch (e) {
       throw new Error(`Listing processes failed: ${e.message}`);
     }
-  });
+  }, { clear: !background });
   if (reply === null || state.selected !== id) return;
   const body = $("processes").tBodies[0];
   body.replaceChildren();
@@ -576,12 +581,12 @@ function init() {
     $("sandboxes").tBodies[0].replaceChildren();
   });
   $("error-close").addEventListener("click", clearError);
-  $("refresh").addEventListener("click", refreshSandboxes);
+  $("refresh").addEventListener("click", () => refreshSandboxes());
   $("create-form").addEventListener("submit", create);
   $("terminal-new").addEventListener("click", () => {
     if (state.selected) { state.terminal.start(state.selected); state.terminal.term.focus(); }
   });
-  $("processes-refresh").addEventListener("click", refreshProcesses);
+  $("processes-refresh").addEventListener("click", () => refreshProcesses());
   $("upload-form").addEventListener("submit", upload);
   $("download-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -592,7 +597,7 @@ function init() {
   $("list-form").addEventListener("submit", listFiles);
   refreshTemplates();
   refreshSandboxes();
-  setInterval(() => { if (!document.hidden) refreshSandboxes(); }, 15000);
+  setInterval(() => { if (!document.hidden) refreshSandboxes({ background: true }); }, 15000);
 }
 
 // For tests and the curious: the page's state (the terminal's buffer through `terminal.text()`).
