@@ -209,7 +209,7 @@ def test_console_uploads_and_downloads_a_file(
 ) -> None:
     """A file chosen in the page lands in the sandbox byte for byte (read back over REST),
     shows in the listing, and its Download button saves the same bytes in the browser's
-    download directory."""
+    download directory; a missing path's 404 is shown and stays shown."""
     content = bytes(range(256)) * 300 + "é ✓\n".encode()
     local = tmp_path / "payload.bin"
     local.write_bytes(content)
@@ -241,6 +241,12 @@ def test_console_uploads_and_downloads_a_file(
         by_id(browser, "download").click()
         text = until(lambda: error_text(browser), what="the download error")
         assert "HTTP 404" in text
+        # The periodic list refresh succeeds meanwhile: the error stays until the user acts.
+        browser.execute_async_script(
+            "window.twistedgwConsole.refreshSandboxes({background: true})"
+            ".then(arguments[arguments.length - 1]);"
+        )
+        assert error_text(browser) == text
         browser.save_screenshot(str(tmp_path / "files.png"))
     finally:
         requests.delete(f"{gateway.url}/sandboxes/{sandbox_id}", headers=AUTH, timeout=60)
