@@ -16,7 +16,12 @@ setup(
     python_requires=">=3.11",
     # twisted.plugins is a namespace dropin directory (no __init__.py), listed explicitly.
     packages=[*find_packages(include=["twistedgw", "twistedgw.*"]), "twisted.plugins"],
-    package_data={"twisted.plugins": ["sandboxgw_plugin.py"]},
+    package_data={
+        "twisted.plugins": ["sandboxgw_plugin.py"],
+        # The browser console's own files and its npm pins; its node_modules (xterm.js) is
+        # not packaged: `npm ci` in twistedgw/web/ui installs it (scripts/ensure-ui.sh).
+        "twistedgw.web": ["ui/*.html", "ui/*.js", "ui/*.css", "ui/package*.json"],
+    },
     install_requires=[
         "Twisted>=24.7",
         "klein>=24.8",
@@ -38,6 +43,8 @@ setup(
             "hypothesis>=6.100",
             "websockets>=13",
             "requests>=2.31",
+            # The browser console's test drives Debian's chromium through its chromedriver.
+            "selenium>=4.20",
             # Linters pinned to a minor release so a new rule cannot turn CI red by itself.
             "mypy>=2.4,<2.5",
             "mypy-zope>=1.0.17",

@@ -22,6 +22,7 @@ fi
 
 log "step 1/3: Python virtualenv"
 scripts/setup-venv.sh
+scripts/ensure-ui.sh  # the browser console's npm assets (/ui)
 log "step 2/3: Docker engine"
 scripts/ensure-docker.sh
 log "step 3/3: sandbox image and templates"

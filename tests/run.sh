@@ -14,6 +14,7 @@ log() { printf '[tests] %s\n' "$*" >&2; }
 start=$(date +%s)
 
 scripts/setup-venv.sh
+scripts/ensure-ui.sh; scripts/ensure-browser.sh  # /ui assets; chromium for its test
 export PATH="$here/.venv/bin:$PATH"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 

@@ -27,6 +27,7 @@ from twistedgw.proxy.files import AgentFiles
 from twistedgw.sandbox import is_valid_sandbox_id
 from twistedgw.snapshots import Snapshot, SnapshotStore
 from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
+from twistedgw.web.console import ConsoleResource
 from twistedgw.web.errors import APIError, error_answer
 from twistedgw.web.events import HEARTBEAT, EventStream, SandboxEvents
 from twistedgw.web.files import FileRoutes
@@ -107,6 +108,7 @@ class GatewayAPI:
         self.previews = previews or PreviewRoutes.unsigned(
             manager, self.authenticator, getattr(manager, "_reactor", clock)
         )
+        self.console_files = ConsoleResource()
 
     def resource(self) -> IResource:
         """The twisted.web resource serving this API."""
@@ -329,6 +331,18 @@ class GatewayAPI:
         # Asked of the engine now: a template built since start-up shows as present.
         await self.manager.templates.refresh(self.manager.runtime)
         return json_answer(request, 200, self.manager.templates.describe())
+
+    @app.route("/ui", methods=["GET", "HEAD"])
+    def console_redirect(self, request: IRequest) -> bytes:
+        # The page's relative URLs (console.js, vendor/...) resolve below /ui/.
+        request.setResponseCode(301)
+        request.setHeader(b"Location", b"/ui/")
+        return b""
+
+    @app.route("/ui/", methods=["GET", "HEAD"], branch=True)
+    def console(self, request: IRequest) -> IResource:
+        # The browser console's page and assets are public; its data calls carry the token.
+        return self.console_files
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:

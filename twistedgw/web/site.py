@@ -117,6 +117,12 @@ def host_name(value: str) -> str:
     return value.rstrip(".")
 
 
+def _public(path: bytes) -> bool:
+    """Paths served without a token: the health check and the browser console's static
+    files (whose data calls carry the token; see twistedgw.web.console)."""
+    return path == b"/healthz" or path == b"/ui" or path.startswith(b"/ui/")
+
+
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
@@ -331,7 +337,7 @@ class GatewayRequest(Request):
             raise Refused(403, "cross-origin requests are not allowed (see --allowed-origins)")
         authorization = _utf8(self, b"authorization", 401 if policy.authenticator.enabled else 400)
         _utf8(self, b"idempotency-key", 400)
-        if policy.authenticator.enabled and path != b"/healthz":
+        if policy.authenticator.enabled and not _public(path):
             try:
                 params = parse_qs(query.decode("utf-8", "replace"))
             except ValueError:
