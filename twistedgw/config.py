@@ -124,6 +124,9 @@ class GatewayConfig:
     max_upload: int = 1024 * 1024 * 1024
     paused_timeout: float = 86400.0
     snapshot_dir_option: str | None = None
+    # Operations (issue 19): log lines as text or JSON; /metrics on a port of its own.
+    log_format: str = "text"
+    metrics_port: str | None = None
 
     @property
     def snapshot_dir(self) -> Path:
@@ -190,6 +193,8 @@ class GatewayConfig:
             max_upload=options.get("max-upload", 1024 * 1024 * 1024),
             paused_timeout=options.get("paused-timeout", 86400.0),
             snapshot_dir_option=options.get("snapshot-dir"),
+            log_format=options.get("log-format", "text"),
+            metrics_port=options.get("metrics-port"),
             allowed_origins=frozenset(
                 o.lower().rstrip("/") for o in _listed(options["allowed-origins"])
             ),

@@ -31,24 +31,30 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import time
 from collections.abc import Callable, Iterable
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from attrs import evolve, field, frozen
+from prometheus_client.twisted import MetricsResource
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from twistedgw.metrics import GatewayMetrics
 from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.web.requests import MAX_BODY_BYTES
 
 if TYPE_CHECKING:
     from twistedgw.web.api import GatewayAPI
 
+#: Paths served without a token (the edge checks no token for them).
+PUBLIC_PATHS = frozenset({b"/healthz", b"/openapi.json"})
 #: Host names a gateway bound to loopback answers to (any port).
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 #: Bytes a refused client may still send (and we discard) before we stop waiting for it to
@@ -257,6 +263,7 @@ class GatewayRequest(Request):
         self._limit = limit
 
     def gotLength(self, length: int | None) -> None:
+        self.started_at = time.monotonic()  # for the access log's duration_ms
         channel = self.channel
         policy = channel.policy
         raw_path = getattr(channel, "_path", b"")
@@ -296,7 +303,7 @@ class GatewayRequest(Request):
             raise Refused(403, "cross-origin requests are not allowed (see --allowed-origins)")
         authorization = _utf8(self, b"authorization", 401 if policy.authenticator.enabled else 400)
         _utf8(self, b"idempotency-key", 400)
-        if policy.authenticator.enabled and path != b"/healthz":
+        if policy.authenticator.enabled and path not in PUBLIC_PATHS:
             try:
                 params = parse_qs(query.decode("utf-8", "replace"))
             except ValueError:
@@ -531,6 +538,40 @@ def access_log_line(timestamp: str, request: Any) -> str:
     )
 
 
+class GatewaySite(Site):
+    """A ``Site`` whose access log lines are log events (the combined-format line, plus
+    ``method``, ``path``, ``status``, ``duration_ms``, ``peer`` and ``owner`` fields for
+    ``--log-format json``), not lines written beside the log."""
+
+    _access = Logger(namespace="twistedgw.access")
+
+    def log(self, request: Any) -> None:
+        line = self._logFormatter(self._logDateTime, request)
+        started = getattr(request, "started_at", None)
+        duration = None if started is None else round((time.monotonic() - started) * 1000, 3)
+        self._access.info(
+            "{line}",
+            line=line,
+            event="access",
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.split(b"?", 1)[0].decode("ascii", "replace"),
+            status=request.code,
+            duration_ms=duration,
+            peer=getattr(request.getClientAddress(), "host", "-"),
+            owner=getattr(request, "owner", None),
+        )
+
+
+def metrics_site(metrics: GatewayMetrics) -> Site:
+    """The ``--metrics-port`` site: ``GET /metrics`` only, without a token (it listens on
+    loopback only)."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    site = Site(root)
+    site.displayTracebacks = False
+    return site
+
+
 def make_site(
     api: GatewayAPI, header_timeout: float = 10.0, policy: EdgePolicy | None = None
 ) -> Site:
@@ -541,7 +582,7 @@ def make_site(
         policy = EdgePolicy(authenticator=api.authenticator, header_timeout=header_timeout)
     if policy.on_streamed is None:
         policy = evolve(policy, on_streamed=api.files.begin_upload)
-    site = Site(api.resource(), logFormatter=access_log_line, timeout=policy.idle_timeout)
+    site = GatewaySite(api.resource(), logFormatter=access_log_line, timeout=policy.idle_timeout)
     site.displayTracebacks = False
     site.requestFactory = GatewayRequest
     site.http_channels = set()  # type: ignore[attr-defined]
