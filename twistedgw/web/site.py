@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from attrs import evolve, field, frozen
-from prometheus_client.twisted import MetricsResource
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,7 +45,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from twistedgw.metrics import GatewayMetrics
+from twistedgw.metrics import CONTENT_TYPE, GatewayMetrics
 from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.web.requests import MAX_BODY_BYTES
 
@@ -562,11 +561,27 @@ class GatewaySite(Site):
         )
 
 
+class MetricsPage(Resource):
+    """``GET /metrics``: the registry's text exposition, rendered on the reactor thread
+    (prometheus_client's own resource is WSGI on the reactor's thread pool)."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self.metrics.exposition()
+
+
 def metrics_site(metrics: GatewayMetrics) -> Site:
     """The ``--metrics-port`` site: ``GET /metrics`` only, without a token (it listens on
     loopback only)."""
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    root.putChild(b"metrics", MetricsPage(metrics))
     site = Site(root)
     site.displayTracebacks = False
     return site
