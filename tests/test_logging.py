@@ -99,3 +99,16 @@ def test_log_format_and_metrics_port_options() -> None:
     options = Options()
     options.parseOptions(["--metrics-port", "tcp6:9464"])
     assert options["metrics-port"] == r"tcp6:9464:interface=\:\:1"
+
+
+def test_default_output_is_the_stdout_of_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``out`` the observer keeps the stdout it was made with: twistd later redirects
+    sys.stdout into the log system, and writing there would feed the observer itself."""
+    made_with = io.StringIO()
+    monkeypatch.setattr("sys.stdout", made_with)
+    observer = JsonLogObserver()
+    redirected = io.StringIO()
+    monkeypatch.setattr("sys.stdout", redirected)
+    Logger(namespace="t", observer=observer).info("hello")
+    assert json.loads(made_with.getvalue())["message"] == "hello"
+    assert redirected.getvalue() == ""

@@ -87,7 +87,9 @@ class JsonLogObserver:
     """Writes each event at ``min_level`` or above as one JSON line to ``out``."""
 
     def __init__(self, out: IO[str] | None = None, min_level: LogLevel = LogLevel.info) -> None:
-        self._out = out
+        # Taken now: once twistd begins logging, sys.stdout is redirected into the log
+        # system, and writing there from an observer would loop.
+        self._out = out if out is not None else sys.stdout
         self._min_level = min_level
 
     def __call__(self, event: LogEvent) -> None:
@@ -98,9 +100,8 @@ class JsonLogObserver:
             line = json.dumps(event_as_json(event), ensure_ascii=False)
         except Exception:
             line = json.dumps({"level": "error", "message": "unprintable log event"})
-        out = self._out if self._out is not None else sys.stdout
-        out.write(line + "\n")
-        out.flush()
+        self._out.write(line + "\n")
+        self._out.flush()
 
 
 class LoggingRoot(MultiService):
