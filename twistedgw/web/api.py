@@ -196,8 +196,9 @@ class GatewayAPI:
     @authenticated
     async def sandbox_events(self, request: IRequest, sandbox_id: str, owner: str | None) -> None:
         """Server-Sent Events: process ``started``/``exited`` (ids, ``Last-Event-ID``),
-        ``idle_warning`` and ``removed`` (see ``twistedgw.web.events``)."""
-        sandbox = self.manager.lookup(sandbox_id, owner)
+        ``idle_warning`` and ``removed`` (see ``twistedgw.web.events``). A paused sandbox's
+        agent cannot answer: 409 at once, as for the file routes."""
+        sandbox = self.files.sandbox(sandbox_id, owner)
         last = header_text(request, b"last-event-id")
         if not last:
             args = request.args or {}

@@ -202,7 +202,9 @@ def _paths() -> Schema:
                     "200": {
                         "description": "an event stream; `: heartbeat` comments every 15 s",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    "409": _PAUSED,
+                    "503": _AGENT_DOWN,
                 },
                 [
                     {
@@ -513,7 +515,13 @@ def _rest_schemas() -> dict[str, Schema]:
         "Keepalive": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"extend_by": {"type": "number", "exclusiveMinimum": 0}},
+            "properties": {
+                "extend_by": {
+                    "type": ["number", "null"],
+                    "exclusiveMinimum": 0,
+                    "description": "seconds; null or absent: no extension",
+                }
+            },
         },
         "Snapshot": {
             "type": "object",
