@@ -212,8 +212,9 @@ class GatewayMetrics:
             self.commands_finished.labels(outcome=outcome)
         for mode in ("foreground", "background"):
             self.commands_started.labels(mode=mode)
-        for direction in ("to_agent", "to_client"):
-            self.streamed_bytes.labels(direction=direction)
+        #: The byte counters, bound once: they move on every proxied message.
+        self.bytes_to_agent = self.streamed_bytes.labels(direction="to_agent")
+        self.bytes_to_client = self.streamed_bytes.labels(direction="to_client")
 
     def observe(
         self,

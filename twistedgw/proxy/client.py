@@ -230,7 +230,7 @@ class ClientSide(WebSocketServerProtocol):
             sandbox.touch(manager.now())
             if not self._track(sandbox, message):
                 return
-        self.factory.metrics.streamed_bytes.labels(direction="to_agent").inc(len(payload))
+        self.factory.metrics.bytes_to_agent.inc(len(payload))
         self.agent.send_json(encode(message.to_wire()))
 
     def _track(self, sandbox: Sandbox, message: Message) -> bool:
@@ -276,7 +276,7 @@ class ClientSide(WebSocketServerProtocol):
                 del self.in_flight[finished]
                 self._finished(finished, command_outcome(payload))
         if self.state == WebSocketServerProtocol.STATE_OPEN:
-            metrics.streamed_bytes.labels(direction="to_client").inc(len(payload))
+            metrics.bytes_to_client.inc(len(payload))
             self.sendMessage(payload, isBinary=is_binary)
 
     def _finished(self, request_id: str, outcome: str) -> None:
