@@ -259,7 +259,7 @@ def test_schemathesis_finds_no_server_error_and_no_nonconforming_answer(
         "--phases",
         "examples,fuzzing",
         "--max-examples",
-        os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "5"),
+        os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "3"),
         "--seed",
         os.environ.get("SCHEMATHESIS_SEED", "19"),
         "--workers",
