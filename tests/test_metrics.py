@@ -216,3 +216,28 @@ async def test_metrics_site_serves_the_registry() -> None:
     code, _, body = await request(StubTreq(metrics_site(metrics).resource), "GET", "/metrics")
     assert code == 200
     assert b"twistedgw_agent_connect_failures_total 3.0" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_create_from_the_warm_pool_is_counted_as_pool(clock: Clock) -> None:
+    """With a warm pool, a create that takes a pooled container is observed under
+    path=pool, and the pool gauges show the size asked for and what is ready."""
+
+    async def ready(info: Any) -> None:
+        return None
+
+    runtime = FakeRuntime()
+    manager = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=ready, pool_size=1)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        metrics = manager.metrics
+        assert value(metrics, "twistedgw_pool_size", template="default") == 1
+        assert value(metrics, "twistedgw_pool_ready", template="default") == 1
+        sandbox = await manager.create()
+        assert sandbox.from_pool
+        name = "twistedgw_sandbox_create_duration_seconds_count"
+        assert value(metrics, name, path="pool", outcome="ok") == 1
+        assert value(metrics, name, path="cold", outcome="ok") == 0
+    finally:
+        await manager.stopService()
