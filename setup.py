@@ -50,6 +50,11 @@ setup(
             "mypy-zope>=1.0.17",
             "ruff>=0.17,<0.18",
             "types-requests",
+            # The OpenAPI contract (issue 19): the document checked, and fuzzed against a
+            # live gateway; pinned like the linters, so a release cannot move the goalposts.
+            "openapi-spec-validator>=0.9,<0.10",
+            "jsonschema>=4.23",
+            "schemathesis>=4.32,<4.33",
             # Mutation testing (scripts/mutation.sh); not run by CI.
             "mutmut>=3.8,<3.9",
         ],

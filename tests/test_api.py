@@ -189,3 +189,16 @@ async def test_whole_env_names_are_accepted_at_creation(
     code, created = await call(treq, "POST", "/sandboxes", json={"env": env})
     assert code == 200
     assert manager.lookup(created["sandbox_id"]).settings.env == env
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_of_a_paused_sandbox_are_409_at_once(
+    treq: StubTreq, manager: SandboxManager
+) -> None:
+    """A paused sandbox's agent is frozen: its event stream is refused 409 at once (found by
+    schemathesis: it waited for the agent's recovery, then answered 503)."""
+    sandbox = await manager.create()
+    await manager.pause(sandbox.sandbox_id)
+    code, error = await call(treq, "GET", f"/sandboxes/{sandbox.sandbox_id}/events")
+    assert code == 409
+    assert "paused" in error["error"]

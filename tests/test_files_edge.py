@@ -91,3 +91,19 @@ async def test_another_tokens_sandbox_is_404_for_uploads(
     conn = Conn(site, clock)
     upload(conn, path, 10, f"Authorization: Bearer {other}")
     assert conn.response()[0] == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_ascii_query_values_get_an_answer(manager: SandboxManager, clock: Clock) -> None:
+    """Percent-escaped non-ASCII query values (``?path=%C2%80``, found by schemathesis) are
+    read as UTF-8 bytes: an unknown sandbox is a JSON 404 and a real one gets past the query
+    (413 here, from the size cap); before, parsing raised and the connection dropped without
+    any answer."""
+    conn = Conn(files_site(manager, clock), clock)
+    upload(conn, "/sandboxes/0/files/archive?path=%C2%80", 0)
+    status, _, body = conn.response()
+    assert status == 404 and "not found" in body["error"]
+    sandbox = await manager.create()
+    conn = Conn(files_site(manager, clock), clock)
+    upload(conn, f"/sandboxes/{sandbox.sandbox_id}/files?path=%C3%A9&mkdirs=%C2%80", 1001)
+    assert conn.response()[0] == 413

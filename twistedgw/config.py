@@ -129,6 +129,9 @@ class GatewayConfig:
     preview_ports: PortSet = field(factory=lambda: parse_ports(DEFAULT_PREVIEW_PORTS))
     #: ``docker`` (containers, state file) or ``swarm`` (services, state in the cluster).
     backend: str = "docker"
+    # Operations (issue 19): log lines as text or JSON; /metrics on a port of its own.
+    log_format: str = "text"
+    metrics_port: str | None = None
 
     @property
     def snapshot_dir(self) -> Path:
@@ -200,6 +203,8 @@ class GatewayConfig:
             max_upload=options.get("max-upload", 1024 * 1024 * 1024),
             paused_timeout=options.get("paused-timeout", 86400.0),
             snapshot_dir_option=options.get("snapshot-dir"),
+            log_format=options.get("log-format", "text"),
+            metrics_port=options.get("metrics-port"),
             allowed_origins=frozenset(
                 o.lower().rstrip("/") for o in _listed(options["allowed-origins"])
             ),

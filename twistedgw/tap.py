@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -30,6 +30,8 @@ from twistedgw.lifecycle.templates import (
     parse_pool_option,
     parse_template_option,
 )
+from twistedgw.logging import LOG_FORMATS, JsonLogObserver, LoggingRoot
+from twistedgw.metrics import GatewayMetrics
 from twistedgw.protocol import Limits
 from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.client import ProxyFactory, make_ws_resource
@@ -50,7 +52,13 @@ from twistedgw.web.cluster import ClusterLookup
 from twistedgw.web.events import SandboxEvents
 from twistedgw.web.files import FileRoutes
 from twistedgw.web.previews import PreviewRoutes
-from twistedgw.web.site import EdgePolicy, default_hosts, fit_descriptors, make_site
+from twistedgw.web.site import (
+    EdgePolicy,
+    default_hosts,
+    fit_descriptors,
+    make_site,
+    metrics_site,
+)
 
 __all__ = ["Options", "agent_message_limit", "edge_policy", "makeService"]
 
@@ -394,6 +402,21 @@ class Options(usage.Options):
             "[default: snapshots/<instance> beside the state file].",
         ],
         [
+            "log-format",
+            None,
+            "text",
+            "Log lines as twistd's text ('text') or one JSON object per line on stdout "
+            "('json': time, level, namespace, message, sandbox_id, request_id, owner, ...).",
+        ],
+        [
+            "metrics-port",
+            None,
+            None,
+            "Serve GET /metrics on this loopback-only endpoint (a port number or endpoint "
+            "string), without a token, instead of on --port (where it needs a token when "
+            "tokens are configured).",
+        ],
+        [
             "ping-interval",
             None,
             30.0,
@@ -466,6 +489,10 @@ class Options(usage.Options):
             self["preview-port-set"] = parse_ports(str(self["preview-ports"]))
         except ValueError as e:
             raise usage.UsageError(f"--preview-ports: {e}") from None
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format must be one of: {', '.join(LOG_FORMATS)}")
+        if self["metrics-port"] is not None:
+            self["metrics-port"] = loopback_port(str(self["metrics-port"]), "--metrics-port")
         instance = self["instance"]
         if not instance or not all(c.isalnum() or c in "-_." for c in instance):
             raise usage.UsageError("--instance may hold only letters, digits, '-', '_' and '.'")
@@ -526,6 +553,27 @@ def secure_port(port: str, have_tokens: bool, insecure_no_auth: bool) -> str:
     return port
 
 
+def loopback_port(port: str, name: str) -> str:
+    """A listening endpoint on loopback only: a bare number or an endpoint naming no
+    interface gets 127.0.0.1; another interface is a ``UsageError``."""
+    port = port.strip()
+    if port.isdigit():
+        if not 0 <= int(port) <= 65535:
+            raise usage.UsageError(f"{name} {port} is not a TCP port number")
+        port = f"tcp:{port}"
+    kind = port.split(":", 1)[0]
+    if kind == "unix":
+        return port
+    if kind not in ("tcp", "tcp6"):
+        raise usage.UsageError(f"{name} must be a port number or a tcp/tcp6/unix endpoint")
+    interface = listen_interface(port)
+    if interface is None:
+        return port + (r":interface=\:\:1" if kind == "tcp6" else ":interface=127.0.0.1")
+    if not is_loopback(interface):
+        raise usage.UsageError(f"{name} listens on loopback only, not on {interface}")
+    return port
+
+
 def _listed(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -535,7 +583,8 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config = GatewayConfig.from_options(options)
-    root = MultiService()
+    root = LoggingRoot(JsonLogObserver() if config.log_format == "json" else None)
+    metrics = GatewayMetrics()
 
     limits = ContainerLimits(
         memory=config.memory,
@@ -557,6 +606,7 @@ def makeService(options: Options) -> IService:
         call_timeout=config.docker_timeout,
         socket_dir=config.socket_dir,
         limits=limits,
+        metrics=metrics,
         agent_env={
             "AGENT_MAX_OUTPUT": str(config.max_output),
             "AGENT_KILL_OUTPUT": str(config.output_kill_limit),
@@ -610,6 +660,7 @@ def makeService(options: Options) -> IService:
         max_message_size=config.agent_message_limit,
         agents=WebSocketAgents(reactor),
         paused_timeout=config.paused_timeout,
+        metrics=metrics,
     )
     manager.setName("sandbox-manager")
     manager.setServiceParent(root)
@@ -643,6 +694,7 @@ def makeService(options: Options) -> IService:
         autoPingTimeout=config.ping_interval,
         maxConnections=config.max_connections,
         tcpNoDelay=True,
+        metrics=metrics,
     )
     ProxyService(factory, reactor).setServiceParent(root)
     ShutdownSignals(reactor).setServiceParent(root)
@@ -669,7 +721,15 @@ def makeService(options: Options) -> IService:
         files=files,
         snapshots=snapshots,
         previews=previews,
+        metrics=metrics,
+        serve_metrics=config.metrics_port is None,
     )
+    if config.metrics_port is not None:
+        scrape = StreamServerEndpointService(
+            serverFromString(reactor, config.metrics_port), metrics_site(metrics)
+        )
+        scrape.setName("metrics")
+        scrape.setServiceParent(root)
     endpoint = serverFromString(reactor, config.port)
     site = make_site(api, policy=edge_policy(config, authenticator))
     if isinstance(runtime, SwarmRuntime):

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twistedgw.lifecycle.errors import InvalidSettings, Recovering
 from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.lifecycle.templates import TemplateCatalog
+from twistedgw.metrics import GatewayMetrics
 from twistedgw.protocol import CLOSE_AGENT_LOST
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec, IContainerRuntime
@@ -40,6 +41,7 @@ class LifecycleCore(Service):
     policy: LifecyclePolicy
     templates: TemplateCatalog
     graveyard: Graveyard
+    metrics: GatewayMetrics
     recovered: bool
     _reactor: Any
     _state: StateStore
@@ -108,7 +110,8 @@ class LifecycleCore(Service):
 
     def _forget(self, sandbox: Sandbox, code: int, reason: str, detail: str = "") -> None:
         self._touch(sandbox.sandbox_id)
-        self.registry.remove(sandbox.sandbox_id)
+        if self.registry.remove(sandbox.sandbox_id) is not None:
+            self.metrics.removed.labels(reason=reason).inc()
         self.graveyard.bury(
             Tombstone(sandbox.sandbox_id, reason, self.now(), detail, sandbox.settings.owner)
         )

@@ -28,6 +28,7 @@ from twistedgw.lifecycle.options import DEFAULT_LIFECYCLE, LifecyclePolicy
 from twistedgw.lifecycle.reconcile import Reconciliation
 from twistedgw.lifecycle.shared import Shared
 from twistedgw.lifecycle.templates import DEFAULT_TEMPLATE, TemplateCatalog
+from twistedgw.metrics import GatewayMetrics
 from twistedgw.protocol import CLOSE_SANDBOX_REMOVED
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, IContainerRuntime
@@ -74,8 +75,13 @@ class SandboxManager(Reconciliation):
         paused_timeout: float = 86400.0,
         templates: TemplateCatalog | None = None,
         pool_sizes: Mapping[str, int] | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.registry = registry
+        #: Creates, removals and agent connect failures are counted here; the registered
+        #: sandboxes and the pool are read from this manager at scrape time.
+        self.metrics = metrics or GatewayMetrics()
+        self.metrics.observe(sandboxes=lambda: list(self.registry), pool=self.pool_status)
         #: The templates sandboxes are made from (default: the runtime's image only).
         self.templates = templates or TemplateCatalog()
         #: Seconds a paused sandbox is kept (not reaped as idle) before it is reaped.
@@ -231,6 +237,21 @@ class SandboxManager(Reconciliation):
         return len(self.registry) + self._cold_creates
 
     async def _create(self, settings: SandboxSettings) -> Sandbox:
+        """``_make``, timed: ``twistedgw_sandbox_create_duration_seconds`` by path and
+        outcome."""
+        started = self.now()
+        path, outcome = "cold", "failed"
+        try:
+            sandbox = await self._make(settings)
+            path, outcome = ("pool" if sandbox.from_pool else "cold"), "ok"
+            return sandbox
+        except CapacityExceeded:
+            outcome = "refused"
+            raise
+        finally:
+            self.metrics.creates.labels(path=path, outcome=outcome).observe(self.now() - started)
+
+    async def _make(self, settings: SandboxSettings) -> Sandbox:
         if self._count() >= self.policy.max_sandboxes:
             raise CapacityExceeded(
                 f"this gateway already runs its maximum of {self.policy.max_sandboxes} sandboxes"
@@ -353,12 +374,17 @@ class SandboxManager(Reconciliation):
         try:
             return await self._connect(sandbox)
         except AgentUnavailable:
+            self.metrics.agent_connect_failures.inc()
             if self.registry.get(sandbox.sandbox_id) is not sandbox:
                 raise
             recovery = await self.agent_lost(sandbox)
             if not recovery.back:
                 raise
+        try:
             return await self._connect(sandbox)
+        except AgentUnavailable:
+            self.metrics.agent_connect_failures.inc()
+            raise
 
     def _connect(self, sandbox: Sandbox, timeout: float | None = None) -> Deferred[AgentLink]:
         return self.agents.connect(

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twistedgw.agents import AgentUnavailable
 from twistedgw.lifecycle.errors import SandboxNotFound
 from twistedgw.lifecycle.manager import AgentRecovery, SandboxManager
+from twistedgw.metrics import GatewayMetrics, command_outcome
 from twistedgw.protocol import (
     CLOSE_AGENT_LOST,
     CLOSE_AGENT_RESTARTED,
@@ -137,6 +138,8 @@ class ClientSide(WebSocketServerProtocol):
         #: Commands sent to the agent whose result has not come back: request_id -> command.
         #: If the agent is lost, each gets an error reply instead of silence.
         self.in_flight: dict[str, str | None] = {}
+        #: When each command in flight went to the agent (the command latency metric).
+        self._sent_at: dict[str, float] = {}
 
     # -- handshake -------------------------------------------------------------------------
 
@@ -231,6 +234,7 @@ class ClientSide(WebSocketServerProtocol):
             sandbox.touch(manager.now())
             if not self._track(sandbox, message):
                 return
+        self.factory.metrics.bytes_to_agent.inc(len(payload))
         if isinstance(message, TerminalInput):
             self.agent.send_binary(message.to_frame())
             return
@@ -258,8 +262,13 @@ class ClientSide(WebSocketServerProtocol):
                 self._send_own(encode(failure.reply(datetime.now())))
                 return False
             sandbox.sessions.add(session)
+        metrics = self.factory.metrics
+        metrics.commands_started.labels(
+            mode="background" if message.background else "foreground"
+        ).inc()
         if not message.background:  # answered by ``started``; its result is not for us
             self.in_flight[message.request_id] = message.command
+            self._sent_at[message.request_id] = self.factory.reactor.seconds()
         return True
 
     def agent_message(self, payload: bytes, is_binary: bool) -> None:
@@ -267,12 +276,23 @@ class ClientSide(WebSocketServerProtocol):
         if self.sandbox is not None:
             manager = self.factory.manager
             self.sandbox.touch(manager.now())
+        metrics = self.factory.metrics
         if self.in_flight and not is_binary:  # binary frames are terminal output only
             finished = finished_request(payload)
-            if finished is not None:
-                self.in_flight.pop(finished, None)
+            if finished is not None and finished in self.in_flight:
+                del self.in_flight[finished]
+                self._finished(finished, command_outcome(payload))
         if self.state == WebSocketServerProtocol.STATE_OPEN:
+            metrics.bytes_to_client.inc(len(payload))
             self.sendMessage(payload, isBinary=is_binary)
+
+    def _finished(self, request_id: str, outcome: str) -> None:
+        """A foreground command ended (its result or an error reply): counted and timed."""
+        metrics = self.factory.metrics
+        metrics.commands_finished.labels(outcome=outcome).inc()
+        sent = self._sent_at.pop(request_id, None)
+        if sent is not None:
+            metrics.command_duration.observe(self.factory.reactor.seconds() - sent)
 
     def agent_closed(self, code: int | None, reason: str | None) -> None:
         """The agent connection dropped. When the gateway is removing the sandbox (which is
@@ -325,6 +345,7 @@ class ClientSide(WebSocketServerProtocol):
         in_flight, self.in_flight = self.in_flight, {}
         now = datetime.now()
         for request_id, command in in_flight.items():
+            self._finished(request_id, "error")
             failure = ProtocolError(code, text, request_id, command)
             self._send_own(encode(failure.reply(now)))
 
@@ -478,10 +499,14 @@ class ProxyFactory(WebSocketServerFactory):
         policy: Limits = DEFAULT_LIMITS,
         authenticator: Authenticator | None = None,
         max_buffered: int = MAX_BUFFERED_TOTAL,
+        metrics: GatewayMetrics | None = None,
         **options: Any,
     ) -> None:
         super().__init__(reactor=reactor)
         self.manager = manager
+        #: Commands, bytes and (read at scrape time) open clients are counted here.
+        self.metrics = metrics or getattr(manager, "metrics", None) or GatewayMetrics()
+        self.metrics.observe(clients=lambda: len(self.clients))
         self.policy = policy
         self.authenticator = authenticator or Authenticator.from_tokens([])
         self.clients: set[ClientSide] = set()

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from twistedgw.metrics import GatewayMetrics, docker_error_kind
 from twistedgw.runtime.hardening import (
     AGENT_PORT,
     AGENT_UID,
@@ -76,6 +77,15 @@ def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
 
 class _DockerThreadPool(ThreadPool):
     threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]
+
+
+def _operation(f: Callable[..., Any], args: tuple[Any, ...]) -> str:
+    """The ``operation`` label of a Docker call: its ``_thd_`` method's name (``pause`` with
+    False is ``unpause``)."""
+    name = getattr(f, "__name__", "call").removeprefix("_thd_")
+    if name == "pause" and len(args) > 1 and args[1] is False:
+        return "unpause"
+    return name
 
 
 def container_info_from_attrs(attrs: Mapping[str, Any]) -> ContainerInfo:
@@ -168,8 +178,11 @@ class DockerRuntime(Service):
         health_interval: float = 2.0,
         limits: ContainerLimits = DEFAULT_LIMITS,
         socket_dir: Path | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._reactor = reactor
+        #: Where every call's latency and failure is counted (``_defer``).
+        self.metrics = metrics or GatewayMetrics()
         self.image = image
         self.instance = instance
         self._docker_url = docker_url
@@ -307,6 +320,8 @@ class DockerRuntime(Service):
         if self._pending >= self._max_pending:
             return fail(RuntimeUnavailable("Docker engine is not keeping up; try again"))
         self._pending += 1
+        operation = _operation(f, args)
+        started = self._reactor.seconds()
         d: Deferred[T] = deferToThreadPool(self._reactor, self._pool, self._thd_guard, f, *args)
         # The thread keeps running after a timeout (threads cannot be interrupted); docker
         # operations are idempotent and reconciliation cleans up after an abandoned one.
@@ -322,8 +337,13 @@ class DockerRuntime(Service):
                     )
                 if result.check(RuntimeUnavailable):
                     self._mark(False, result.getErrorMessage())
+                kind = docker_error_kind(result.value)
+                self.metrics.docker_errors.labels(operation=operation, error=kind).inc()
             else:
                 self._mark(True)
+            self.metrics.docker_calls.labels(operation=operation).observe(
+                self._reactor.seconds() - started
+            )
             return result
 
         d.addBoth(settle)

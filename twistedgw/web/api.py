@@ -23,6 +23,7 @@ from twistedgw.agents import AgentUnavailable
 from twistedgw.lifecycle.errors import SandboxNotFound
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
+from twistedgw.metrics import CONTENT_TYPE, GatewayMetrics
 from twistedgw.proxy.files import AgentFiles
 from twistedgw.sandbox import is_valid_sandbox_id
 from twistedgw.snapshots import Snapshot, SnapshotStore
@@ -31,6 +32,7 @@ from twistedgw.web.console import ConsoleResource
 from twistedgw.web.errors import APIError, error_answer
 from twistedgw.web.events import HEARTBEAT, EventStream, SandboxEvents
 from twistedgw.web.files import FileRoutes
+from twistedgw.web.openapi import DOCUMENT_BYTES
 from twistedgw.web.previews import PreviewRoutes, port_number
 from twistedgw.web.requests import header_text, json_answer, read_json_body, wants_details
 
@@ -67,6 +69,7 @@ def authenticated(route: Callable[..., R]) -> Callable[..., R]:
     @functools.wraps(route)
     def checked(self: GatewayAPI, request: IRequest, *args: Any, **kwargs: Any) -> R:
         owner = owner_of(self.authenticator, request)
+        request.owner = owner  # type: ignore[attr-defined]  # for the access log
         return route(self, request, *args, owner=owner, **kwargs)
 
     return checked
@@ -90,8 +93,13 @@ class GatewayAPI:
         files: FileRoutes | None = None,
         snapshots: SnapshotStore | None = None,
         previews: PreviewRoutes | None = None,
+        metrics: GatewayMetrics | None = None,
+        serve_metrics: bool = True,
     ) -> None:
         self.manager = manager
+        #: What ``GET /metrics`` serves (``serve_metrics`` False: --metrics-port does).
+        self.metrics = metrics or getattr(manager, "metrics", None) or GatewayMetrics()
+        self.serve_metrics = serve_metrics
         self._ws_resource = ws_resource
         self.authenticator = authenticator or Authenticator.from_tokens([])
         #: The gateway's own sandbox events (the reaper's ``idle_warning``).
@@ -196,8 +204,9 @@ class GatewayAPI:
     @authenticated
     async def sandbox_events(self, request: IRequest, sandbox_id: str, owner: str | None) -> None:
         """Server-Sent Events: process ``started``/``exited`` (ids, ``Last-Event-ID``),
-        ``idle_warning`` and ``removed`` (see ``twistedgw.web.events``)."""
-        sandbox = self.manager.lookup(sandbox_id, owner)
+        ``idle_warning`` and ``removed`` (see ``twistedgw.web.events``). A paused sandbox's
+        agent cannot answer: 409 at once, as for the file routes."""
+        sandbox = self.files.sandbox(sandbox_id, owner)
         last = header_text(request, b"last-event-id")
         if not last:
             args = request.args or {}
@@ -343,6 +352,24 @@ class GatewayAPI:
     def console(self, request: IRequest) -> IResource:
         # The browser console's page and assets are public; its data calls carry the token.
         return self.console_files
+
+    @app.route("/metrics", methods=["GET"])
+    @authenticated
+    def prometheus(self, request: IRequest, owner: str | None) -> bytes:
+        # Gateway-wide numbers, no sandbox ids: any token may read them.
+        if not self.serve_metrics:
+            raise APIError(404, "metrics are served on --metrics-port")
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", CONTENT_TYPE.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self.metrics.exposition()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        # Public, like /healthz: the contract is no secret.
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"application/json")
+        return DOCUMENT_BYTES
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:

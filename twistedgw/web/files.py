@@ -75,6 +75,17 @@ def check_path(args: dict[bytes, list[bytes]], required: bool = True) -> None:
         raise APIError(400, "'path' must be a non-empty path without NUL")
 
 
+def query_args(query: bytes) -> dict[bytes, list[bytes]]:
+    """A raw query string's arguments as bytes, like ``request.args``. (``parse_qs`` of
+    bytes decodes the percent-escapes and then insists on ASCII: ``?path=%C2%80`` raised.)
+    Latin-1 maps every byte to one character and back, so nothing is lost or refused."""
+    parsed = parse_qs(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+    return {
+        name.encode("latin-1"): [value.encode("latin-1") for value in values]
+        for name, values in parsed.items()
+    }
+
+
 class FileRoutes:
     """The file routes over a manager's sandboxes."""
 
@@ -160,12 +171,16 @@ class FileRoutes:
             channel.refuse(409, str(e))
         except APIError as e:
             channel.refuse(e.status, e.message)
+        except Exception:
+            # Raised here it would drop the connection without an answer.
+            self._log.failure("starting an upload failed")
+            channel.refuse(500, "internal server error")
 
     def _begin_upload(self, request: Any, match: re.Match[bytes], query: bytes) -> None:
         channel = request.channel
         sandbox_id = match.group(1).decode("utf-8", "replace")
         archive = match.group(2) is not None
-        args = parse_qs(query, keep_blank_values=True)
+        args = query_args(query)
         token = (args.get(QUERY_PARAMETER.encode()) or [b""])[0].decode("utf-8", "replace")
         header = request.requestHeaders.getRawHeaders(b"authorization")
         authorization = header[0].decode("utf-8", "replace") if header else None

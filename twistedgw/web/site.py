@@ -31,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import time
 from collections.abc import Callable, Iterable
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
@@ -41,8 +42,10 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from twistedgw.metrics import CONTENT_TYPE, GatewayMetrics
 from twistedgw.web.auth import QUERY_PARAMETER, Authenticator, Unauthorized
 from twistedgw.web.previews import is_preview
 from twistedgw.web.requests import MAX_BODY_BYTES
@@ -50,6 +53,8 @@ from twistedgw.web.requests import MAX_BODY_BYTES
 if TYPE_CHECKING:
     from twistedgw.web.api import GatewayAPI
 
+#: Paths served without a token (the edge checks no token for them).
+PUBLIC_PATHS = frozenset({b"/healthz", b"/openapi.json"})
 #: Host names a gateway bound to loopback answers to (any port).
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 #: Bytes a refused client may still send (and we discard) before we stop waiting for it to
@@ -118,9 +123,9 @@ def host_name(value: str) -> str:
 
 
 def _public(path: bytes) -> bool:
-    """Paths served without a token: the health check and the browser console's static
-    files (whose data calls carry the token; see twistedgw.web.console)."""
-    return path == b"/healthz" or path == b"/ui" or path.startswith(b"/ui/")
+    """Paths served without a token: the health check, the API document and the browser
+    console's static files (whose data calls carry the token; see twistedgw.web.console)."""
+    return path in PUBLIC_PATHS or path == b"/ui" or path.startswith(b"/ui/")
 
 
 def _is_ip(name: str) -> bool:
@@ -273,6 +278,7 @@ class GatewayRequest(Request):
         self._limit = limit
 
     def gotLength(self, length: int | None) -> None:
+        self.started_at = time.monotonic()  # for the access log's duration_ms
         channel = self.channel
         policy = channel.policy
         raw_path = getattr(channel, "_path", b"")
@@ -594,6 +600,56 @@ def access_log_line(timestamp: str, request: Any) -> str:
     )
 
 
+class GatewaySite(Site):
+    """A ``Site`` whose access log lines are log events (the combined-format line, plus
+    ``method``, ``path``, ``status``, ``duration_ms``, ``peer`` and ``owner`` fields for
+    ``--log-format json``), not lines written beside the log."""
+
+    _access = Logger(namespace="twistedgw.access")
+
+    def log(self, request: Any) -> None:
+        line = self._logFormatter(self._logDateTime, request)
+        started = getattr(request, "started_at", None)
+        duration = None if started is None else round((time.monotonic() - started) * 1000, 3)
+        self._access.info(
+            "{line}",
+            line=line,
+            event="access",
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.split(b"?", 1)[0].decode("ascii", "replace"),
+            status=request.code,
+            duration_ms=duration,
+            peer=getattr(request.getClientAddress(), "host", "-"),
+            owner=getattr(request, "owner", None),
+        )
+
+
+class MetricsPage(Resource):
+    """``GET /metrics``: the registry's text exposition, rendered on the reactor thread
+    (prometheus_client's own resource is WSGI on the reactor's thread pool)."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self.metrics.exposition()
+
+
+def metrics_site(metrics: GatewayMetrics) -> Site:
+    """The ``--metrics-port`` site: ``GET /metrics`` only, without a token (it listens on
+    loopback only)."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsPage(metrics))
+    site = Site(root)
+    site.displayTracebacks = False
+    return site
+
+
 def make_site(
     api: GatewayAPI, header_timeout: float = 10.0, policy: EdgePolicy | None = None
 ) -> Site:
@@ -606,7 +662,7 @@ def make_site(
         policy = evolve(policy, on_streamed=api.files.begin_upload)
     if policy.on_preview is None and api.previews is not None:
         policy = evolve(policy, on_preview=api.previews.begin)
-    site = Site(api.resource(), logFormatter=access_log_line, timeout=policy.idle_timeout)
+    site = GatewaySite(api.resource(), logFormatter=access_log_line, timeout=policy.idle_timeout)
     site.displayTracebacks = False
     site.requestFactory = GatewayRequest
     site.http_channels = set()  # type: ignore[attr-defined]
