@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import settings
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
@@ -30,6 +32,20 @@ def clock() -> Clock:
     clock = Clock()
     clock.advance(1_700_000_000)  # a plausible epoch, so created_at looks real
     return clock
+
+
+@pytest.fixture
+def log_messages() -> Iterator[list[str]]:
+    """Every message logged (``twisted.logger``) while the test runs, formatted as an operator
+    reads it in the gateway's log."""
+    messages: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        messages.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield messages
+    globalLogPublisher.removeObserver(observe)
 
 
 @pytest.fixture

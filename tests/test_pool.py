@@ -193,3 +193,57 @@ async def test_pool_containers_are_created_with_the_default_idle_timeout(clock: 
 def _totals(status: dict[str, object]) -> dict[str, object]:
     """The pool's totals (``size``, ``ready``, ``filling``), without the per-template split."""
     return {key: status[key] for key in ("size", "ready", "filling")}
+
+
+class HangingRuntime(FakeRuntime):
+    """A fake engine whose creates hang (never answer) while ``hang`` is set."""
+
+    hang = False
+
+    def create(self, spec: ContainerSpec) -> Deferred[ContainerInfo]:
+        if self.hang:
+            return Deferred()
+        return super().create(spec)
+
+
+def _pool_spec(template: str = "default") -> ContainerSpec:
+    base = spec(template=template)
+    return ContainerSpec(base.sandbox_id, base.created_at, base.agent_secret, base.settings, True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pool_container_of_an_unserved_template_is_removed_on_restart(
+    clock: Clock, log_messages: list[str]
+) -> None:
+    """A pool container left by an earlier run for a template this gateway has no pool for is
+    removed (by its sandbox id), not adopted; one of a served template is adopted, and the log
+    says which."""
+    runtime = FakeRuntime()
+    kept = await runtime.create(_pool_spec())
+    gone = await runtime.create(_pool_spec("retired"))
+    manager = pooled(runtime, clock, 1)
+    await manager.reconcile()
+    assert [s.sandbox_id for s in manager._pool] == [kept.sandbox_id]
+    assert runtime.removed == [gone.container_id]
+    assert runtime.removed_sandboxes == [gone.sandbox_id]
+    assert f"adopted pool container {kept.sandbox_id}" in log_messages
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_containers_being_created_count_against_adoption(clock: Clock) -> None:
+    """A restarted gateway whose pool is already being filled adopts an earlier run's pool
+    container only into room left by the fills under way: with the one place taken by a
+    create in progress, the old container is removed."""
+    runtime = HangingRuntime()
+    manager = pooled(runtime, clock, 1)
+    runtime.hang = True
+    manager.startService()
+    try:
+        assert _totals(manager.pool_status()) == {"size": 1, "ready": 0, "filling": 1}
+        runtime.hang = False
+        old = await runtime.create(_pool_spec())
+        await manager.reconcile()
+        assert runtime.removed_sandboxes == [old.sandbox_id]
+        assert _totals(manager.pool_status()) == {"size": 1, "ready": 0, "filling": 1}
+    finally:
+        await manager.stopService()
