@@ -3,6 +3,8 @@ a backoff, adopting pool containers after a restart, and replacing dead ones."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest_twisted
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
@@ -17,6 +19,7 @@ from twistedgw.runtime.interface import (
     ContainerInfo,
     ContainerSpec,
 )
+from twistedgw.state import StateFile
 from twistedgw.testing.fakes import FakeRuntime
 
 
@@ -245,5 +248,58 @@ async def test_pool_containers_being_created_count_against_adoption(clock: Clock
         await manager.reconcile()
         assert runtime.removed_sandboxes == [old.sandbox_id]
         assert _totals(manager.pool_status()) == {"size": 1, "ready": 0, "filling": 1}
+    finally:
+        await manager.stopService()
+
+
+class UnsavableState(StateFile):
+    """A state file whose every save fails (a full or read-only disk)."""
+
+    def save(self, sandboxes: Any) -> Deferred[None]:
+        return fail(OSError(28, "No space left on device"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hand_out_starts_the_sandboxs_life_and_activity_now(clock: Clock) -> None:
+    """A pool container waited a while; handed out, its sandbox is created and active as of
+    the hand-out, not as of the container's start."""
+    runtime = FakeRuntime()
+    manager = pooled(runtime, clock, 1)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        clock.advance(50)
+        handed = await manager.create()
+        assert handed.from_pool
+        assert handed.created_at == clock.seconds()
+        assert handed.last_activity == clock.seconds()
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hand_out_that_cannot_be_recorded_is_dropped_for_a_cold_create(
+    clock: Clock, log_messages: list[str]
+) -> None:
+    """If the state file cannot record a hand-out, the pool container is removed (by its
+    sandbox id, so a restart cannot pool it again), the log says so, and the creator gets a
+    cold container instead."""
+    runtime = FakeRuntime()
+    manager = SandboxManager(
+        SandboxRegistry(),
+        runtime,
+        clock,
+        wait_ready=_ready,
+        pool_size=1,
+        state=UnsavableState(None, clock),
+    )
+    manager.startService()
+    try:
+        await manager.reconcile()
+        (pooled_one,) = manager._pool
+        created = await manager.create()
+        assert not created.from_pool and created.sandbox_id != pooled_one.sandbox_id
+        assert pooled_one.sandbox_id in runtime.removed_sandboxes
+        assert "could not record a pool hand-out; creating cold instead" in log_messages
     finally:
         await manager.stopService()
