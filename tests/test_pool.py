@@ -303,3 +303,29 @@ async def test_a_hand_out_that_cannot_be_recorded_is_dropped_for_a_cold_create(
         assert "could not record a pool hand-out; creating cold instead" in log_messages
     finally:
         await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconcile_during_a_pool_fill_leaves_the_new_container_alone(
+    clock: Clock,
+) -> None:
+    """A pool container is created and its agent not ready yet: a reconcile that lists it
+    neither adopts nor removes it; once ready, it is the pool's one container."""
+    waiting: list[Deferred[None]] = []
+
+    def wait_ready(info: ContainerInfo) -> Deferred[None]:
+        waiting.append(Deferred())
+        return waiting[-1]
+
+    runtime = FakeRuntime()
+    manager = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=wait_ready, pool_size=1)
+    manager.startService()
+    try:
+        assert len(waiting) == 1 and len(runtime.containers) == 1
+        await manager.reconcile()
+        assert runtime.removed == [] and manager._pool == []
+        waiting[0].callback(None)
+        assert _totals(manager.pool_status()) == {"size": 1, "ready": 1, "filling": 0}
+        assert runtime.removed == [] and len(runtime.containers) == 1
+    finally:
+        await manager.stopService()
