@@ -7,7 +7,7 @@
 # on loopback). SANDBOX_IMAGE and TEMPLATE_IMAGE_PREFIX name other images (build.sh).
 #
 # pytest runs twice, with the same arguments: first every test but those marked `serial`, in
-# parallel on TEST_WORKERS pytest-xdist workers (default 3; 0 runs that phase without xdist),
+# parallel on TEST_WORKERS pytest-xdist workers (default 4; 0 runs that phase without xdist),
 # one test file per worker (--dist loadfile, so a module's shared gateway starts once); then
 # the `serial` tests alone (timing figures, the dockerd restart). Images are built above, once,
 # before either phase. Exits non-zero if either phase fails; a phase that selects no test
@@ -31,7 +31,7 @@ mypy
 scripts/ensure-docker.sh
 sandbox-image/build.sh
 
-workers=${TEST_WORKERS:-3}
+workers=${TEST_WORKERS:-4}
 parallel=()
 [ "$workers" -gt 0 ] && parallel=(-n "$workers" --dist loadfile)
 set +e
