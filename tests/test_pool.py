@@ -329,3 +329,41 @@ async def test_a_reconcile_during_a_pool_fill_leaves_the_new_container_alone(
         assert runtime.removed == [] and len(runtime.containers) == 1
     finally:
         await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_fill_is_logged_with_template_error_and_retry_delay(
+    clock: Clock, log_messages: list[str]
+) -> None:
+    """The operator reads which template's pool could not grow, why, and when it retries;
+    the retry is for that template."""
+    runtime = RefusingRuntime()
+    manager = pooled(runtime, clock, 1)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        delay = manager._pool_retry["default"].getTime() - clock.seconds()
+        assert (
+            f"could not add to the warm pool of template default (no room); "
+            f"retrying in {delay:.1f} s" in log_messages
+        )
+        runtime.refuse = False
+        clock.advance(delay)
+        assert _totals(manager.pool_status()) == {"size": 1, "ready": 1, "filling": 0}
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_status_shows_fills_under_way_per_template(clock: Clock) -> None:
+    """Per template, ``filling`` counts that template's creates in progress (0 when none)."""
+    runtime = HangingRuntime()
+    runtime.hang = True
+    manager = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=2)
+    assert manager.pool_status()["templates"]["default"] == {"size": 2, "ready": 0, "filling": 0}
+    manager.startService()
+    try:
+        status = manager.pool_status()
+        assert status["templates"]["default"] == {"size": 2, "ready": 0, "filling": 2}
+    finally:
+        await manager.stopService()
