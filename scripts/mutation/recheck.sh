@@ -7,7 +7,8 @@
 # (which start real gateway processes; they inherit MUTANT_UNDER_TEST, so the gateway runs
 # the mutant). Works on a copy of the staged mutants/ (a run still going is left alone) with
 # the work tree's tests/ copied over it. Prints one line per mutant and the count killed;
-# mutmut's own records are not changed. Runs under `nice -n 19`, one mutant at a time.
+# mutmut's own records are not changed. Runs under `nice -n 19`, one mutant at a time, each
+# for at most RECHECK_TIMEOUT seconds (default 300).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 target=${1:?target (gateway or agent)}
@@ -33,8 +34,9 @@ mapfile -t survivors < <(cd "$stage" && env -u PYTHONPATH "$venv/bin/mutmut" res
     | sed -n 's/^ *\([^ ]*\): \(survived\|no tests\)$/\1/p' \
     | awk -v p="$prefix" 'index($0, p) == 1' || true)
 check() {
+    # A mutant that hangs the tests counts as killed (as mutmut counts a timeout).
     (cd "$copy" && MUTANT_UNDER_TEST="$1" PYTHONPATH="$copy" nice -n 19 \
-        "$venv/bin/python" -m pytest -x -q -p no:cacheprovider "${tests[@]}" "${extra[@]}" \
+        timeout "${RECHECK_TIMEOUT:-300}" "$venv/bin/python" -m pytest -x -q -p no:cacheprovider "${tests[@]}" "${extra[@]}" \
         >"$copy/last.log" 2>&1)
 }
 # The tests must pass on the unmutated code first, or every "kill" would be a broken test.
