@@ -40,6 +40,8 @@ setup(
             *CLIENT_REQUIRES,
             "pytest>=8",
             "pytest-twisted>=1.14",
+            # Integration tests in parallel (tests/run.sh: -n, --dist loadfile).
+            "pytest-xdist>=3.6,<4",
             "hypothesis>=6.100",
             "websockets>=13",
             "requests>=2.31",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import settings
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
@@ -33,6 +35,20 @@ def clock() -> Clock:
 
 
 @pytest.fixture
+def log_messages() -> Iterator[list[str]]:
+    """Every message logged (``twisted.logger``) while the test runs, formatted as an operator
+    reads it in the gateway's log."""
+    messages: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        messages.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield messages
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture
 def runtime() -> FakeRuntime:
     return FakeRuntime()
 
@@ -55,6 +71,17 @@ def treq(manager: SandboxManager) -> StubTreq:
     return StubTreq(GatewayAPI(manager).resource())
 
 
+def pytest_addoption(parser: Any) -> None:
+    parser.addoption(
+        "--serial",
+        choices=("all", "skip", "only"),
+        default="all",
+        help="tests marked `serial` (they must run alone: timing figures, a restart of the "
+        "shared engine): run them with the rest (all, the default), leave them out (skip: "
+        "the parallel phase of tests/run.sh), or run only them (only: its second phase)",
+    )
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     # Integration tests live in tests/integration and carry the marker automatically. Slow:
     # what starts real processes (the agent's black-box and fuzz suites, twistd) and the
@@ -69,6 +96,21 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
             or getattr(getattr(item, "obj", None), "is_hypothesis_test", False)
         ):
             item.add_marker(pytest.mark.slow)
+    _select_serial(config, items)
+
+
+def _select_serial(config: Any, items: list[Any]) -> None:
+    """Apply ``--serial``: deselect the serial tests (skip) or all others (only)."""
+    mode = config.getoption("serial")
+    if mode == "all":
+        return
+    keep, drop = [], []
+    for item in items:
+        serial = item.get_closest_marker("serial") is not None
+        (keep if serial == (mode == "only") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 _SLOW_FILES = {"test_blackbox.py", "test_fuzz.py", "test_build_mirror.py"}

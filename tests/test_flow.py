@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twistedgw.proxy.flow import WRITE_BUFFER, PauseReading, pair_flow, unpair_flow
+from twistedgw.proxy.flow import WRITE_BUFFER, PauseReading, pair_flow, unpair_flow, unsent_bytes
 
 
 class Transport:
@@ -71,3 +71,65 @@ def test_unpair_leaves_a_running_reader_alone_and_says_whether_it_is_paused() ->
     assert producer.paused is False
     unpair_flow(client)
     assert (agent.paused, agent.resumed) == (1, 1)
+
+
+class BareTransport:
+    """A writer with no ``bufferSize`` and no producer yet (not a Twisted TCP transport)."""
+
+    def __init__(self) -> None:
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        raise AssertionError("nothing was registered to unregister")
+
+
+def test_write_buffer_lets_half_a_mebibyte_wait_before_pausing() -> None:
+    """A writer holds up to 512 KiB unsent before its reader pauses (the documented bound)."""
+    assert WRITE_BUFFER == 512 * 1024
+
+
+def test_pairing_a_writer_without_a_buffer_size_or_producer_only_registers() -> None:
+    """A writer that has no send-buffer setting gets none, and with no earlier producer nothing
+    is unregistered first."""
+    writer, reader = BareTransport(), Transport()
+    pair_flow(writer, reader)
+    assert isinstance(writer.producer, PauseReading)
+    assert writer.producer.reader is reader
+    assert not hasattr(writer, "bufferSize")
+
+
+def test_unpair_leaves_a_producer_it_did_not_register() -> None:
+    """``unpair_flow`` undoes only its own pairing: another producer stays registered."""
+    writer = Transport()
+    other = object()
+    writer.producer = other
+    unpair_flow(writer)
+    assert writer.producer is other
+
+
+class Buffered:
+    """What ``unsent_bytes`` reads of a TCP transport."""
+
+    def __init__(self, data: bytes, offset: int, temp: int) -> None:
+        self.dataBuffer = data
+        self.offset = offset
+        self._tempDataLen = temp
+
+
+def test_unsent_bytes_counts_the_buffer_past_its_offset_and_the_pending_writes() -> None:
+    """Unsent = the write buffer past what was already sent, plus writes not yet joined."""
+    assert unsent_bytes(Buffered(b"x" * 100, 30, 7)) == 77
+    assert unsent_bytes(Buffered(b"x" * 100, 0, 0)) == 100
+    assert unsent_bytes(Buffered(b"", 0, 5)) == 5
+
+
+def test_unsent_bytes_is_never_negative_and_zero_for_unknown_transports() -> None:
+    """An offset past the buffer does not make the backlog negative; a transport without
+    these attributes has none."""
+    assert unsent_bytes(Buffered(b"x" * 10, 20, 3)) == 3
+    assert unsent_bytes(object()) == 0
+    only_buffer = type("OnlyBuffer", (), {"dataBuffer": b"x" * 9})()
+    assert unsent_bytes(only_buffer) == 9

@@ -25,7 +25,7 @@ from twistedgw.runtime.labels import (
     labels_for,
     settings_from,
 )
-from twistedgw.sandbox import SandboxSettings
+from twistedgw.sandbox import ResourceRequest, SandboxSettings
 
 SANDBOX = "b" * 32
 
@@ -101,3 +101,23 @@ def test_damaged_labels_read_as_defaults() -> None:
     assert float_label({"k": "1.5"}, "k") == 1.5
     assert float_label({"k": "x"}, "k") is None
     assert float_label({}, "k") is None
+
+
+@pytest.mark.parametrize(
+    "requested",
+    [
+        ResourceRequest(cpus=1.5, memory=512 * 2**20, disk=2 * 2**30),
+        ResourceRequest(memory=256 * 2**20),
+        ResourceRequest(disk=2**30),
+        ResourceRequest(cpus=0.5),
+    ],
+)
+def test_a_creators_resource_request_is_read_back_part_by_part(
+    requested: ResourceRequest,
+) -> None:
+    """What a creator asked for (any of cpus, memory, disk; the others left to the template)
+    survives the label round trip as asked: a part not asked for stays ``None``, and one part
+    missing does not lose the others."""
+    settings = SandboxSettings(idle_timeout=60, requested=requested)
+    labels = labels_for(spec(settings), "gw-1")
+    assert settings_from(labels, {}).requested == requested

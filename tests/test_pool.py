@@ -3,6 +3,8 @@ a backoff, adopting pool containers after a restart, and replacing dead ones."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest_twisted
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
@@ -17,6 +19,7 @@ from twistedgw.runtime.interface import (
     ContainerInfo,
     ContainerSpec,
 )
+from twistedgw.state import StateFile
 from twistedgw.testing.fakes import FakeRuntime
 
 
@@ -193,3 +196,174 @@ async def test_pool_containers_are_created_with_the_default_idle_timeout(clock: 
 def _totals(status: dict[str, object]) -> dict[str, object]:
     """The pool's totals (``size``, ``ready``, ``filling``), without the per-template split."""
     return {key: status[key] for key in ("size", "ready", "filling")}
+
+
+class HangingRuntime(FakeRuntime):
+    """A fake engine whose creates hang (never answer) while ``hang`` is set."""
+
+    hang = False
+
+    def create(self, spec: ContainerSpec) -> Deferred[ContainerInfo]:
+        if self.hang:
+            return Deferred()
+        return super().create(spec)
+
+
+def _pool_spec(template: str = "default") -> ContainerSpec:
+    base = spec(template=template)
+    return ContainerSpec(base.sandbox_id, base.created_at, base.agent_secret, base.settings, True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pool_container_of_an_unserved_template_is_removed_on_restart(
+    clock: Clock, log_messages: list[str]
+) -> None:
+    """A pool container left by an earlier run for a template this gateway has no pool for is
+    removed (by its sandbox id), not adopted; one of a served template is adopted, and the log
+    says which."""
+    runtime = FakeRuntime()
+    kept = await runtime.create(_pool_spec())
+    gone = await runtime.create(_pool_spec("retired"))
+    manager = pooled(runtime, clock, 1)
+    await manager.reconcile()
+    assert [s.sandbox_id for s in manager._pool] == [kept.sandbox_id]
+    assert runtime.removed == [gone.container_id]
+    assert runtime.removed_sandboxes == [gone.sandbox_id]
+    assert f"adopted pool container {kept.sandbox_id}" in log_messages
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_containers_being_created_count_against_adoption(clock: Clock) -> None:
+    """A restarted gateway whose pool is already being filled adopts an earlier run's pool
+    container only into room left by the fills under way: with the one place taken by a
+    create in progress, the old container is removed."""
+    runtime = HangingRuntime()
+    manager = pooled(runtime, clock, 1)
+    runtime.hang = True
+    manager.startService()
+    try:
+        assert _totals(manager.pool_status()) == {"size": 1, "ready": 0, "filling": 1}
+        runtime.hang = False
+        old = await runtime.create(_pool_spec())
+        await manager.reconcile()
+        assert runtime.removed_sandboxes == [old.sandbox_id]
+        assert _totals(manager.pool_status()) == {"size": 1, "ready": 0, "filling": 1}
+    finally:
+        await manager.stopService()
+
+
+class UnsavableState(StateFile):
+    """A state file whose every save fails (a full or read-only disk)."""
+
+    def save(self, sandboxes: Any) -> Deferred[None]:
+        return fail(OSError(28, "No space left on device"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hand_out_starts_the_sandboxs_life_and_activity_now(clock: Clock) -> None:
+    """A pool container waited a while; handed out, its sandbox is created and active as of
+    the hand-out, not as of the container's start."""
+    runtime = FakeRuntime()
+    manager = pooled(runtime, clock, 1)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        clock.advance(50)
+        handed = await manager.create()
+        assert handed.from_pool
+        assert handed.created_at == clock.seconds()
+        assert handed.last_activity == clock.seconds()
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hand_out_that_cannot_be_recorded_is_dropped_for_a_cold_create(
+    clock: Clock, log_messages: list[str]
+) -> None:
+    """If the state file cannot record a hand-out, the pool container is removed (by its
+    sandbox id, so a restart cannot pool it again), the log says so, and the creator gets a
+    cold container instead."""
+    runtime = FakeRuntime()
+    manager = SandboxManager(
+        SandboxRegistry(),
+        runtime,
+        clock,
+        wait_ready=_ready,
+        pool_size=1,
+        state=UnsavableState(None, clock),
+    )
+    manager.startService()
+    try:
+        await manager.reconcile()
+        (pooled_one,) = manager._pool
+        created = await manager.create()
+        assert not created.from_pool and created.sandbox_id != pooled_one.sandbox_id
+        assert pooled_one.sandbox_id in runtime.removed_sandboxes
+        assert "could not record a pool hand-out; creating cold instead" in log_messages
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconcile_during_a_pool_fill_leaves_the_new_container_alone(
+    clock: Clock,
+) -> None:
+    """A pool container is created and its agent not ready yet: a reconcile that lists it
+    neither adopts nor removes it; once ready, it is the pool's one container."""
+    waiting: list[Deferred[None]] = []
+
+    def wait_ready(info: ContainerInfo) -> Deferred[None]:
+        waiting.append(Deferred())
+        return waiting[-1]
+
+    runtime = FakeRuntime()
+    manager = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=wait_ready, pool_size=1)
+    manager.startService()
+    try:
+        assert len(waiting) == 1 and len(runtime.containers) == 1
+        await manager.reconcile()
+        assert runtime.removed == [] and manager._pool == []
+        waiting[0].callback(None)
+        assert _totals(manager.pool_status()) == {"size": 1, "ready": 1, "filling": 0}
+        assert runtime.removed == [] and len(runtime.containers) == 1
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_fill_is_logged_with_template_error_and_retry_delay(
+    clock: Clock, log_messages: list[str]
+) -> None:
+    """The operator reads which template's pool could not grow, why, and when it retries;
+    the retry is for that template."""
+    runtime = RefusingRuntime()
+    manager = pooled(runtime, clock, 1)
+    manager.startService()
+    try:
+        await manager.reconcile()
+        delay = manager._pool_retry["default"].getTime() - clock.seconds()
+        assert (
+            f"could not add to the warm pool of template default (no room); "
+            f"retrying in {delay:.1f} s" in log_messages
+        )
+        runtime.refuse = False
+        clock.advance(delay)
+        assert _totals(manager.pool_status()) == {"size": 1, "ready": 1, "filling": 0}
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_status_shows_fills_under_way_per_template(clock: Clock) -> None:
+    """Per template, ``filling`` counts that template's creates in progress (0 when none)."""
+    runtime = HangingRuntime()
+    runtime.hang = True
+    manager = SandboxManager(SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=2)
+    assert manager.pool_status()["templates"]["default"] == {"size": 2, "ready": 0, "filling": 0}
+    manager.startService()
+    try:
+        status = manager.pool_status()
+        assert status["templates"]["default"] == {"size": 2, "ready": 0, "filling": 2}
+    finally:
+        await manager.stopService()

@@ -126,6 +126,17 @@ async def test_egress_option_is_checked_and_shown(treq: StubTreq) -> None:
         assert "egress" in answer["error"]
 
 
+def test_tmp_is_never_smaller_than_one_mebibyte() -> None:
+    """A tiny home keeps /tmp (and /var/tmp) at 1 MiB, not at its proportional share (here
+    half a MiB); a larger one keeps the proportion."""
+    limits = ContainerLimits(home_size="256m", tmp_size="128m")
+    tiny = limits.for_resources(Resources(cpus=1.0, memory=GIB, disk=MIB)).run_options()
+    assert f"size={MIB}," in tiny["tmpfs"]["/tmp"]
+    assert f"size={MIB}," in tiny["tmpfs"]["/var/tmp"]
+    small = limits.for_resources(Resources(cpus=1.0, memory=GIB, disk=4 * MIB)).run_options()
+    assert f"size={2 * MIB}," in small["tmpfs"]["/tmp"]
+
+
 def test_resources_become_container_limits_and_labels() -> None:
     """A creator's resources set the container's CPUs, memory and tmpfs sizes (/tmp keeps the
     server's proportion to the home), and survive in labels (gateway restarts)."""

@@ -258,3 +258,35 @@ def test_an_entry_without_optional_fields_loads_with_their_defaults(
     assert StateFile(path, clock).load() == {
         "a" * 32: SavedSandbox(last_activity=5.0, ever_connected=False, expires_at=None)
     }
+
+
+def test_the_operator_is_told_which_file_why_where_it_went_and_what_is_lost(
+    tmp_path: Path, clock: Clock, log_messages: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The critical line names the state file, the parse error, the name it was kept under
+    and what starting without it costs; if it cannot be set aside, the rename error instead."""
+    path = tmp_path / "state.json"
+    path.write_bytes(b"{")
+    StateFile(path, clock, in_thread=False).load()
+    aside = tmp_path / "state.json.corrupt-20231114T221320Z"
+    (line,) = [m for m in log_messages if m.startswith("state file")]
+    assert line.startswith(f"state file {path} is unreadable (Expecting property name")
+    assert line.endswith(
+        f"; kept as {aside}. Starting without saved state: idle clocks restart now, "
+        "lifetime extensions and pool hand-outs are lost"
+    )
+
+    log_messages.clear()
+    path.write_bytes(b"{")
+
+    def refuse(self: Path, target: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "rename", refuse)
+    StateFile(path, clock, in_thread=False).load()
+    (line,) = [m for m in log_messages if m.startswith("state file")]
+    assert line.startswith(f"state file {path} is unreadable (Expecting property name")
+    assert line.endswith(
+        "and could not be set aside ([Errno 13] Permission denied): idle clocks, lifetime "
+        "extensions and pool hand-outs are lost"
+    )

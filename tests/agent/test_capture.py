@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from agent.capture import (
     STREAM_FLUSH_BYTES,
     STREAM_FLUSH_DELAY,
@@ -102,3 +103,30 @@ def test_streamed_capture_has_no_limit_and_no_text() -> None:
     assert "".join(sent) == "y" * 100
     assert capture.text() == ""
     assert not capture.truncated
+
+
+def _expected(stream: bytes, cap: int) -> bytes:
+    """What a capped buffer keeps of ``stream``: its first ``cap // 2`` bytes, then the last
+    ``cap - cap // 2`` bytes of the rest."""
+    head_cap = cap // 2
+    tail_cap = cap - head_cap
+    head, rest = stream[:head_cap], stream[head_cap:]
+    return head + rest[max(0, len(rest) - tail_cap) :]
+
+
+@pytest.mark.parametrize("cap", range(8))
+def test_head_and_tail_are_kept_exactly_however_the_output_is_split(cap: int) -> None:
+    """For every length of output up to 20 bytes (all bytes different, so a wrong byte or
+    order shows) and several ways of cutting it into reads, the buffer keeps exactly the
+    head and the tail, never more than ``cap`` bytes, and says whether it dropped any."""
+    for length in range(21):
+        stream = bytes(range(65, 65 + length))
+        for size in (1, 2, 3, 5, max(1, length)):
+            buffer = OutputBuffer(cap)
+            for start in range(0, length, size):
+                buffer.write(stream[start : start + size])
+            expected = _expected(stream, cap)
+            assert buffer.getvalue() == expected, (cap, length, size)
+            assert buffer.kept == len(expected) <= cap
+            assert buffer.total == length
+            assert buffer.truncated is (length > len(expected))

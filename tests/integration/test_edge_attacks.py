@@ -26,6 +26,10 @@ TOKEN = "edge-attack-token-" + "x" * 16
 RSS_GROWTH_KIB = 40 * 1024
 HEALTHZ_SECONDS = 0.1
 
+# Each attack states a latency figure (/healthz under HEALTHZ_SECONDS for another client):
+# measured alone, not beside parallel workers (tests/run.sh runs it after them).
+pytestmark = pytest.mark.serial
+
 
 @pytest.fixture(scope="module")
 def edge_gateway(docker_client: Any) -> Iterator[GatewayProcess]:

@@ -106,6 +106,7 @@ def test_flood_is_capped_and_stopped(
     assert agent_after - agent_before < 40 * 1024
 
 
+@pytest.mark.serial  # a latency figure: the first chunk within 0.5 s
 def test_streaming_sends_chunks_in_order_then_result(ws: Any) -> None:
     """stream: true sends output chunks as they are produced, in order, then the result."""
     send(

@@ -156,6 +156,7 @@ def kill_agent_as_root(container: Any) -> None:
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.serial  # a latency figure: served again within 2 s
 def test_agent_killed_from_outside_comes_back(
     gateway: GatewayProcess, docker_client: Any, sandbox: str
 ) -> None:
@@ -258,6 +259,7 @@ def test_kill_everything_kills_the_spawner_and_the_next_command_still_works(
         assert run(ws, "exit 3")["returncode"] == 3
 
 
+@pytest.mark.serial  # a latency figure: served within 3 s
 def test_a_stopped_spawner_does_not_hang_the_agent(gateway: GatewayProcess, sandbox: str) -> None:
     """`kill -STOP <spawner>` from user code: the next command completes within a few seconds
     (the agent gives up on the stopped spawner and starts another), and so do the ones after."""

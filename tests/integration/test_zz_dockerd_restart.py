@@ -23,6 +23,9 @@ from tests.integration.helpers import run, wait_for
 
 PID_FILE = "/run/twistedgw-dockerd.pid"
 
+# It stops the engine every other test uses: alone, after the parallel phase (tests/run.sh).
+pytestmark = pytest.mark.serial
+
 
 def our_dockerd(docker_client: Any) -> int | None:
     """The pid of a dockerd started by scripts/ensure-docker.sh with --live-restore."""
