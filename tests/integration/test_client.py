@@ -176,9 +176,16 @@ def test_async_client_runs_commands_concurrently_and_deletes_on_exit(
 ) -> None:
     async def main() -> str:
         async with await AsyncSandbox.create(url=gateway.url) as sb:
-            started = time.monotonic()
-            results = await asyncio.gather(*(sb.run(f"sleep 1; echo {i}") for i in range(4)))
-            assert time.monotonic() - started < 3.5  # concurrent on one connection
+            # Concurrent on one connection, shown without a clock: each command waits until
+            # all four have started (a barrier of files), so run one after another the first
+            # would time out instead of printing.
+            barrier = (
+                "touch /tmp/barrier.{i}; "
+                "until [ $(ls /tmp/barrier.* | wc -l) -ge 4 ]; do sleep 0.05; done; echo {i}"
+            )
+            results = await asyncio.gather(
+                *(sb.run(barrier.format(i=i), timeout=30) for i in range(4))
+            )
             assert [r.stdout for r in results] == [f"{i}\n" for i in range(4)]
             await sb.files.write("f.txt", b"async")
             assert await sb.files.read("f.txt") == b"async"
