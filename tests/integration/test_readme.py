@@ -112,6 +112,8 @@ def token_gateway(
     "example", RUN_EXAMPLES, ids=[f"{e.kind}-line{e.line}" for e in RUN_EXAMPLES]
 )
 def test_readme_example_runs(gateway: GatewayProcess, example: Block, tmp_path: Path) -> None:
+    """A python or shell block of the README exits 0 against the module's gateway and prints
+    each of its marker's expect="..." texts."""
     code = at_gateway(example.code, gateway) + "\n"
     env = example_env(gateway)
     if example.kind == "python":
