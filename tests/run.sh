@@ -2,7 +2,7 @@
 # ./tests/run.sh [pytest args...]
 #
 # The whole test suite on this machine: sets up the venv, starts a Docker engine if none runs,
-# installs tmux if missing (the CLI shell test), builds the sandbox image and its templates
+# installs tmux and jq if missing (the CLI shell test, a README example), builds the sandbox image and its templates
 # (python) if missing or stale, starts a second, swarm-mode engine for the Swarm tests
 # (scripts/ensure-swarm.sh), runs ruff and mypy,
 # then pytest (fast in-memory tests and integration tests against the real engine and images,
