@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from twistedgw.protocol import MAX_EVENT_ID_LENGTH
+from twistedgw.proxy.ports import MAX_URL_TTL
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -131,6 +132,11 @@ _FILE_ERRORS: dict[str, Schema] = {
     "507": _json(_ref("Error"), "the sandbox's disk is full"),
 }
 _PATH_PARAM = _query("path", "a container path; relative to /home/sandbox")
+#: The plain file routes and mkdir need a path (list and archive default to the home).
+_PATH_REQUIRED = {
+    **_query("path", "a container path; relative to /home/sandbox", required=True),
+    "schema": {"type": "string", "minLength": 1},
+}
 
 
 def _paths() -> Schema:
@@ -277,14 +283,14 @@ def _paths() -> Schema:
                     "416": _json(_ref("Error"), "a range past the end"),
                     **_FILE_ERRORS,
                 },
-                [_PATH_PARAM],
+                [_PATH_REQUIRED],
                 tags=("files",),
             ),
             "put": _sandbox_op(
                 "Upload a file (temp file, then renamed)",
                 {"201": _json(_ref("Written"), "written"), **_FILE_ERRORS},
                 [
-                    _PATH_PARAM,
+                    _PATH_REQUIRED,
                     _query("mode", "octal permissions, default 0644"),
                     _query("mkdirs", "`true` creates the parent directories"),
                 ],
@@ -300,7 +306,7 @@ def _paths() -> Schema:
                     "200": _json({"type": "object", "required": ["deleted"]}, "deleted: the path"),
                     **_FILE_ERRORS,
                 },
-                [_PATH_PARAM, _query("recursive", "`true` deletes a tree")],
+                [_PATH_REQUIRED, _query("recursive", "`true` deletes a tree")],
                 tags=("files",),
             ),
         },
@@ -322,7 +328,7 @@ def _paths() -> Schema:
                     "201": _json({"type": "object", "required": ["path"]}, "the directory's path"),
                     **_FILE_ERRORS,
                 },
-                [_PATH_PARAM],
+                [_PATH_REQUIRED],
                 tags=("files",),
             )
         },
@@ -541,6 +547,7 @@ def _rest_schemas() -> dict[str, Schema]:
                 "expires_in": {
                     "type": "number",
                     "exclusiveMinimum": 0,
+                    "maximum": MAX_URL_TTL,
                     "description": "seconds the URL works (default 3600, at most 7 days)",
                 }
             },
