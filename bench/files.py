@@ -36,17 +36,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
+import benchlib
 import docker
 import requests
-from benchlib import (
-    RssSampler,
-    bench_arguments,
-    finish_run,
-    host_load_before,
-    host_load_line,
-    rss_kib,
-    stop_instance,
-)
+from benchlib import RssSampler, rss_kib
 
 from twistedgw.testing.process import GatewayProcess
 
@@ -83,7 +76,7 @@ class BigReads:
 
 
 def main() -> int:
-    parser = bench_arguments(__doc__)
+    parser = benchlib.bench_arguments(__doc__)
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
@@ -97,7 +90,7 @@ def main() -> int:
     gateway = GatewayProcess(
         instance, "--writable-root", "--memory", memory, "--max-upload", str(4 * 1024 * MIB)
     )
-    results: dict[str, Any] = host_load_before()
+    results: dict[str, Any] = benchlib.host_load_before()
     try:
         gateway.start()
         created = requests.post(gateway.url + "/sandboxes", timeout=120)
@@ -210,13 +203,13 @@ def main() -> int:
             }
             print(json.dumps(results["tree"]), flush=True)
     finally:
-        stop_instance(gateway, client)
+        benchlib.stop_instance(gateway, client)
         shutil.rmtree(work, ignore_errors=True)
-    return finish_run(results, report, options.json)
+    return benchlib.finish_run(results, report, options.json)
 
 
 def report(results: dict[str, Any]) -> None:
-    print(f"host {host_load_line(results)}")
+    print(f"host {benchlib.host_load_line(results)}")
     f, t = results.get("file"), results.get("tree")
     if f is not None:
         print_file(f)

@@ -33,17 +33,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
+import benchlib
 import docker
 import requests
-from benchlib import (
-    RssSampler,
-    bench_arguments,
-    finish_run,
-    host_load_before,
-    host_load_line,
-    rss_kib,
-    stop_instance,
-)
+from benchlib import RssSampler, rss_kib
 from websockets.sync.client import connect
 
 from twistedgw.testing.process import GatewayProcess
@@ -105,7 +98,7 @@ def exec_cat_out(container: str, path: str, nbytes: int) -> float:
 
 
 def main() -> int:
-    parser = bench_arguments(__doc__)
+    parser = benchlib.bench_arguments(__doc__)
     parser.add_argument("--size-mib", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--network", choices=("bridge", "none"), default="bridge")
@@ -129,7 +122,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "mib": options.size_mib,
         "network": options.network,
-        **host_load_before(),
+        **benchlib.host_load_before(),
     }
     try:
         gateway.start()
@@ -182,12 +175,12 @@ def main() -> int:
             gateway_rss_peak_growth_slow_mib=(slow_peak - rss_before) / 1024,
         )
     finally:
-        stop_instance(gateway, client)
-    return finish_run(results, report, options.json)
+        benchlib.stop_instance(gateway, client)
+    return benchlib.finish_run(results, report, options.json)
 
 
 def report(r: dict[str, Any]) -> None:
-    print(f"host {host_load_line(r)}")
+    print(f"host {benchlib.host_load_line(r)}")
     ratio = r["preview_mib_s"] / r["docker_exec_cat_mib_s"]
     print(f"{r['mib']} MiB download (network {r['network']})   MiB/s")
     print(f"  preview proxy                    {r['preview_mib_s']:9.1f}")

@@ -36,16 +36,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
+import benchlib
 import docker
 import requests
-from benchlib import (
-    bench_arguments,
-    finish_run,
-    host_load_before,
-    host_load_line,
-    percentile,
-    stop_instance,
-)
+from benchlib import percentile
 from websockets.sync.client import ClientConnection, connect, unix_connect
 
 from twistedgw import protocol
@@ -148,6 +142,16 @@ class Typist:
         self.ws.send(json.dumps({"type": "signal", "pid": self.pid, "signal": "KILL"}))
 
 
+def throughput(nbytes: int, chunks: int, seconds: float) -> dict[str, float]:
+    """The figures of one output flood: MB, seconds, MB/s and how many chunks it came in."""
+    return {
+        "mb": nbytes / 1e6,
+        "seconds": seconds,
+        "mb_s": nbytes / 1e6 / seconds,
+        "chunks": chunks,
+    }
+
+
 def flood(ws: ClientConnection, lines: int, binary: bool) -> dict[str, float]:
     """MB/s of ``seq 1 LINES`` on a PTY, from ``pty`` to its result."""
     rid = f"flood-{secrets.token_hex(3)}"
@@ -168,13 +172,7 @@ def flood(ws: ClientConnection, lines: int, binary: bool) -> dict[str, float]:
             chunks += 1
         elif decoded.get("type") in ("result", "error"):
             break
-    seconds = time.perf_counter() - start
-    return {
-        "mb": nbytes / 1e6,
-        "seconds": seconds,
-        "mb_s": nbytes / 1e6 / seconds,
-        "chunks": chunks,
-    }
+    return throughput(nbytes, chunks, time.perf_counter() - start)
 
 
 def flood_local(lines: int) -> dict[str, float]:
@@ -195,13 +193,7 @@ def flood_local(lines: int) -> dict[str, float]:
         chunks += 1
     child.wait()
     os.close(master)
-    seconds = time.perf_counter() - start
-    return {
-        "mb": nbytes / 1e6,
-        "seconds": seconds,
-        "mb_s": nbytes / 1e6 / seconds,
-        "chunks": chunks,
-    }
+    return throughput(nbytes, chunks, time.perf_counter() - start)
 
 
 def summary(samples: list[float]) -> dict[str, float]:
@@ -237,7 +229,7 @@ def agent_endpoint(client: Any, instance: str, sandbox_id: str) -> tuple[str, st
 
 
 def main() -> int:
-    parser = bench_arguments(__doc__)
+    parser = benchlib.bench_arguments(__doc__)
     parser.add_argument("--keys", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--flood-lines", type=int, default=3_000_000)
@@ -248,7 +240,7 @@ def main() -> int:
     gateway = GatewayProcess(instance)
     results: dict[str, Any] = {
         "instance": instance,
-        **host_load_before(),
+        **benchlib.host_load_before(),
     }
     try:
         gateway.start()
@@ -289,12 +281,12 @@ def main() -> int:
             results["output"] = output
             print("output", json.dumps(output), flush=True)
     finally:
-        stop_instance(gateway, client)
-    return finish_run(results, report, options.json)
+        benchlib.stop_instance(gateway, client)
+    return benchlib.finish_run(results, report, options.json)
 
 
 def report(results: dict[str, Any]) -> None:
-    print(f"\n{host_load_line(results)}")
+    print(f"\n{benchlib.host_load_line(results)}")
     print("| path | keys | p50 | p95 | p99 | max |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, figures in results.items():
