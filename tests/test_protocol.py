@@ -608,6 +608,10 @@ def test_pty_and_resize_parse_into_records_and_go_on_the_wire_with_their_fields(
             {"type": "pty", "request_id": "t", "cols": 80, "rows": 24, "env": {"1": "x"}},
             "invalid_env",
         ),
+        (
+            {"type": "pty", "request_id": "t", "cols": 80, "rows": 24, "cwd": ""},
+            "invalid_cwd",
+        ),
         ({"type": "pty", "cols": 80, "rows": 24}, "invalid_request_id"),
         ({"type": "resize", "request_id": "t", "cols": 80, "rows": 0}, "invalid_size"),
         ({"type": "resize", "request_id": "t", "cols": 80, "rows": 24, "x": 1}, "unknown_field"),

@@ -862,6 +862,26 @@ def _request_id(obj: Mapping[str, Any], required: bool, kind: str) -> str | None
     return str(value)
 
 
+def _cwd_and_env(
+    obj: Mapping[str, Any], fail: Callable[[str, str], ProtocolError]
+) -> tuple[Any, Any]:
+    """The optional ``cwd`` and ``env`` of a command or pty message, checked in that order;
+    ``fail`` makes the error (the command's shape or the control shape)."""
+    cwd = obj.get("cwd")
+    if cwd is not None and not (is_text(cwd) and 0 < len(cwd) <= MAX_CWD_LENGTH):
+        raise fail(
+            "invalid_cwd",
+            f"'cwd' must be a non-empty path of at most {MAX_CWD_LENGTH} characters "
+            "without NUL or lone surrogates",
+        )
+    env = obj.get("env")
+    if env is not None:
+        problem = _env_problem(env, None)
+        if problem is not None:
+            raise fail("invalid_env", problem)
+    return cwd, env
+
+
 def parse_command(
     obj: Mapping[str, Any],
     limits: Limits = DEFAULT_LIMITS,
@@ -906,19 +926,7 @@ def parse_command(
             raise fail("invalid_timeout", f"'timeout' {problem}")
         timeout_s = float(timeout)
 
-    cwd = obj.get("cwd")
-    if cwd is not None and not (is_text(cwd) and 0 < len(cwd) <= MAX_CWD_LENGTH):
-        raise fail(
-            "invalid_cwd",
-            f"'cwd' must be a non-empty path of at most {MAX_CWD_LENGTH} characters "
-            "without NUL or lone surrogates",
-        )
-
-    env = obj.get("env")
-    if env is not None:
-        problem = _env_problem(env, None)
-        if problem is not None:
-            raise fail("invalid_env", problem)
+    cwd, env = _cwd_and_env(obj, fail)
 
     stdin = obj.get("stdin")
     # stdin is bytes to the process: NUL is fine, lone surrogates cannot be encoded.
@@ -1146,18 +1154,7 @@ def _parse_pty(obj: Mapping[str, Any]) -> Pty:
             "invalid_command",
             "'command' must be a non-empty string without NUL characters or lone surrogates",
         )
-    cwd = obj.get("cwd")
-    if cwd is not None and not (is_text(cwd) and 0 < len(cwd) <= MAX_CWD_LENGTH):
-        raise fail(
-            "invalid_cwd",
-            f"'cwd' must be a non-empty path of at most {MAX_CWD_LENGTH} characters "
-            "without NUL or lone surrogates",
-        )
-    env = obj.get("env")
-    if env is not None:
-        problem = _env_problem(env, None)
-        if problem is not None:
-            raise fail("invalid_env", problem)
+    cwd, env = _cwd_and_env(obj, fail)
     binary = _flag(obj, "binary", request_id)
     return Pty(request_id, cols, rows, command, cwd, dict(env) if env else None, binary)
 
