@@ -7,6 +7,7 @@ loopback) and to the local Docker engine through the docker SDK / CLI.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,53 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+# -- small stand-alone benchmarks (bench/pty.py, preview.py, files.py) -------------------------
+
+
+def bench_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a stand-alone benchmark: its docstring's first line as the
+    description, and ``--json PATH`` for its figures."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    parser.add_argument("--json", default=None)
+    return parser
+
+
+def host_load_before() -> dict[str, Any]:
+    """How loaded the machine is as a run starts: load averages and 1 s of all-core busy %."""
+    return {"load_before": os.getloadavg(), "busy_pct": host_busy_pct(1.0)}
+
+
+def host_load_line(results: dict[str, Any]) -> str:
+    """``load average before a/b/c, after d/e/f; busy N%`` from ``host_load_before`` and
+    ``finish_run`` figures."""
+    load_b = "/".join(f"{x:.2f}" for x in results["load_before"])
+    load_a = "/".join(f"{x:.2f}" for x in results["load_after"])
+    return f"load average before {load_b}, after {load_a}; busy {results['busy_pct']:.0f}%"
+
+
+def stop_instance(gateway: GatewayProcess, client: Any) -> None:
+    """Stop a benchmark's gateway (by PID), then force-remove the containers labelled with its
+    instance; a failed removal is printed, not raised (the figures matter more)."""
+    gateway.stop()
+    mine = {"label": f"{LABEL_INSTANCE}={gateway.instance}"}
+    try:
+        for c in client.containers.list(all=True, filters=mine):
+            c.remove(force=True)
+    except Exception as e:  # the figures matter more than a tidy exit
+        print(f"cleanup: {e} (remove containers labelled {mine['label']})", flush=True)
+
+
+def finish_run(
+    results: dict[str, Any], report: Callable[[dict[str, Any]], None], json_path: str | None
+) -> int:
+    """Record the load after the run, print the report, write the JSON if asked; exit code 0."""
+    results["load_after"] = os.getloadavg()
+    report(results)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+    return 0
 
 
 # -- machine description ----------------------------------------------------------------------

@@ -18,7 +18,6 @@ Everything it creates (the gateway, its containers, temporary files) is removed 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -37,11 +36,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
+import benchlib
 import docker
 import requests
-from benchlib import RssSampler, host_busy_pct, rss_kib
+from benchlib import RssSampler, rss_kib
 
-from twistedgw.runtime.labels import LABEL_INSTANCE
 from twistedgw.testing.process import GatewayProcess
 
 MIB = 1024 * 1024
@@ -77,11 +76,10 @@ class BigReads:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchlib.bench_arguments(__doc__)
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", default=None)
     parser.add_argument("--only", choices=("file", "tree"), default=None)
     options = parser.parse_args()
 
@@ -92,7 +90,7 @@ def main() -> int:
     gateway = GatewayProcess(
         instance, "--writable-root", "--memory", memory, "--max-upload", str(4 * 1024 * MIB)
     )
-    results: dict[str, Any] = {"load_before": os.getloadavg(), "busy_pct": host_busy_pct(1.0)}
+    results: dict[str, Any] = benchlib.host_load_before()
     try:
         gateway.start()
         created = requests.post(gateway.url + "/sandboxes", timeout=120)
@@ -205,25 +203,13 @@ def main() -> int:
             }
             print(json.dumps(results["tree"]), flush=True)
     finally:
-        gateway.stop()
-        mine = {"label": f"{LABEL_INSTANCE}={instance}"}
-        try:
-            for c in client.containers.list(all=True, filters=mine):
-                c.remove(force=True)
-        except Exception as e:  # the figures matter more than a tidy exit
-            print(f"cleanup: {e} (remove containers labelled {mine['label']})", flush=True)
+        benchlib.stop_instance(gateway, client)
         shutil.rmtree(work, ignore_errors=True)
-    results["load_after"] = os.getloadavg()
-    report(results)
-    if options.json:
-        Path(options.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return benchlib.finish_run(results, report, options.json)
 
 
 def report(results: dict[str, Any]) -> None:
-    load_b = "/".join(f"{x:.2f}" for x in results["load_before"])
-    load_a = "/".join(f"{x:.2f}" for x in results["load_after"])
-    print(f"host load average before {load_b}, after {load_a}; busy {results['busy_pct']:.0f}%")
+    print(f"host {benchlib.host_load_line(results)}")
     f, t = results.get("file"), results.get("tree")
     if f is not None:
         print_file(f)

@@ -21,9 +21,7 @@ Everything it creates (the gateway, its containers) is removed at the end.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import secrets
 import statistics
 import subprocess
@@ -35,12 +33,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
+import benchlib
 import docker
 import requests
-from benchlib import RssSampler, host_busy_pct, rss_kib
+from benchlib import RssSampler, rss_kib
 from websockets.sync.client import connect
 
-from twistedgw.runtime.labels import LABEL_INSTANCE
 from twistedgw.testing.process import GatewayProcess
 
 MIB = 1024 * 1024
@@ -100,11 +98,10 @@ def exec_cat_out(container: str, path: str, nbytes: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = benchlib.bench_arguments(__doc__)
     parser.add_argument("--size-mib", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--network", choices=("bridge", "none"), default="bridge")
-    parser.add_argument("--json", default=None)
     options = parser.parse_args()
 
     client = docker.from_env(timeout=120)
@@ -125,8 +122,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "mib": options.size_mib,
         "network": options.network,
-        "load_before": os.getloadavg(),
-        "busy_pct": host_busy_pct(1.0),
+        **benchlib.host_load_before(),
     }
     try:
         gateway.start()
@@ -179,24 +175,12 @@ def main() -> int:
             gateway_rss_peak_growth_slow_mib=(slow_peak - rss_before) / 1024,
         )
     finally:
-        gateway.stop()
-        mine = {"label": f"{LABEL_INSTANCE}={instance}"}
-        try:
-            for c in client.containers.list(all=True, filters=mine):
-                c.remove(force=True)
-        except Exception as e:  # the figures matter more than a tidy exit
-            print(f"cleanup: {e} (remove containers labelled {mine['label']})", flush=True)
-    results["load_after"] = os.getloadavg()
-    report(results)
-    if options.json:
-        Path(options.json).write_text(json.dumps(results, indent=2))
-    return 0
+        benchlib.stop_instance(gateway, client)
+    return benchlib.finish_run(results, report, options.json)
 
 
 def report(r: dict[str, Any]) -> None:
-    load_b = "/".join(f"{x:.2f}" for x in r["load_before"])
-    load_a = "/".join(f"{x:.2f}" for x in r["load_after"])
-    print(f"host load average before {load_b}, after {load_a}; busy {r['busy_pct']:.0f}%")
+    print(f"host {benchlib.host_load_line(r)}")
     ratio = r["preview_mib_s"] / r["docker_exec_cat_mib_s"]
     print(f"{r['mib']} MiB download (network {r['network']})   MiB/s")
     print(f"  preview proxy                    {r['preview_mib_s']:9.1f}")

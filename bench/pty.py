@@ -24,7 +24,6 @@ gateway, its containers) is removed at the end.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -37,9 +36,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
+import benchlib
 import docker
 import requests
-from benchlib import host_busy_pct, percentile
+from benchlib import percentile
 from websockets.sync.client import ClientConnection, connect, unix_connect
 
 from twistedgw import protocol
@@ -142,6 +142,16 @@ class Typist:
         self.ws.send(json.dumps({"type": "signal", "pid": self.pid, "signal": "KILL"}))
 
 
+def throughput(nbytes: int, chunks: int, seconds: float) -> dict[str, float]:
+    """The figures of one output flood: MB, seconds, MB/s and how many chunks it came in."""
+    return {
+        "mb": nbytes / 1e6,
+        "seconds": seconds,
+        "mb_s": nbytes / 1e6 / seconds,
+        "chunks": chunks,
+    }
+
+
 def flood(ws: ClientConnection, lines: int, binary: bool) -> dict[str, float]:
     """MB/s of ``seq 1 LINES`` on a PTY, from ``pty`` to its result."""
     rid = f"flood-{secrets.token_hex(3)}"
@@ -162,13 +172,7 @@ def flood(ws: ClientConnection, lines: int, binary: bool) -> dict[str, float]:
             chunks += 1
         elif decoded.get("type") in ("result", "error"):
             break
-    seconds = time.perf_counter() - start
-    return {
-        "mb": nbytes / 1e6,
-        "seconds": seconds,
-        "mb_s": nbytes / 1e6 / seconds,
-        "chunks": chunks,
-    }
+    return throughput(nbytes, chunks, time.perf_counter() - start)
 
 
 def flood_local(lines: int) -> dict[str, float]:
@@ -189,13 +193,7 @@ def flood_local(lines: int) -> dict[str, float]:
         chunks += 1
     child.wait()
     os.close(master)
-    seconds = time.perf_counter() - start
-    return {
-        "mb": nbytes / 1e6,
-        "seconds": seconds,
-        "mb_s": nbytes / 1e6 / seconds,
-        "chunks": chunks,
-    }
+    return throughput(nbytes, chunks, time.perf_counter() - start)
 
 
 def summary(samples: list[float]) -> dict[str, float]:
@@ -231,11 +229,10 @@ def agent_endpoint(client: Any, instance: str, sandbox_id: str) -> tuple[str, st
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchlib.bench_arguments(__doc__)
     parser.add_argument("--keys", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--flood-lines", type=int, default=3_000_000)
-    parser.add_argument("--json", default=None)
     options = parser.parse_args()
 
     client = docker.from_env(timeout=120)
@@ -243,8 +240,7 @@ def main() -> int:
     gateway = GatewayProcess(instance)
     results: dict[str, Any] = {
         "instance": instance,
-        "load_before": os.getloadavg(),
-        "busy_pct": host_busy_pct(1.0),
+        **benchlib.host_load_before(),
     }
     try:
         gateway.start()
@@ -285,24 +281,12 @@ def main() -> int:
             results["output"] = output
             print("output", json.dumps(output), flush=True)
     finally:
-        gateway.stop()
-        mine = {"label": f"{LABEL_INSTANCE}={instance}"}
-        try:
-            for c in client.containers.list(all=True, filters=mine):
-                c.remove(force=True)
-        except Exception as e:  # the figures matter more than a tidy exit
-            print(f"cleanup: {e} (remove containers labelled {mine['label']})", flush=True)
-    results["load_after"] = os.getloadavg()
-    report(results)
-    if options.json:
-        Path(options.json).write_text(json.dumps(results, indent=2))
-    return 0
+        benchlib.stop_instance(gateway, client)
+    return benchlib.finish_run(results, report, options.json)
 
 
 def report(results: dict[str, Any]) -> None:
-    load_b = "/".join(f"{x:.2f}" for x in results["load_before"])
-    load_a = "/".join(f"{x:.2f}" for x in results["load_after"])
-    print(f"\nload average before {load_b}, after {load_a}; busy {results['busy_pct']:.0f}%")
+    print(f"\n{benchlib.host_load_line(results)}")
     print("| path | keys | p50 | p95 | p99 | max |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, figures in results.items():

@@ -608,6 +608,10 @@ def test_pty_and_resize_parse_into_records_and_go_on_the_wire_with_their_fields(
             {"type": "pty", "request_id": "t", "cols": 80, "rows": 24, "env": {"1": "x"}},
             "invalid_env",
         ),
+        (
+            {"type": "pty", "request_id": "t", "cols": 80, "rows": 24, "cwd": ""},
+            "invalid_cwd",
+        ),
         ({"type": "pty", "cols": 80, "rows": 24}, "invalid_request_id"),
         ({"type": "resize", "request_id": "t", "cols": 80, "rows": 0}, "invalid_size"),
         ({"type": "resize", "request_id": "t", "cols": 80, "rows": 24, "x": 1}, "unknown_field"),
@@ -653,3 +657,33 @@ def test_binary_frames_are_terminal_input_or_an_error() -> None:
     head = protocol.binary_output_frame(5, 1 << 40, b"ab")
     assert protocol.BINARY_OUTPUT_HEAD.unpack_from(head) == (protocol.BINARY_OUTPUT, 5, 1 << 40)
     assert head[protocol.BINARY_OUTPUT_HEAD.size :] == b"ab"
+
+
+CONTROL_MESSAGES = [
+    protocol.Cancel("r1"),
+    protocol.Stdin("r1"),
+    protocol.ListSessions(request_id="r1"),
+    protocol.CloseSession("s1", request_id="r1"),
+    protocol.Attach({}, request_id="r1"),
+    protocol.Processes(request_id="r1"),
+    protocol.Signal("TERM", request_id="r1"),
+    protocol.SubscribeEvents(request_id="r1"),
+    protocol.Pty("r1", 80, 24),
+    protocol.Resize(80, 24, request_id="r1"),
+    protocol.Watch("r1", "/home/sandbox"),
+    protocol.Unwatch("r1"),
+]
+
+
+@pytest.mark.parametrize("message", CONTROL_MESSAGES, ids=lambda m: type(m).__name__)
+def test_a_control_message_fails_with_the_short_error_form(message: Any) -> None:
+    """``error()`` of every control message gives the control error reply (``type: error``,
+    its ``request_id`` echoed, no ``command`` or result fields), not a command's result shape."""
+    error = message.error("invalid_message", "bad field")
+    assert (error.code, error.request_id, error.control) == ("invalid_message", "r1", True)
+    assert error.reply() == {
+        "type": "error",
+        "request_id": "r1",
+        "error": "bad field",
+        "error_code": "invalid_message",
+    }

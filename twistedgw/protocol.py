@@ -336,8 +336,19 @@ class Command:
         return ProtocolError(code, message, self.request_id, self.command)
 
 
+class ControlErrors:
+    """Base of the control messages (``ControlMessage`` below, but for ``TerminalInput``): a
+    failure of one is a control error (the short form) that echoes its ``request_id``. Not a
+    dataclass: the subclasses declare their fields."""
+
+    request_id: str | None
+
+    def error(self, code: str, message: str) -> ProtocolError:
+        return ProtocolError(code, message, self.request_id, control=True)
+
+
 @dataclass(frozen=True)
-class Cancel:
+class Cancel(ControlErrors):
     """Kill the running command ``request_id``."""
 
     TYPE: ClassVar[str] = "cancel"
@@ -347,12 +358,9 @@ class Cancel:
     def to_wire(self) -> dict[str, Any]:
         return {"type": self.TYPE, "request_id": self.request_id}
 
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
-
 
 @dataclass(frozen=True)
-class Stdin:
+class Stdin(ControlErrors):
     """Write ``data`` to an interactive command's stdin; close it after if ``eof``."""
 
     TYPE: ClassVar[str] = "stdin"
@@ -369,12 +377,9 @@ class Stdin:
             "eof": self.eof,
         }
 
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
-
 
 @dataclass(frozen=True)
-class ListSessions:
+class ListSessions(ControlErrors):
     """Ask for the sandbox's sessions."""
 
     TYPE: ClassVar[str] = "list_sessions"
@@ -384,12 +389,9 @@ class ListSessions:
     def to_wire(self) -> dict[str, Any]:
         return {"type": self.TYPE, "request_id": self.request_id}
 
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
-
 
 @dataclass(frozen=True)
-class CloseSession:
+class CloseSession(ControlErrors):
     """Kill the session shell ``session``."""
 
     TYPE: ClassVar[str] = "close_session"
@@ -400,15 +402,12 @@ class CloseSession:
     def to_wire(self) -> dict[str, Any]:
         return {"type": self.TYPE, "request_id": self.request_id, "session": self.session}
 
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
-
 
 # process handles (issue 14) ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Attach:
+class Attach(ControlErrors):
     """Replay a process's output from ``since`` (per stream), stream it live, then its result.
 
     The process is named by ``pid`` or, failing that, by ``request_id`` (the most recent
@@ -440,12 +439,9 @@ class Attach:
             wire["binary"] = True
         return wire
 
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
-
 
 @dataclass(frozen=True)
-class Processes:
+class Processes(ControlErrors):
     """List the running and recently finished processes."""
 
     TYPE: ClassVar[str] = "processes"
@@ -455,12 +451,9 @@ class Processes:
     def to_wire(self) -> dict[str, Any]:
         return {"type": self.TYPE, "request_id": self.request_id}
 
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
-
 
 @dataclass(frozen=True)
-class Signal:
+class Signal(ControlErrors):
     """Send ``signal`` to the process group of the process ``pid`` (or ``request_id``)."""
 
     TYPE: ClassVar[str] = "signal"
@@ -477,12 +470,9 @@ class Signal:
             "signal": self.signal,
         }
 
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
-
 
 @dataclass(frozen=True)
-class SubscribeEvents:
+class SubscribeEvents(ControlErrors):
     """Stream the agent's process events (``started``, ``exited``) after ``last_event_id``."""
 
     TYPE: ClassVar[str] = "subscribe_events"
@@ -497,15 +487,12 @@ class SubscribeEvents:
             "last_event_id": self.last_event_id,
         }
 
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
-
 
 # pseudo-terminals (issue 16) ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Pty:
+class Pty(ControlErrors):
     """Start ``command`` (None: a login shell) on a new pseudo-terminal of ``cols`` x ``rows``."""
 
     TYPE: ClassVar[str] = "pty"
@@ -535,12 +522,9 @@ class Pty:
             wire["binary"] = True
         return wire
 
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
-
 
 @dataclass(frozen=True)
-class Resize:
+class Resize(ControlErrors):
     """Set the window size of the PTY process ``pid`` (or ``request_id``)."""
 
     TYPE: ClassVar[str] = "resize"
@@ -558,9 +542,6 @@ class Resize:
             "cols": self.cols,
             "rows": self.rows,
         }
-
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
 
 
 @dataclass(frozen=True)
@@ -610,7 +591,7 @@ FS_EVENTS = ("created", "modified", "deleted", "moved")
 
 
 @dataclass(frozen=True)
-class Watch:
+class Watch(ControlErrors):
     """Watch ``path`` (relative to the home directory; below it too with ``recursive``):
     ``watching`` once the watch is set, then ``fs_event`` messages until ``unwatch``."""
 
@@ -628,12 +609,9 @@ class Watch:
             "recursive": self.recursive,
         }
 
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
-
 
 @dataclass(frozen=True)
-class Unwatch:
+class Unwatch(ControlErrors):
     """Stop the watch ``request_id`` (answered with ``unwatched``)."""
 
     TYPE: ClassVar[str] = "unwatch"
@@ -642,9 +620,6 @@ class Unwatch:
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": self.TYPE, "request_id": self.request_id}
-
-    def error(self, code: str, message: str) -> ProtocolError:
-        return ProtocolError(code, message, self.request_id, control=True)
 
 
 def _parse_watch(obj: Mapping[str, Any]) -> Watch:
@@ -887,6 +862,26 @@ def _request_id(obj: Mapping[str, Any], required: bool, kind: str) -> str | None
     return str(value)
 
 
+def _cwd_and_env(
+    obj: Mapping[str, Any], fail: Callable[[str, str], ProtocolError]
+) -> tuple[Any, Any]:
+    """The optional ``cwd`` and ``env`` of a command or pty message, checked in that order;
+    ``fail`` makes the error (the command's shape or the control shape)."""
+    cwd = obj.get("cwd")
+    if cwd is not None and not (is_text(cwd) and 0 < len(cwd) <= MAX_CWD_LENGTH):
+        raise fail(
+            "invalid_cwd",
+            f"'cwd' must be a non-empty path of at most {MAX_CWD_LENGTH} characters "
+            "without NUL or lone surrogates",
+        )
+    env = obj.get("env")
+    if env is not None:
+        problem = _env_problem(env, None)
+        if problem is not None:
+            raise fail("invalid_env", problem)
+    return cwd, env
+
+
 def parse_command(
     obj: Mapping[str, Any],
     limits: Limits = DEFAULT_LIMITS,
@@ -931,19 +926,7 @@ def parse_command(
             raise fail("invalid_timeout", f"'timeout' {problem}")
         timeout_s = float(timeout)
 
-    cwd = obj.get("cwd")
-    if cwd is not None and not (is_text(cwd) and 0 < len(cwd) <= MAX_CWD_LENGTH):
-        raise fail(
-            "invalid_cwd",
-            f"'cwd' must be a non-empty path of at most {MAX_CWD_LENGTH} characters "
-            "without NUL or lone surrogates",
-        )
-
-    env = obj.get("env")
-    if env is not None:
-        problem = _env_problem(env, None)
-        if problem is not None:
-            raise fail("invalid_env", problem)
+    cwd, env = _cwd_and_env(obj, fail)
 
     stdin = obj.get("stdin")
     # stdin is bytes to the process: NUL is fine, lone surrogates cannot be encoded.
@@ -1171,18 +1154,7 @@ def _parse_pty(obj: Mapping[str, Any]) -> Pty:
             "invalid_command",
             "'command' must be a non-empty string without NUL characters or lone surrogates",
         )
-    cwd = obj.get("cwd")
-    if cwd is not None and not (is_text(cwd) and 0 < len(cwd) <= MAX_CWD_LENGTH):
-        raise fail(
-            "invalid_cwd",
-            f"'cwd' must be a non-empty path of at most {MAX_CWD_LENGTH} characters "
-            "without NUL or lone surrogates",
-        )
-    env = obj.get("env")
-    if env is not None:
-        problem = _env_problem(env, None)
-        if problem is not None:
-            raise fail("invalid_env", problem)
+    cwd, env = _cwd_and_env(obj, fail)
     binary = _flag(obj, "binary", request_id)
     return Pty(request_id, cols, rows, command, cwd, dict(env) if env else None, binary)
 

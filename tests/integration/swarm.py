@@ -12,9 +12,11 @@ dockerd once broke every published port of the default one.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +24,7 @@ import docker
 import pytest
 
 from tests.integration.conftest import GatewayProcess
-from twistedgw.runtime.labels import LABEL_INSTANCE
+from twistedgw.runtime.labels import LABEL_INSTANCE, LABEL_SANDBOX_ID
 from twistedgw.testing.process import REPO
 
 SWARM_SOCKET = "/run/twistedgw-swarm/docker.sock"
@@ -97,9 +99,28 @@ def remove_instance_services(client: Any, instance: str) -> None:
             except docker.errors.NotFound:
                 break
             except docker.errors.APIError:
-                import time
-
                 time.sleep(0.1)
+
+
+def run(ws: Any, command: str, **fields: Any) -> dict[str, Any]:
+    """Send one command and return the next message (its result: these commands print little)."""
+    ws.send(json.dumps({"command": command, **fields}))
+    return dict(json.loads(ws.recv(timeout=30)))
+
+
+def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``predicate`` every 0.1 s until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached in {timeout} s")
+
+
+def services_of(client: Any, sandbox_id: str) -> list[Any]:
+    """The swarm services labelled as sandbox ``sandbox_id``'s."""
+    return list(client.services.list(filters={"label": f"{LABEL_SANDBOX_ID}={sandbox_id}"}))
 
 
 def swarm_gateway(instance: str, *args: str) -> GatewayProcess:

@@ -10,29 +10,18 @@ from typing import Any
 from websockets.sync.client import connect
 
 from tests.integration.conftest import GatewayProcess
-from tests.integration.swarm import make_swarm_gateway, pytestmark_swarm, swarm_client
-from twistedgw.runtime.labels import LABEL_SANDBOX_ID, LABEL_STATE
+from tests.integration.swarm import (
+    make_swarm_gateway,
+    pytestmark_swarm,
+    run,
+    services_of,
+    swarm_client,
+    wait_for,
+)
+from twistedgw.runtime.labels import LABEL_STATE
 
 pytestmark = pytestmark_swarm
 __all__ = ["make_swarm_gateway", "swarm_client"]
-
-
-def run(ws: Any, command: str, **fields: Any) -> dict[str, Any]:
-    ws.send(json.dumps({"command": command, **fields}))
-    return dict(json.loads(ws.recv(timeout=30)))
-
-
-def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached in {timeout} s")
-
-
-def services_of(client: Any, sandbox_id: str) -> list[Any]:
-    return list(client.services.list(filters={"label": f"{LABEL_SANDBOX_ID}={sandbox_id}"}))
 
 
 def test_two_gateways_share_sandboxes(make_swarm_gateway: Any, swarm_client: Any) -> None:
