@@ -143,3 +143,10 @@ def test_anything_else_is_a_logged_500_without_details() -> None:
     assert got == ErrorAnswer(500, {"error": "internal server error"})
     assert [e["log_level"] for e in recorded.events] == [LogLevel.critical]
     assert "unhandled error" in recorded.events[0]["log_format"]
+
+
+def test_an_api_error_reads_as_its_message() -> None:
+    """An ``APIError`` in a log line or traceback reads as what the client was told."""
+    error = APIError(409, "sandbox is paused")
+    assert str(error) == "sandbox is paused"
+    assert error.args == ("sandbox is paused",)
