@@ -149,3 +149,25 @@ async def test_a_vanished_sandbox_is_logged_and_its_clients_told_it_is_gone(
     await manager.reconcile()
     assert f"sandbox {sandbox.sandbox_id}: container vanished; forgetting it" in log_messages
     assert [code for code, _ in client.closed] == [CLOSE_SANDBOX_GONE]
+
+
+class BrokenClient(Client):
+    def disconnect(self, code: int, reason: str) -> None:
+        raise ConnectionResetError("client gone already")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_fails_to_disconnect_is_logged_and_the_others_still_closed(
+    manager: SandboxManager, runtime: FakeRuntime, log_messages: list[str]
+) -> None:
+    """Forgetting a vanished sandbox closes every client; one whose close fails is logged and
+    does not keep the others open."""
+    sandbox = await manager.create()
+    broken, fine = BrokenClient(), Client()
+    sandbox.attach(broken, manager.now())
+    sandbox.attach(fine, manager.now())
+    del runtime.containers[sandbox.container_id]
+    await manager.reconcile()
+    assert "disconnecting a client failed" in log_messages
+    assert [code for code, _ in fine.closed] == [CLOSE_SANDBOX_GONE]
+    assert manager.registry.get(sandbox.sandbox_id) is None

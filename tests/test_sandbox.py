@@ -163,3 +163,11 @@ def test_a_tombstone_is_kept_for_exactly_its_max_age() -> None:
     graveyard.bury(Tombstone("a", "deleted", 10.0))
     assert graveyard.get("a", 110.0) is not None
     assert graveyard.get("a", 110.5) is None
+
+
+def test_removing_an_unknown_sandbox_is_a_no_op() -> None:
+    """Forgetting an id the registry does not hold (removed twice, by two paths) answers
+    ``None`` instead of failing."""
+    registry = SandboxRegistry()
+    assert registry.remove("f" * 32) is None
+    assert len(registry) == 0
