@@ -8,6 +8,7 @@ from typing import Any
 import pytest_twisted
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
 from tests.runtime_contract import spec
 from twistedgw.lifecycle.core import exit_detail
@@ -401,9 +402,16 @@ async def test_a_hand_out_is_logged_and_a_failed_drop_too(
     try:
         await manager.reconcile()
         runtime.fail_removes = 1
-        created = await manager.create()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            created = await manager.create()
+        finally:
+            globalLogPublisher.removeObserver(events.append)
         assert not created.from_pool
         assert "removing a pool container failed" in log_messages
+        (failed,) = [e for e in events if e.get("log_format") == "removing a pool container failed"]
+        assert str(failed["log_failure"].value) == "fake remove failure"  # the cause, kept
     finally:
         await manager.stopService()
 
