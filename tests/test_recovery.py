@@ -241,3 +241,27 @@ async def test_a_hand_out_dropped_during_a_sweep_is_not_pooled_again(clock: Cloc
         assert runtime.removed.count(pooled.container_id) == 1
     finally:
         await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sandbox_destroyed_during_a_sweep_is_not_adopted_back(
+    slow: SlowListRuntime, clock: Clock
+) -> None:
+    """A ``destroy`` event while a sweep's listing is pending forgets the sandbox; the sweep,
+    whose listing still shows its container running, does not adopt it back."""
+    from twistedgw.runtime.interface import ContainerEvent
+
+    manager = _manager(slow, clock)
+    manager.startService()
+    try:
+        slow.release()
+        sandbox = await manager.create()
+        sweep = ensureDeferred(manager.reconcile())
+        del slow.containers[sandbox.container_id]
+        slow.watchers[-1](ContainerEvent(sandbox.sandbox_id, sandbox.container_id, "destroy"))
+        assert manager.registry.get(sandbox.sandbox_id) is None
+        slow.release()
+        await sweep
+        assert manager.registry.get(sandbox.sandbox_id) is None
+    finally:
+        await manager.stopService()
