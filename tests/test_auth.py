@@ -187,3 +187,10 @@ def test_tokens_of_16_characters_are_the_shortest_accepted(tmp_path: Path) -> No
     path.write_text("two words-0123456789\n")
     with pytest.raises(ValueError, match="without spaces"):
         read_tokens(path, {})
+
+
+def test_owner_ids_are_stable_across_releases() -> None:
+    """Owner ids are stored in container labels and the state file: a token's id must stay
+    what earlier releases derived (24 hex digits of a domain-separated SHA-256), or a
+    restarted gateway would hide every sandbox from its creator."""
+    assert owner_id("sekrit-token") == "fe91f7eedb8f2d840cad17b2"

@@ -143,3 +143,44 @@ def test_anything_else_is_a_logged_500_without_details() -> None:
     assert got == ErrorAnswer(500, {"error": "internal server error"})
     assert [e["log_level"] for e in recorded.events] == [LogLevel.critical]
     assert "unhandled error" in recorded.events[0]["log_format"]
+
+
+def test_an_api_error_reads_as_its_message() -> None:
+    """An ``APIError`` in a log line or traceback reads as what the client was told."""
+    error = APIError(409, "sandbox is paused")
+    assert str(error) == "sandbox is paused"
+    assert error.args == ("sandbox is paused",)
+
+
+def test_routing_errors_say_what_werkzeug_says_and_default_to_400() -> None:
+    """A routing error's JSON says its description; an HTTP error without a code is a 400;
+    a 405 that names no methods has an empty ``Allow`` instead of failing."""
+    from werkzeug.exceptions import HTTPException
+
+    got, _ = answer(NotFound())
+    assert got.body == {"error": NotFound.description}
+    got, _ = answer(HTTPException(description="bad route"))
+    assert (got.status, got.body) == (400, {"error": "bad route"})
+
+    class Bare405(HTTPException):
+        code = 405
+        description = "no such method"
+
+    got, _ = answer(Bare405())
+    assert (got.status, got.headers) == (405, ((b"Allow", b""),))
+
+
+def test_an_unhandled_error_is_logged_with_the_request_line() -> None:
+    """The 500's log line names the method and the URI the client asked for."""
+    recorded = Recorded()
+    request = DummyRequest([b"sandboxes"])
+    request.method = b"POST"
+    request.uri = b"/sandboxes?x=1"
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        failure = Failure()
+    error_answer(request, failure, recorded.log)
+    (event,) = recorded.events
+    assert (event["method"], event["uri"]) == (b"POST", b"/sandboxes?x=1")
+    assert event["log_format"] == "unhandled error on {method} {uri}"

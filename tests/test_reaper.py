@@ -14,7 +14,7 @@ from tests.test_sandbox import Client
 from twistedgw.agents import IAgents, NoAgents
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import settings_from_body
-from twistedgw.reaper import Reaper, make_reaper_service
+from twistedgw.reaper import PROCESS_QUERY_TIMEOUT, Reaper, make_reaper_service
 from twistedgw.runtime.interface import ContainerEvent
 from twistedgw.testing.fakes import FakeRuntime
 from twistedgw.web.events import SandboxEvents
@@ -363,3 +363,199 @@ async def test_dead_containers_are_removed_with_their_sandbox_id(
         found.container_id: found.sandbox_id,
         reported.container_id: reported.sandbox_id,
     }
+
+
+# -- issue 13: what the reaper's surviving mutants showed unguarded ------------------------------
+
+
+@implementer(IAgents)
+class _AgentsBySecret(NoAgents):
+    """Agents answering per sandbox (by the secret the reaper connects with); records how each
+    was asked, and fails for the secrets in ``broken``."""
+
+    def __init__(self, running: dict[str, int], broken: frozenset[str] = frozenset()) -> None:
+        self.running = running
+        self.broken = broken
+        self.connects: list[tuple[Any, ...]] = []
+        self.listed: list[tuple[str, float]] = []
+        self.links: list[_Link] = []
+
+    def connect(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        host, port, secret = args
+        self.connects.append((host, port, secret, kwargs))
+        if secret in self.broken:
+            raise ConnectionRefusedError(f"agent of {secret} is down")
+        link = _Link()
+        link.secret = secret  # type: ignore[attr-defined]
+        self.links.append(link)
+        return succeed(link)
+
+    def list_processes(self, link: Any, timeout: float) -> Deferred[list[dict[str, Any]]]:
+        self.listed.append((link.secret, timeout))
+        count = self.running.get(link.secret, 0)
+        return succeed(
+            [{"pid": 1, "state": "exited"}]
+            + [{"pid": 10 + i, "state": "running"} for i in range(count)]
+        )
+
+
+def _warnings(events: SandboxEvents, *sandboxes: Any) -> list[tuple[str, dict[str, Any]]]:
+    heard: list[tuple[str, dict[str, Any]]] = []
+    for sandbox in sandboxes:
+        events.subscribe(
+            sandbox.sandbox_id,
+            lambda name, data, sid=sandbox.sandbox_id: heard.append((sid, data)),
+        )
+    return heard
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_idle_warning_comes_sixty_seconds_before_removal(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """Without ``warn_before`` the warning comes when 60 s of idleness are left: not at 60.5 s,
+    and already at exactly 60 s."""
+    manager.agents = _AgentsBySecret({})
+    events = SandboxEvents()
+    sandbox = await manager.create()
+    heard = _warnings(events, sandbox)
+    reaper = Reaper(manager, events)
+    clock.advance(39.5)  # idle timeout 100: 60.5 s left
+    await reaper.sweep()
+    assert heard == []
+    clock.advance(0.5)  # exactly 60 s left
+    await reaper.sweep()
+    assert heard == [(sandbox.sandbox_id, {"idle_for": 40.0, "remove_in": 60.0})]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sandbox_found_past_its_idle_timeout_is_warned_with_zero_left_then_reaped(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """A sweep that first sees a sandbox already past its idle timeout (the gateway was busy)
+    still publishes ``idle_warning``, with ``remove_in`` 0 (never negative, never made up),
+    and removes it in the same sweep."""
+    manager.agents = _AgentsBySecret({})
+    events = SandboxEvents()
+    sandbox = await manager.create()
+    heard = _warnings(events, sandbox)
+    clock.advance(100.5)
+    await Reaper(manager, events, warn_before=30).sweep()
+    assert heard == [(sandbox.sandbox_id, {"idle_for": 100.5, "remove_in": 0.0})]
+    assert sandbox.sandbox_id not in manager.registry
+
+
+@pytest_twisted.ensureDeferred
+async def test_paused_sandbox_is_kept_at_exactly_the_paused_timeout(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """--paused-timeout is how long a paused sandbox is kept: removed only once it is passed."""
+    manager.paused_timeout = 1000
+    sandbox = await manager.create()
+    await manager.pause(sandbox.sandbox_id)
+    reaper = Reaper(manager)
+    clock.advance(1000)
+    await reaper.sweep()
+    assert sandbox.sandbox_id in manager.registry
+    clock.advance(0.5)
+    await reaper.sweep()
+    assert sandbox.sandbox_id not in manager.registry
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_attached_sandbox_is_not_asked_for_processes_even_with_a_long_warning(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """A sandbox with a client is in use: with ``warn_before`` longer than its idle timeout,
+    it is still neither asked for its processes nor warned."""
+    agents = _AgentsBySecret({})
+    manager.agents = agents
+    events = SandboxEvents()
+    sandbox = await manager.create()
+    heard = _warnings(events, sandbox)
+    sandbox.attach(Client(), manager.now())
+    clock.advance(50)
+    await Reaper(manager, events, warn_before=500).sweep()
+    assert agents.connects == []
+    assert heard == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_sandbox_is_checked_whatever_the_one_before_it(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """One sweep looks at every sandbox: one paused, one far from removal, and one with a
+    running process before it do not keep the last one from its warning."""
+    manager.paused_timeout = 10_000
+    paused = await manager.create()
+    fresh = await manager.create()
+    busy = await manager.create()
+    idle = await manager.create()
+    agents = _AgentsBySecret({busy.agent_secret: 1})
+    manager.agents = agents
+    events = SandboxEvents()
+    heard = _warnings(events, paused, fresh, busy, idle)
+    await manager.pause(paused.sandbox_id)
+    clock.advance(50)
+    fresh.touch(manager.now())
+    await Reaper(manager, events, warn_before=60).sweep()
+    assert heard == [(idle.sandbox_id, {"idle_for": 50.0, "remove_in": 50.0})]
+    assert busy.last_activity == manager.now()  # its running process counted as activity
+    assert [secret for secret, _ in agents.listed] == [busy.agent_secret, idle.agent_secret]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_process_query_reaches_the_sandboxs_own_agent_with_a_bounded_wait(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """The reaper asks the sandbox's agent (its address, secret and socket) and waits at most
+    ``PROCESS_QUERY_TIMEOUT`` for the connection and for the list; its running processes
+    (not its exited ones) keep it."""
+    sandbox = await manager.create()
+    sandbox.agent_socket = "/run/twistedgw/sockets/x/agent.sock"
+    agents = _AgentsBySecret({sandbox.agent_secret: 1})
+    manager.agents = agents
+    clock.advance(150)
+    await Reaper(manager).sweep()
+    assert agents.connects == [
+        (
+            sandbox.agent_host,
+            sandbox.agent_port,
+            sandbox.agent_secret,
+            {"timeout": PROCESS_QUERY_TIMEOUT, "unix_socket": sandbox.agent_socket},
+        )
+    ]
+    assert agents.listed == [(sandbox.agent_secret, PROCESS_QUERY_TIMEOUT)]
+    assert sandbox.sandbox_id in manager.registry
+    assert all(link.closed for link in agents.links)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweep_failures_and_removals_are_logged_by_sandbox_and_reason(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock, log_messages: list[str]
+) -> None:
+    """What an operator reads about a sweep: Docker not answering, a failed removal, a removal
+    (sandbox and reason), an agent that could not be asked (and why), an unsaved state file."""
+    stuck = await manager.create()
+    reaped = await manager.create()
+    manager.agents = _AgentsBySecret({}, broken=frozenset({stuck.agent_secret}))
+
+    def no_state() -> Deferred[None]:
+        raise OSError("disk full")
+
+    manager.save_state = no_state  # type: ignore[method-assign]
+    reaper = Reaper(manager)
+    clock.advance(150)
+    runtime.available = False
+    await reaper.sweep()  # no Docker: reconcile and both removals fail
+    runtime.available = True
+    runtime.fail_removes = 1  # the first removal (stuck's) fails again
+    await reaper.sweep()
+    assert "reconciliation failed; reaping from the cached registry" in log_messages
+    assert f"could not remove sandbox {stuck.sandbox_id} (idle)" in log_messages
+    assert f"reaped sandbox {reaped.sandbox_id} (reason: idle)" in log_messages
+    assert (
+        f"could not list processes of {stuck.sandbox_id}: agent of {stuck.agent_secret} is down"
+        in log_messages
+    )
+    assert "could not save the state file" in log_messages

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.task import Clock
 
 from tests.test_sandbox import Client
@@ -18,7 +18,7 @@ from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.reaper import Reaper, make_reaper_service
 from twistedgw.registry import SandboxRegistry
-from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
+from twistedgw.runtime.interface import ContainerFailed, ContainerInfo, ContainerSpec
 from twistedgw.sandbox import SandboxSettings, new_agent_secret, new_sandbox_id
 from twistedgw.testing.fakes import FakeRuntime
 from twistedgw.testing.rest import request
@@ -197,3 +197,71 @@ async def test_pool_fill_during_a_sweep_is_kept(slow: SlowListRuntime, clock: Cl
     assert [p.sandbox_id for p in manager._pool] == refill
     assert manager.lookup(handed.sandbox_id) is handed
     assert slow.creates == 2
+
+
+class SlowListNoRefillRuntime(SlowListRuntime):
+    """Slow listings, and pool containers refused while ``refuse_pool`` is set."""
+
+    refuse_pool = False
+
+    def create(self, spec: ContainerSpec) -> Deferred[ContainerInfo]:
+        if spec.for_pool and self.refuse_pool:
+            return fail(ContainerFailed("no room for the pool"))
+        return super().create(spec)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hand_out_dropped_during_a_sweep_is_not_pooled_again(clock: Clock) -> None:
+    """A pool container handed out while a sweep's listing is pending, then dropped because the
+    hand-out could not be recorded (its container removed), is not taken back into the pool
+    by that sweep, whose listing still shows it running."""
+    from tests.test_pool import UnsavableState
+
+    runtime = SlowListNoRefillRuntime()
+    manager = SandboxManager(
+        SandboxRegistry(),
+        runtime,
+        clock,
+        wait_ready=_ready,
+        policy=LifecyclePolicy(idle_timeout=100, max_sandboxes=5),
+        pool_size=1,
+        state=UnsavableState(None, clock),
+    )
+    manager.startService()
+    try:
+        runtime.release()
+        (pooled,) = manager._pool
+        runtime.refuse_pool = True
+        sweep = ensureDeferred(manager.reconcile())
+        created = await manager.create()
+        assert not created.from_pool
+        runtime.release()
+        await sweep
+        assert manager._pool == []
+        assert runtime.removed.count(pooled.container_id) == 1
+    finally:
+        await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sandbox_destroyed_during_a_sweep_is_not_adopted_back(
+    slow: SlowListRuntime, clock: Clock
+) -> None:
+    """A ``destroy`` event while a sweep's listing is pending forgets the sandbox; the sweep,
+    whose listing still shows its container running, does not adopt it back."""
+    from twistedgw.runtime.interface import ContainerEvent
+
+    manager = _manager(slow, clock)
+    manager.startService()
+    try:
+        slow.release()
+        sandbox = await manager.create()
+        sweep = ensureDeferred(manager.reconcile())
+        del slow.containers[sandbox.container_id]
+        slow.watchers[-1](ContainerEvent(sandbox.sandbox_id, sandbox.container_id, "destroy"))
+        assert manager.registry.get(sandbox.sandbox_id) is None
+        slow.release()
+        await sweep
+        assert manager.registry.get(sandbox.sandbox_id) is None
+    finally:
+        await manager.stopService()

@@ -126,3 +126,48 @@ def test_graveyard_is_bounded_in_size_and_age() -> None:
     tombstone = graveyard.get("id1", 3.0)
     assert tombstone is not None and tombstone.reason == "idle"
     assert graveyard.get("id1", 20.0) is None
+
+
+def test_detailed_json_reports_clients_restarts_lost_sessions_and_pause() -> None:
+    """``?details`` shows how many clients are attached, how often the agent was restarted,
+    which sessions that lost, and whether the sandbox is paused."""
+    sandbox = make_sandbox()
+    sandbox.attach(object(), 120.0)  # type: ignore[arg-type]
+    sandbox.agent_restarts = 2
+    sandbox.lost_sessions = {"s2", "s1"}
+    sandbox.paused_at = 130.0
+    body = sandbox.to_json(details=True)
+    assert (body["clients"], body["agent_restarts"], body["lost_sessions"], body["paused"]) == (
+        1,
+        2,
+        ["s1", "s2"],
+        True,
+    )
+
+
+def test_a_reburied_sandbox_counts_as_the_newest_tombstone() -> None:
+    """Burying a sandbox again moves it to the young end: when the graveyard is full, the
+    oldest other tombstone goes first."""
+    graveyard = Graveyard(max_entries=2)
+    graveyard.bury(Tombstone("a", "deleted", 1.0))
+    graveyard.bury(Tombstone("b", "deleted", 2.0))
+    graveyard.bury(Tombstone("a", "exited", 3.0))
+    graveyard.bury(Tombstone("c", "deleted", 4.0))
+    assert graveyard.get("b", 5.0) is None
+    assert graveyard.get("a", 5.0) == Tombstone("a", "exited", 3.0)
+
+
+def test_a_tombstone_is_kept_for_exactly_its_max_age() -> None:
+    """A tombstone answers up to ``max_age`` seconds after the removal, inclusive."""
+    graveyard = Graveyard(max_age=100.0)
+    graveyard.bury(Tombstone("a", "deleted", 10.0))
+    assert graveyard.get("a", 110.0) is not None
+    assert graveyard.get("a", 110.5) is None
+
+
+def test_removing_an_unknown_sandbox_is_a_no_op() -> None:
+    """Forgetting an id the registry does not hold (removed twice, by two paths) answers
+    ``None`` instead of failing."""
+    registry = SandboxRegistry()
+    assert registry.remove("f" * 32) is None
+    assert len(registry) == 0

@@ -290,3 +290,19 @@ def test_the_operator_is_told_which_file_why_where_it_went_and_what_is_lost(
         "and could not be set aside ([Errno 13] Permission denied): idle clocks, lifetime "
         "extensions and pool hand-outs are lost"
     )
+
+
+@pytest.mark.parametrize("content", [b"[]", b'{"version": 1, "sandboxes": []}', b"{}"])
+def test_json_that_is_not_a_state_file_is_set_aside_and_named_so(
+    content: bytes, tmp_path: Path, clock: Clock, log_messages: list[str]
+) -> None:
+    """Valid JSON of another shape (a list, a ``sandboxes`` that is not an object, none at
+    all) is an unreadable state file like any: set aside, and the log says why."""
+    path = tmp_path / "state.json"
+    path.write_bytes(content)
+    assert StateFile(path, clock, in_thread=False).load() == {}
+    assert not path.exists()
+    (line,) = [m for m in log_messages if m.startswith("state file")]
+    assert line.startswith(
+        f"state file {path} is unreadable (not a state file (no 'sandboxes' object)); kept as"
+    )
