@@ -219,7 +219,9 @@ def test_readme_schemathesis_example(
 ) -> None:
     """The README's `st run` line against a live gateway with a token, as written but with
     --max-examples 1 instead of 20 and a fixed seed (to stay within a minute, and give the
-    same cases every run; test_operations.py fuzzes more) and the venv's st: it exits 0,
+    same cases every run; test_operations.py fuzzes more), a 60 s request timeout instead of
+    st's 10 s (under four parallel workers an archive upload into a live sandbox, which
+    starts a file worker as the sandbox user, once took longer) and the venv's st: it exits 0,
     every check passed. The sandboxes it made are deleted afterwards."""
     token = "it-readme-st-" + secrets.token_hex(16)
     tokens = tmp_path / "tokens"
@@ -229,7 +231,9 @@ def test_readme_schemathesis_example(
     )
     code = special_block("schemathesis").code
     assert "--max-examples 20" in code
-    code = at_gateway(code, gw).replace("--max-examples 20", "--max-examples 1 --seed 19")
+    code = at_gateway(code, gw).replace(
+        "--max-examples 20", "--max-examples 1 --seed 19 --request-timeout 60"
+    )
     code = code.replace(".venv/bin/st", str(VENV_BIN / "st"))
     try:
         out = run_shell(code, tmp_path, example_env(gw, TOKEN=token), timeout=480).stdout
