@@ -3,6 +3,7 @@ a backoff, adopting pool containers after a restart, and replacing dead ones."""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest_twisted
@@ -201,13 +202,24 @@ def _totals(status: dict[str, object]) -> dict[str, object]:
 
 
 class HangingRuntime(FakeRuntime):
-    """A fake engine whose creates hang (never answer) while ``hang`` is set."""
+    """A fake engine whose creates hang (never answer) while ``hang`` is set.
+
+    It keeps every hanging Deferred, as the real runtime's thread pool keeps its work: a
+    Deferred nobody refers to would let the garbage collector close the coroutine awaiting
+    it, which ends the fill (``finally``) at a moment that depends on the collector.
+    """
 
     hang = False
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.hanging: list[Deferred[ContainerInfo]] = []
+
     def create(self, spec: ContainerSpec) -> Deferred[ContainerInfo]:
         if self.hang:
-            return Deferred()
+            d: Deferred[ContainerInfo] = Deferred()
+            self.hanging.append(d)
+            return d
         return super().create(spec)
 
 
@@ -246,6 +258,7 @@ async def test_pool_containers_being_created_count_against_adoption(clock: Clock
     try:
         assert _totals(manager.pool_status()) == {"size": 1, "ready": 0, "filling": 1}
         runtime.hang = False
+        gc.collect()  # the fill under way must survive a collection (it did not once, in CI)
         old = await runtime.create(_pool_spec())
         await manager.reconcile()
         assert runtime.removed_sandboxes == [old.sandbox_id]
