@@ -35,9 +35,12 @@ class Gateway:
 
 
 @asynccontextmanager
-async def proxy_gateway(max_message_size: int) -> AsyncIterator[Gateway]:
+async def proxy_gateway(
+    max_message_size: int, agent_recovery_timeout: float = 3
+) -> AsyncIterator[Gateway]:
     """A listening gateway whose clients may send messages up to ``max_message_size``; its
-    clients, listener, fake agent and factory are all stopped on exit."""
+    clients, listener, fake agent and factory are all stopped on exit. A lost agent is waited
+    for ``agent_recovery_timeout`` seconds (real time)."""
     agent = FakeAgent(reactor)
     agent_port = agent.listen(reactor)
     runtime = FakeRuntime(agent=agent, agent_port=agent_port)
@@ -46,7 +49,7 @@ async def proxy_gateway(max_message_size: int) -> AsyncIterator[Gateway]:
         runtime,
         reactor,
         agent_ready_timeout=5,
-        agent_recovery_timeout=3,
+        agent_recovery_timeout=agent_recovery_timeout,
         agents=WebSocketAgents(reactor),
     )
     factory = ProxyFactory(manager, reactor, maxMessagePayloadSize=max_message_size)
