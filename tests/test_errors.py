@@ -20,7 +20,12 @@ from twistedgw.lifecycle.errors import (
     Recovering,
     SandboxNotFound,
 )
-from twistedgw.runtime.interface import ContainerFailed, ImageMissing, RuntimeUnavailable
+from twistedgw.runtime.interface import (
+    ContainerFailed,
+    ImageMissing,
+    RuntimeUnavailable,
+    SocketPathTooLong,
+)
 from twistedgw.sandbox import Tombstone
 from twistedgw.web.auth import Unauthorized
 from twistedgw.web.errors import APIError, ErrorAnswer, error_answer
@@ -68,6 +73,7 @@ def answer(error: BaseException) -> tuple[ErrorAnswer, Recorded]:
         (ImageMissing("no image"), 503, {"error": "no image"}, ()),
         (AgentUnavailable("gone"), 503, {"error": "sandbox agent: gone"}, ()),
         (ContainerFailed("refused"), 502, {"error": "refused"}, ()),
+        (SocketPathTooLong("paths too long"), 503, {"error": "paths too long"}, ()),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else None,
 )
@@ -85,6 +91,7 @@ def test_each_failure_has_its_answer(
         (RuntimeUnavailable("down"), LogLevel.warn, "Docker unavailable: {error}"),
         (ContainerFailed("refused"), LogLevel.error, "Docker refused: {error}"),
         (ImageMissing("no image"), LogLevel.error, "{error}"),
+        (SocketPathTooLong("paths too long"), LogLevel.error, "{error}"),
     ],
 )
 def test_engine_failures_are_logged(error: BaseException, level: LogLevel, text: str) -> None:

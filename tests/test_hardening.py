@@ -3,7 +3,19 @@ the operator's limits (the engine applying them is checked by the integration te
 
 from __future__ import annotations
 
-from twistedgw.runtime.hardening import AGENT_CAPABILITIES, DEFAULT_LIMITS, ContainerLimits
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from twistedgw.runtime.hardening import (
+    AGENT_CAPABILITIES,
+    DEFAULT_LIMITS,
+    MAX_SOCKET_PATH,
+    ContainerLimits,
+    socket_path_length,
+)
 
 
 def test_default_confinement() -> None:
@@ -61,3 +73,40 @@ def test_writable_root_has_no_tmpfs_and_no_runtime_by_default() -> None:
     assert "read_only" not in options and "tmpfs" not in options
     assert "runtime" not in options
     assert options["cap_drop"] == ["ALL"] and options["pids_limit"] == 256
+
+
+def test_socket_path_length_counts_the_longest_socket_of_a_sandbox() -> None:
+    """The longest path under a socket directory is <dir>/<32 hex id>/proxy.sock, counted in
+    bytes of the absolute path (the gateway dials the mount's absolute source)."""
+    assert socket_path_length(Path("/s")) == len("/s/") + 32 + len("/proxy.sock")
+    assert socket_path_length(Path("/s/\u00e9")) == socket_path_length(Path("/s/ab"))
+    relative = socket_path_length(Path("rel"))
+    assert relative == len(str(Path.cwd() / "rel")) + 1 + 32 + len("/proxy.sock")
+    assert MAX_SOCKET_PATH == 107
+
+
+def test_a_socket_dir_too_long_refuses_network_none_before_touching_the_disk() -> None:
+    """A runtime whose socket directory would give paths over 107 bytes refuses a network-none
+    sandbox's directory with SocketPathTooLong (naming the length and the options to change)
+    and creates nothing; one byte less works and makes the directory."""
+    from twisted.internet import reactor
+
+    from twistedgw.runtime.docker import DockerRuntime
+    from twistedgw.runtime.interface import SocketPathTooLong
+
+    base = Path(tempfile.mkdtemp(prefix="s", dir="/tmp"))
+    try:
+        fixed = socket_path_length(base / "x") - 1
+        fits = base / ("x" * (MAX_SOCKET_PATH - fixed))
+        too_long = base / ("x" * (MAX_SOCKET_PATH - fixed + 1))
+        assert socket_path_length(fits) == MAX_SOCKET_PATH
+        refused = DockerRuntime(reactor, image="none", socket_dir=too_long)
+        assert refused.socket_path_problem() is not None
+        with pytest.raises(SocketPathTooLong, match=r"108 bytes.*--state-dir or --instance"):
+            refused._thd_socket_dir("0" * 32)
+        assert not too_long.exists()
+        accepted = DockerRuntime(reactor, image="none", socket_dir=fits)
+        assert accepted.socket_path_problem() is None
+        assert accepted._thd_socket_dir("0" * 32).is_dir()
+    finally:
+        shutil.rmtree(base)

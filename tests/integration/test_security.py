@@ -533,3 +533,28 @@ def test_network_none_sandbox(make_gateway: Any, docker_client: Any) -> None:
     assert not os.path.exists(socket_dir)
     bad = requests.post(gateway.url + "/sandboxes", json={"network": "host"}, timeout=10)
     assert bad.status_code == 400
+
+
+def test_network_none_where_socket_paths_are_too_long_is_a_clear_503(
+    make_gateway: Any, docker_client: Any
+) -> None:
+    """On a gateway whose --state-dir and --instance make agent socket paths longer than the
+    107 bytes a Unix socket address holds, a network-none create is refused with a 503 that
+    names both options (it used to fail after the agent-ready timeout with a TypeError), no
+    container of it is left, the start-up log already said so, and sandboxes with a network
+    still work."""
+    from twistedgw.runtime.labels import LABEL_INSTANCE
+
+    instance = f"it-{secrets.token_hex(4)}-{'x' * 40}"
+    gateway: GatewayProcess = make_gateway(instance=instance)
+    response = requests.post(gateway.url + "/sandboxes", json={"network": "none"}, timeout=60)
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert "network none is unavailable" in error
+    assert "bytes" in error and "--state-dir or --instance" in error
+    label = f"{LABEL_INSTANCE}={instance}"
+    assert docker_client.containers.list(all=True, filters={"label": label}) == []
+    assert "sandboxes with network none will be refused" in gateway.tail(200)
+    sandbox_id = gateway.create()
+    with connect(f"{gateway.ws_url}/ws/{sandbox_id}") as ws:
+        assert run(ws, "echo up")["output"] == "up\n"

@@ -34,9 +34,11 @@ from twistedgw.runtime.hardening import (
     DEFAULT_LIMITS,
     EGRESS_PORT,
     EGRESS_SOCKET_NAME,
+    MAX_SOCKET_PATH,
     SOCKET_MOUNT,
     SOCKET_NAME,
     ContainerLimits,
+    socket_path_length,
 )
 from twistedgw.runtime.interface import (
     ContainerEvent,
@@ -47,6 +49,7 @@ from twistedgw.runtime.interface import (
     ImageFacts,
     ImageMissing,
     RuntimeUnavailable,
+    SocketPathTooLong,
 )
 from twistedgw.runtime.labels import (
     COMMAND_ENV,
@@ -217,6 +220,11 @@ class DockerRuntime(Service):
 
     def startService(self) -> None:
         super().startService()
+        problem = self.socket_path_problem()
+        if problem is not None:
+            self._log.error(
+                "{problem}; sandboxes with network none will be refused", problem=problem
+            )
         self._pool.start()
         self._health_pool.start()
         self._health.start(self._health_interval, now=True)
@@ -457,9 +465,26 @@ class DockerRuntime(Service):
                 self._log.failure("could not remove half-created container {name}", name=name)
             raise
 
+    def socket_path_problem(self) -> str | None:
+        """Why network-less sandboxes cannot work here (agent socket paths too long for a
+        Unix socket address), or ``None``."""
+        if self.socket_dir is None:
+            return None
+        length = socket_path_length(self.socket_dir)
+        if length <= MAX_SOCKET_PATH:
+            return None
+        return (
+            f"agent socket paths under {self.socket_dir.absolute()} would be {length} bytes, "
+            f"over the {MAX_SOCKET_PATH} a Unix socket address holds: use a shorter "
+            "--state-dir or --instance"
+        )
+
     def _thd_socket_dir(self, sandbox_id: str) -> Path:
         if self.socket_dir is None:
             raise ContainerFailed("sandboxes without a network need a socket directory")
+        problem = self.socket_path_problem()
+        if problem is not None:
+            raise SocketPathTooLong(f"network none is unavailable on this gateway: {problem}")
         directory = self.socket_dir / sandbox_id
         directory.mkdir(parents=True, exist_ok=True)
         self.socket_dir.chmod(0o711)  # others may pass through, not list

@@ -4,6 +4,8 @@ expects (users, capabilities, the agent's port and socket)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attrs import evolve, frozen
@@ -21,6 +23,8 @@ SOCKET_NAME = "agent.sock"
 #: and the loopback port inside the sandbox where the agent forwards to it.
 EGRESS_SOCKET_NAME = "proxy.sock"
 EGRESS_PORT = 3128
+#: The longest path a Unix socket address holds (``sun_path`` is 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
 #: The image's unprivileged user, who runs the user's code.
 SANDBOX_UID = 1000
 #: The image's agent user, who must be able to create the agent's socket (and no one else).
@@ -125,3 +129,10 @@ def size_bytes(text: str | int) -> int:
     if not number.isdigit():
         raise ValueError(f"{text!r} is not a size like 512m or 2g")
     return int(number) * _UNITS[unit]
+
+
+def socket_path_length(socket_dir: Path) -> int:
+    """Bytes in the longest socket path a network-less sandbox gets under ``socket_dir``
+    (``<socket_dir>/<32-hex sandbox id>/<socket name>``, absolute, as the gateway dials it)."""
+    name = max(SOCKET_NAME, EGRESS_SOCKET_NAME, key=len)
+    return len(os.fsencode(socket_dir.absolute() / ("0" * 32) / name))

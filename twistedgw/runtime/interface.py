@@ -31,6 +31,11 @@ class ContainerFailed(RuntimeFailure):
     """The engine refused or failed an operation on a container."""
 
 
+class SocketPathTooLong(ContainerFailed):
+    """A network-less sandbox's agent socket path would not fit a Unix socket address: the
+    operator's ``--state-dir`` and ``--instance`` are too long for ``network: none``."""
+
+
 @frozen
 class ContainerSpec:
     """What to create: one sandbox container."""

@@ -26,7 +26,12 @@ from twistedgw.lifecycle.errors import (
     Recovering,
     SandboxNotFound,
 )
-from twistedgw.runtime.interface import ContainerFailed, ImageMissing, RuntimeUnavailable
+from twistedgw.runtime.interface import (
+    ContainerFailed,
+    ImageMissing,
+    RuntimeUnavailable,
+    SocketPathTooLong,
+)
 from twistedgw.sandbox import SandboxPaused
 from twistedgw.web.auth import Unauthorized
 
@@ -88,6 +93,8 @@ ERRORS: dict[type[BaseException], ErrorRule] = {
     ImageMissing: ErrorRule(503, log="error"),
     AgentUnavailable: ErrorRule(503, lambda m: f"sandbox agent: {m}"),
     ContainerFailed: ErrorRule(502, log="error"),
+    # The gateway's own configuration, not Docker: say so, as a 503 naming the options.
+    SocketPathTooLong: ErrorRule(503, log="error"),
     SandboxPaused: ErrorRule(409),
 }
 
