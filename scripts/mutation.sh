@@ -7,6 +7,11 @@
 #   gateway  the whole gateway package (but runtime/docker.py and twistedgw/testing/): hours
 #   agent    the whole agent package (but __main__.py)
 #   all      gateway, then agent
+#   overall  the whole gateway package, the Docker runtime and the wiring included: generates
+#            every mutant, then scripts/mutation/overall.py checks a random sample
+#            (OVERALL_SAMPLE, default 100; OVERALL_SEED, default 13) against the fast suite and
+#            its survivors against integration tests (needs the engine and the image, as
+#            tests/run.sh provides). Prints the share killed with a 95% interval.
 #
 # Mutation testing (mutmut) against the fast, in-memory suite; not part of CI (slow).
 # Each target is staged in .mutation/<target>/ (a copy of the work tree, git-ignored) with its
@@ -74,6 +79,16 @@ PY
 case $target in
     gateway | agent) run "$target" "$@" ;;
     logic) run gateway "${LOGIC[@]}"; run agent "${AGENT_LOGIC[@]}" ;;
+    overall)
+        dir=$(stage overall)
+        log "overall: generating every mutant in $dir (and checking twistedgw.registry's)"
+        (cd "$dir" && env -u PYTHONPATH nice -n 19 "$venv/bin/mutmut" run --max-children "$jobs" \
+            'twistedgw.registry.*') >"$here/.mutation/overall.log" 2>&1 \
+            || log "overall: mutmut exited $? (see .mutation/overall.log)"
+        (cd "$dir" && env -u PYTHONPATH nice -n 10 "$venv/bin/python" \
+            "$here/scripts/mutation/overall.py" --sample "${OVERALL_SAMPLE:-100}" \
+            --seed "${OVERALL_SEED:-13}" --jobs "$jobs") | tee "$dir/score.txt"
+        ;;
     all) run gateway "$@"; run agent ;;
-    *) log "usage: $0 [logic|gateway|agent|all] [MODULE_GLOB...]"; exit 2 ;;
+    *) log "usage: $0 [logic|gateway|agent|all|overall] [MODULE_GLOB...]"; exit 2 ;;
 esac

@@ -67,6 +67,25 @@ async def test_unknown_and_odd_ids_are_404(treq: StubTreq, sandbox_id: str) -> N
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_double_slash_is_a_308_with_a_relative_location(treq: StubTreq) -> None:
+    """Routing merges ``//`` in a path: the answer is a 308 whose Location (relative, no host
+    from the request) names the merged path, query kept, which then answers as usual."""
+    sandbox = "0" * 32
+    response = await treq.get(
+        f"http://127.0.0.1:8003/sandboxes//{sandbox}/events?since=1", allow_redirects=False
+    )
+    assert response.code == 308
+    location = f"/sandboxes/{sandbox}/events?since=1"
+    assert response.headers.getRawHeaders(b"Location") == [location.encode()]
+    assert json.loads(await response.content()) == {
+        "error": f"moved to {location}",
+        "location": location,
+    }
+    code, _ = await call(treq, "GET", location)
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
 async def test_bad_bodies_are_400(treq: StubTreq, runtime: FakeRuntime) -> None:
     """A create with a body that is not a JSON object is refused, creating nothing."""
     for body in (b"{not json", b"[1]", b"\xff", b"null", b"[" * 50_000):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError
@@ -17,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
 
 from twistedgw.agents import AgentUnavailable
 from twistedgw.lifecycle.errors import (
@@ -118,6 +120,17 @@ def error_answer(request: IRequest, failure: Failure, log: Logger) -> ErrorAnswe
     error = failure.value
     if isinstance(error, APIError):
         return ErrorAnswer(error.status, {**error.extra, "error": error.message})
+    if isinstance(error, RequestRedirect):
+        # Routing merged a double slash (``/sandboxes//x``): 308 to the merged path, with
+        # the Location a client needs to follow it (relative: no host taken from the request).
+        target = urlsplit(error.new_url)
+        query = target.query or urlsplit(request.uri.decode("latin-1")).query
+        location = urlunsplit(("", "", target.path, query, ""))
+        return ErrorAnswer(
+            error.code,
+            {"error": f"moved to {location}", "location": location},
+            ((b"Location", location.encode("latin-1")),),
+        )
     if isinstance(error, HTTPException):
         # Routing: no such route (404) or method (405, with Allow).
         status = error.code or 400
