@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable, Mapping
 
 import pytest_twisted
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from tests.test_sandbox import Client
@@ -21,6 +21,7 @@ from twistedgw.runtime.labels import (
     saved_from_label,
     state_label,
 )
+from twistedgw.sandbox import SandboxSettings
 from twistedgw.state import ClusterState, SavedSandbox, merge_saved
 from twistedgw.testing.fakes import FakeRuntime
 from twistedgw.web.cluster import named_sandbox
@@ -214,3 +215,111 @@ def test_cluster_lookup_paths() -> None:
     assert named_sandbox(b"/sandboxes") is None
     assert named_sandbox(b"/sandboxes/../etc") is None
     assert named_sandbox(b"/healthz") is None
+
+
+class FailingLabels(FakeLabels):
+    """A label store that fails every read of the containers in ``broken``."""
+
+    def __init__(self, broken: set[str]) -> None:
+        super().__init__()
+        self.broken = broken
+        self.reads: list[str] = []
+
+    def read_labels(self, container_id: str) -> Deferred[tuple[int, dict[str, str]]]:
+        self.reads.append(container_id)
+        if container_id in self.broken:
+            return fail(RuntimeError("engine said no"))
+        return super().read_labels(container_id)
+
+
+def _saved(store: FakeLabels, container_id: str) -> SavedSandbox | None:
+    return saved_from_label(store.labels.get(container_id, {}))
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_state_saves_the_expiry_and_the_activity_as_it_was(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """A sandbox without clients is saved with its own last activity (not "now") and its
+    expiry; with a client attached, its activity is saved as "now"."""
+    sandbox = await manager.create()
+    sandbox.expires_at = 5000.0
+    clock.advance(30)
+    store = FakeLabels()
+    await ClusterState(store, clock).save([sandbox])
+    assert _saved(store, sandbox.container_id) == SavedSandbox(sandbox.last_activity, False, 5000.0)
+    assert sandbox.last_activity != clock.seconds()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_state_writes_again_for_each_kind_of_change(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """Each fact alone makes a new write: activity moved by exactly the resolution, a first
+    connection, a new expiry; activity moved by less than the resolution does not."""
+    sandbox = await manager.create()
+    store = FakeLabels()
+    state = ClusterState(store, clock, resolution=10.0)
+    await state.save([sandbox])
+    assert store.writes == 1
+    sandbox.last_activity += 9.5
+    await state.save([sandbox])
+    assert store.writes == 1
+    sandbox.last_activity += 0.5  # 10 s after the written value: exactly the resolution
+    await state.save([sandbox])
+    assert store.writes == 2
+    sandbox.ever_connected = True
+    await state.save([sandbox])
+    assert store.writes == 3
+    sandbox.expires_at = 7000.0
+    await state.save([sandbox])
+    assert store.writes == 4
+    assert _saved(store, sandbox.container_id) == SavedSandbox(sandbox.last_activity, True, 7000.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_state_goes_on_past_unchanged_written_and_failing_sandboxes(
+    manager: SandboxManager, clock: Clock, log_messages: list[str]
+) -> None:
+    """One save walks every sandbox: one unchanged since the last save, one written, one
+    whose store fails (counted in one warning) do not stop the others from being written."""
+    unchanged, written, broken, last = [await manager.create() for _ in range(4)]
+    store = FailingLabels({broken.container_id})
+    state = ClusterState(store, clock)
+    await state.save([unchanged])
+    assert [m for m in log_messages if "could not save" in m] == []
+    unchanged_writes = store.writes
+    await state.save([unchanged, written, broken, last])
+    assert store.writes == unchanged_writes + 2
+    for sandbox in (unchanged, written, last):
+        assert _saved(store, sandbox.container_id) is not None
+    assert _saved(store, broken.container_id) is None
+    assert [m for m in log_messages if "could not save" in m] == [
+        f"could not save {broken.sandbox_id}'s state in the cluster: engine said no",
+        "could not save the state of 1 sandboxes in the cluster",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_state_retries_a_lost_race_once_then_gives_up(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """A write that loses the compare-and-swap (another gateway wrote between read and write)
+    is tried once more on the new version, and not a third time: two reads, no write."""
+    sandbox = await manager.create()
+    store = FailingLabels(set())
+    store.between = store.bump  # every read is followed by another gateway's write
+    await ClusterState(store, clock).save([sandbox])
+    assert store.reads == [sandbox.container_id] * 2
+    assert store.writes == 0
+
+
+def test_merge_saved_keeps_ours_where_theirs_says_nothing() -> None:
+    """Our expiry stands when theirs has none; of two expiries the later one wins, whichever
+    side has it; our pool assignment and creation time are kept."""
+    assigned = SandboxSettings(idle_timeout=42.0)
+    ours = SavedSandbox(10.0, False, 300.0, assigned=assigned, created_at=1.0)
+    assert merge_saved(ours, SavedSandbox(5.0, False, None)) == ours
+    merged = merge_saved(ours, SavedSandbox(20.0, False, 100.0))
+    assert merged.expires_at == 300.0 and merged.last_activity == 20.0
+    assert (merged.assigned, merged.created_at) == (assigned, 1.0)
