@@ -323,3 +323,49 @@ def test_merge_saved_keeps_ours_where_theirs_says_nothing() -> None:
     merged = merge_saved(ours, SavedSandbox(20.0, False, 100.0))
     assert merged.expires_at == 300.0 and merged.last_activity == 20.0
     assert (merged.assigned, merged.created_at) == (assigned, 1.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reaper_goes_on_past_a_sandbox_leased_elsewhere(
+    manager: SandboxManager, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """Of idle sandboxes, one whose lease another gateway holds is skipped and the sweep goes
+    on: the others, before and after it, are removed in the same sweep."""
+    first, leased, last = [await manager.create() for _ in range(3)]
+    store = FakeLabels()
+    store.labels[leased.container_id] = {
+        LABEL_REAPER_LEASE: encode_lease(Lease("gw-other", clock.seconds() + 500))
+    }
+    reaper = Reaper(manager, lease=ClusterLease(store, clock, "gw-me", ttl=30.0))
+    clock.advance(200)
+    await reaper.sweep()
+    assert [s.sandbox_id for s in manager.registry] == [leased.sandbox_id]
+    assert first.sandbox_id not in manager.registry and last.sandbox_id not in manager.registry
+
+
+@pytest_twisted.ensureDeferred
+async def test_merging_saved_facts_extends_a_lifetime_and_never_invents_one(
+    manager: SandboxManager,
+) -> None:
+    """Another gateway's later expiry (a keepalive there) extends this one's; an earlier or
+    absent one changes nothing; a sandbox without a lifetime does not gain one."""
+    sandbox = await manager.create()
+    sandbox.expires_at = 1000.0
+    manager.merge_saved(sandbox, SavedSandbox(0.0, False, 2000.0))
+    assert sandbox.expires_at == 2000.0
+    manager.merge_saved(sandbox, SavedSandbox(0.0, False, 1500.0))
+    assert sandbox.expires_at == 2000.0
+    manager.merge_saved(sandbox, SavedSandbox(0.0, False, None))
+    assert sandbox.expires_at == 2000.0
+    sandbox.expires_at = None
+    manager.merge_saved(sandbox, SavedSandbox(0.0, False, 3000.0))
+    assert sandbox.expires_at is None
+
+
+def test_the_state_label_format_is_fixed() -> None:
+    """The state label is what gateways of different versions in one cluster exchange: keys
+    sorted, JSON; a label without ``ever_connected`` reads as never connected."""
+    assert state_label(SavedSandbox(1.5, True, None)) == (
+        '{"ever_connected": true, "expires_at": null, "last_activity": 1.5}'
+    )
+    assert saved_from_label({LABEL_STATE: '{"last_activity": 2}'}) == SavedSandbox(2.0, False, None)

@@ -21,7 +21,7 @@ class AgentLink(Protocol):
     def close(self) -> None: ...
 
 
-class IAgents(Interface):
+class IAgents(Interface):  # pragma: no mutate block (zope declarations, no code)
     """Connections to agents (TCP on 127.0.0.1, or a Unix socket), on the reactor thread."""
 
     def wait_ready(

@@ -96,7 +96,7 @@ class ContainerEvent:
     exit_code: int | None = None
 
 
-class IContainerRuntime(Interface):
+class IContainerRuntime(Interface):  # pragma: no mutate block (zope declarations, no code)
     """Creates, lists and removes sandbox containers. All methods return Deferreds."""
 
     def create(spec: ContainerSpec) -> Deferred[ContainerInfo]:
@@ -128,7 +128,7 @@ class IContainerRuntime(Interface):
         """What the engine knows about ``image`` (``None``: it is not present)."""
 
 
-class IClusterLabels(Interface):
+class IClusterLabels(Interface):  # pragma: no mutate block (zope declarations, no code)
     """Labels of a sandbox that can change after creation, with compare-and-swap: what a
     cluster runtime (Swarm) offers for state that must outlive any one gateway."""
 
