@@ -369,3 +369,17 @@ def test_the_state_label_format_is_fixed() -> None:
         '{"ever_connected": true, "expires_at": null, "last_activity": 1.5}'
     )
     assert saved_from_label({LABEL_STATE: '{"last_activity": 2}'}) == SavedSandbox(2.0, False, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_state_resolution_defaults_to_one_second(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """By default an activity one second newer than the written one is written again."""
+    sandbox = await manager.create()
+    store = FakeLabels()
+    state = ClusterState(store, clock)
+    await state.save([sandbox])
+    sandbox.last_activity += 1.0
+    await state.save([sandbox])
+    assert store.writes == 2
