@@ -38,7 +38,7 @@ LOGIC=(
     twistedgw/lifecycle/pool.py twistedgw/web/auth.py twistedgw/web/errors.py
     twistedgw/proxy/flow.py
 )
-AGENT_LOGIC=(agent/capture.py)
+AGENT_LOGIC=(agent/capture.py agent/wsproto.py agent/config.py)
 
 stage() {
     local name=$1 dir="$here/.mutation/$1"

@@ -383,3 +383,28 @@ async def test_cluster_state_resolution_defaults_to_one_second(
     sandbox.last_activity += 1.0
     await state.save([sandbox])
     assert store.writes == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_state_does_not_rewrite_what_a_listing_showed(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """Facts a listing showed for a sandbox (``seen``) count as written: saving the same
+    facts writes nothing."""
+    sandbox = await manager.create()
+    store = FakeLabels()
+    state = ClusterState(store, clock)
+    state.seen(sandbox.sandbox_id, SavedSandbox(sandbox.last_activity, False, None))
+    await state.save([sandbox])
+    assert store.writes == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_state_counts_every_failed_sandbox_in_its_warning(
+    manager: SandboxManager, clock: Clock, log_messages: list[str]
+) -> None:
+    """Two sandboxes whose store fails are counted as two in the one warning."""
+    a, b = await manager.create(), await manager.create()
+    store = FailingLabels({a.container_id, b.container_id})
+    await ClusterState(store, clock).save([a, b])
+    assert "could not save the state of 2 sandboxes in the cluster" in log_messages
