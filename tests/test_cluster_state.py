@@ -408,3 +408,38 @@ async def test_cluster_state_counts_every_failed_sandbox_in_its_warning(
     store = FailingLabels({a.container_id, b.container_id})
     await ClusterState(store, clock).save([a, b])
     assert "could not save the state of 2 sandboxes in the cluster" in log_messages
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconcile_records_the_cluster_facts_it_lists(
+    runtime: FakeRuntime, clock: Clock
+) -> None:
+    """Facts a listing brings for a sandbox (another gateway's save) are recorded as written
+    by reconcile: the next save of those same facts writes nothing."""
+    import attrs
+
+    from twistedgw.lifecycle.options import LifecyclePolicy
+    from twistedgw.registry import SandboxRegistry
+
+    store = FakeLabels()
+    state = ClusterState(store, clock)
+
+    async def ready(_: object) -> None:
+        return None
+
+    manager = SandboxManager(
+        SandboxRegistry(),
+        runtime,
+        clock,
+        wait_ready=ready,
+        policy=LifecyclePolicy(idle_timeout=100),
+        state=state,
+    )
+    sandbox = await manager.create()
+    facts = SavedSandbox(sandbox.last_activity, True, None)
+    info = runtime.containers[sandbox.container_id]
+    runtime.containers[sandbox.container_id] = attrs.evolve(info, saved=facts)
+    await manager.reconcile()
+    assert sandbox.ever_connected
+    await state.save([sandbox])
+    assert store.writes == 0

@@ -69,3 +69,15 @@ def test_each_refusal_says_what_is_wrong(body: dict[str, Any], message: str) -> 
     """The 400's message names the option, the limit and, for a long name, its first 64
     characters."""
     assert refused(body) == message
+
+
+def test_a_creation_env_value_is_capped_at_32_kib() -> None:
+    """A creation ``env`` value of exactly 32 KiB is kept; one character more is a 400 that
+    names the variable (commands' own ``env`` has no such cap: this is the creation body's)."""
+    from twistedgw.lifecycle.options import MAX_ENV_VALUE
+
+    assert MAX_ENV_VALUE == 32 * 1024
+    longest = {"BIG": "v" * MAX_ENV_VALUE}
+    assert settings_from_body(POLICY, {"env": longest}).env == longest
+    message = refused({"env": {"BIG": "v" * (MAX_ENV_VALUE + 1)}})
+    assert message == "'env' value of BIG is longer than 32768 characters"
