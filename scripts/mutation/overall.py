@@ -190,12 +190,13 @@ def main() -> int:
             # machine): not a verdict on the mutant; one more try.
             outcome = pytest_run(paths, name, args.timeout, log)
         if outcome == "failed":
-            # A kill counts only if the test that failed passes without the mutant (not a
-            # flaky or broken test, nor one this staged copy cannot run).
-            failed = first_failure(log, "FAILED ")
-            entry["failed_test"] = failed or first_failure(log, "ERROR ")
+            # A kill counts only if the test that failed (or, after set-up errors twice, the
+            # test whose set-up failed) passes without the mutant: not a flaky or broken test,
+            # nor one this staged copy cannot run.
+            failed = first_failure(log, "FAILED ") or first_failure(log, "ERROR ")
+            entry["failed_test"] = failed
             if failed is None:
-                outcome = "not counted: only errors (set-up), twice"
+                outcome = "not counted: no test named"
             elif pytest_run([failed], "", args.timeout, logs / f"{name}.clean.log") != "passed":
                 outcome = "not counted: the failed test fails without the mutant too"
         entry["integration"] = outcome
