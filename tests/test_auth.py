@@ -194,3 +194,17 @@ def test_owner_ids_are_stable_across_releases() -> None:
     what earlier releases derived (24 hex digits of a domain-separated SHA-256), or a
     restarted gateway would hide every sandbox from its creator."""
     assert owner_id("sekrit-token") == "fe91f7eedb8f2d840cad17b2"
+
+
+def test_the_two_refusals_say_which_and_spaces_after_bearer_are_allowed() -> None:
+    """No token at all and a wrong token are told apart in the 401's message; one or more
+    spaces may follow ``Bearer`` (RFC 7235's 1*SP), in any case of the scheme."""
+    auth = Authenticator.from_tokens([A])
+    with pytest.raises(Unauthorized) as missing:
+        auth.owner_for(None, None)
+    assert str(missing.value) == "missing API token (Authorization: Bearer ...)"
+    with pytest.raises(Unauthorized) as wrong:
+        auth.owner_for(f"Bearer {B}", None)
+    assert str(wrong.value) == "invalid API token"
+    assert auth.owner_for(f"Bearer   {A}", None) == owner_id(A)
+    assert auth.owner_for(f"bearer {A}", None) == owner_id(A)

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from tests.test_sandbox import Client
 from twistedgw.lifecycle.errors import CapacityExceeded, InvalidSettings, SandboxNotFound
 from twistedgw.lifecycle.manager import SandboxManager
-from twistedgw.lifecycle.options import settings_from_body
+from twistedgw.lifecycle.options import LifecyclePolicy, settings_from_body
 from twistedgw.reaper import Reaper
 from twistedgw.registry import SandboxRegistry
 from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
@@ -389,3 +389,38 @@ async def test_idempotency_key_with_other_options_is_422(
     code, error = await call(treq, "POST", "/sandboxes", json={"idle_timeout": 90}, headers=headers)
     assert code == 422 and "Idempotency-Key" in error["error"]
     assert len(runtime.containers) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handed_out_pool_sandbox_keeps_its_own_facts_across_restart(
+    tmp_path: Path, runtime: FakeRuntime, clock: Clock
+) -> None:
+    """A sandbox handed out from the pool and adopted after a restart keeps the creation time
+    of its hand-out (not its container's, made earlier for the pool), hence its expiry, and the
+    resources its container was made with (the labels'), with the owner's other settings."""
+    state = StateFile(tmp_path / "state.json", clock, in_thread=False)
+    policy = LifecyclePolicy(idle_timeout=100, max_lifetime=1000)
+    first = SandboxManager(
+        SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=1, state=state,
+        policy=policy,
+    )  # fmt: skip
+    first.startService()
+    await first.reconcile()
+    container_made = clock.seconds()
+    clock.advance(30)
+    given = await first.create(settings_from_body(policy, {"idle_timeout": 50}, owner="o"))
+    assert given.from_pool and given.created_at == container_made + 30
+    await first.stopService()
+    second = SandboxManager(
+        SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=1, state=state,
+        policy=policy,
+    )  # fmt: skip
+    second.startService()
+    await second.reconcile()
+    adopted = second.lookup(given.sandbox_id, "o")
+    assert adopted.created_at == given.created_at
+    assert adopted.expires_at == given.expires_at == given.created_at + 1000
+    assert adopted.settings.idle_timeout == 50
+    assert adopted.settings.resources == given.settings.resources
+    assert adopted.settings.resources is not None
+    await second.stopService()

@@ -81,3 +81,37 @@ def test_a_creation_env_value_is_capped_at_32_kib() -> None:
     assert settings_from_body(POLICY, {"env": longest}).env == longest
     message = refused({"env": {"BIG": "v" * (MAX_ENV_VALUE + 1)}})
     assert message == "'env' value of BIG is longer than 32768 characters"
+
+
+def test_egress_means_network_none_and_refuses_a_bridge() -> None:
+    """An egress list makes the sandbox network-less (its only way out is the egress proxy),
+    whether or not the body says ``"network": "none"``; with ``"bridge"`` it is a 400."""
+    allowed = {"egress": ["pypi.org:443"]}
+    assert settings_from_body(POLICY, allowed).network == "none"
+    assert settings_from_body(POLICY, {**allowed, "network": "none"}).network == "none"
+    assert refused({**allowed, "network": "bridge"}) == (
+        "'egress' sandboxes have no network but the egress proxy"
+    )
+
+
+def test_idempotency_keys_of_1_to_256_characters_are_scoped_to_their_owner() -> None:
+    """Keys of 1 and 256 characters are taken, 0 and 257 refused with the rule; the stored key
+    is a 40-hex digest of owner and key together: equal for one owner, different for two."""
+    for length in (1, 256):
+        key = settings_from_body(POLICY, None, idempotency_key="k" * length).idempotency_key
+        assert key is not None and len(key) == 40
+    for length in (0, 257):
+        with pytest.raises(InvalidSettings) as caught:
+            settings_from_body(POLICY, None, idempotency_key="k" * length)
+        assert str(caught.value) == "Idempotency-Key must be 1-256 characters"
+
+    def stored(owner: str | None) -> str | None:
+        return settings_from_body(POLICY, None, idempotency_key="k", owner=owner).idempotency_key
+
+    assert stored("a") == stored("a") != stored("b")
+    assert stored(None) != stored("a")
+    # Stored in container labels: the format must survive an upgrade of the gateway.
+    import hashlib
+
+    assert stored(None) == hashlib.sha256(b"\x00k").hexdigest()[:40]
+    assert stored("a") == hashlib.sha256(b"a\x00k").hexdigest()[:40]

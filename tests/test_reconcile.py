@@ -172,3 +172,19 @@ async def test_a_client_that_fails_to_disconnect_is_logged_and_the_others_still_
     assert "disconnecting a client failed" in log_messages
     assert [code for code, _ in fine.closed] == [CLOSE_SANDBOX_GONE]
     assert manager.registry.get(sandbox.sandbox_id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_network_less_sandbox_is_adopted_with_its_agent_socket(
+    manager: SandboxManager, runtime: FakeRuntime
+) -> None:
+    """A network-less sandbox (its agent on a Unix socket, no port) adopted after a restart
+    keeps the socket path the engine reports, through which the gateway reaches its agent."""
+    sandbox = await manager.create()
+    info = runtime.containers[sandbox.container_id]
+    socket = f"/state/sockets/gw/{sandbox.sandbox_id}/agent.sock"
+    runtime.containers[sandbox.container_id] = attrs.evolve(info, agent_port=0, agent_socket=socket)
+    fresh = restarted(manager)
+    await fresh.reconcile()
+    adopted = fresh.lookup(sandbox.sandbox_id)
+    assert (adopted.agent_socket, adopted.agent_port) == (socket, 0)

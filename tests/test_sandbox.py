@@ -171,3 +171,11 @@ def test_removing_an_unknown_sandbox_is_a_no_op() -> None:
     registry = SandboxRegistry()
     assert registry.remove("f" * 32) is None
     assert len(registry) == 0
+
+
+def test_attaching_a_client_is_activity() -> None:
+    """Attaching a client moves the last activity to that moment (a client that attaches and
+    detaches at once still counts from when it came)."""
+    sandbox = make_sandbox(now=100.0)
+    sandbox.attach(Client(), 150.0)
+    assert sandbox.last_activity == 150.0
