@@ -175,3 +175,117 @@ def test_server_frames_encode_every_length_form(size: int) -> None:
 def test_unmask_is_its_own_inverse() -> None:
     payload = os.urandom(1001)
     assert wsproto.unmask(wsproto.unmask(payload, b"abcd"), b"abcd") == payload
+
+
+@pytest.mark.parametrize(
+    ("request_", "problem"),
+    [
+        (wsproto.Request("POST", "/", "HTTP/1.1", handshake().headers),
+         "the WebSocket handshake must be a GET"),
+        (handshake(upgrade="h2c"), "missing 'Upgrade: websocket'"),
+        (handshake(connection="keep-alive"), "missing 'Connection: Upgrade'"),
+        (handshake(**{"sec-websocket-version": "8"}), "only WebSocket version 13 is supported"),
+        (handshake(**{"sec-websocket-key": "c2hvcnQ="}), "bad Sec-WebSocket-Key"),
+        (handshake(**{"sec-websocket-key": "not base64!"}), "bad Sec-WebSocket-Key"),
+    ],
+)  # fmt: skip
+def test_each_handshake_problem_has_its_own_words(request_: wsproto.Request, problem: str) -> None:
+    """The 400 the agent answers names what is wrong with the handshake."""
+    assert wsproto.handshake_problem(request_) == problem
+
+
+def test_upgrade_and_connection_tokens_are_read_without_case_or_spaces() -> None:
+    """``Upgrade: WebSocket`` and ``Connection: keep-alive ,UPGRADE`` are a valid handshake."""
+    request = handshake(upgrade="WebSocket", connection="keep-alive ,UPGRADE")
+    assert wsproto.handshake_problem(request) is None
+
+
+def test_answers_are_exact_http() -> None:
+    """The agent's HTTP answers: a closing plain-text response with its length and any extra
+    header lines; the 101 with the accept key."""
+    assert wsproto.http_response(400, "Bad Request", b"no", "X-A: 1\r\n") == (
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Cache-Control: no-store\r\nContent-Length: 2\r\nX-A: 1\r\nConnection: close\r\n\r\nno"
+    )
+    assert wsproto.switching_protocols("dGhlIHNhbXBsZSBub25jZQ==") == (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+    )
+
+
+def test_close_frames_carry_the_code_and_at_most_120_bytes_of_reason() -> None:
+    """A close frame is final, opcode 8, the code big-endian, then the reason's UTF-8 cut at
+    120 bytes (a control frame's payload is at most 125); parse_close reads it back."""
+    assert wsproto.close_frame(1000) == b"\x88\x02\x03\xe8"
+    long = wsproto.close_frame(4001, "é" * 100)
+    assert long[:4] == b"\x88\x7a\x0f\xa1" and len(long) == 2 + 2 + 120
+    assert wsproto.parse_close(struct.pack("!H", 4001) + "bye é".encode()) == (4001, "bye é")
+
+
+@pytest.mark.parametrize(
+    ("size", "head"),
+    [
+        (125, b"\x82\x7d"),
+        (126, b"\x82\x7e\x00\x7e"),
+        (65536, b"\x82\x7f" + (65536).to_bytes(8, "big")),
+    ],
+)
+def test_frame_headers_use_the_shortest_length_form(size: int, head: bytes) -> None:
+    assert wsproto.frame(wsproto.OP_BINARY, b"\x00" * size)[: len(head)] == head
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b" GET / HTTP/1.1", b"GET / HTTP/1.1\r\n: empty", b"GET / HTTP/1.1\r\nX-A : 1",
+     b"GET / HTTP/1.1\r\n X-A: 1", b"GET  / HTTP/1.1"],
+)  # fmt: skip
+def test_request_heads_with_misplaced_spaces_or_empty_names_are_refused(head: bytes) -> None:
+    with pytest.raises(ValueError):
+        wsproto.parse_request(head)
+
+
+def test_the_parser_starts_afresh_after_each_message() -> None:
+    """After a fragmented message, the next message's size counts from zero (two messages of
+    the maximum size each pass) and its opcode is its own."""
+    parser = FrameParser(max_message=10)
+    events = parser.feed(
+        masked(wsproto.OP_TEXT, b"12345", fin=False)
+        + masked(wsproto.OP_CONT, b"67890")
+        + masked(wsproto.OP_BINARY, b"abcdefghij")
+    )
+    assert [(e.opcode, e.payload) for e in events] == [
+        (wsproto.OP_TEXT, b"1234567890"),
+        (wsproto.OP_BINARY, b"abcdefghij"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (masked(wsproto.OP_TEXT, b"x", rsv=0x40), "RSV bits set without an extension"),
+        (masked(0x3, b"x"), "unknown opcode 3"),
+        (masked(wsproto.OP_PING, b"x", fin=False), "bad control frame"),
+        (masked(wsproto.OP_CONT, b"x"), "continuation without a message"),
+        (masked(wsproto.OP_TEXT, b"a", fin=False) + masked(wsproto.OP_TEXT, b"b"),
+         "new message inside a fragmented one"),
+        (b"\x81\xff" + (1 << 63).to_bytes(8, "big"), "bad frame length"),
+    ],
+)  # fmt: skip
+def test_each_violation_says_what_it_is(data: bytes, reason: str) -> None:
+    with pytest.raises(WebSocketError) as err:
+        FrameParser(max_message=1 << 20).feed(data)
+    assert (err.value.code, err.value.reason) == (wsproto.CLOSE_PROTOCOL_ERROR, reason)
+    assert str(err.value) == reason
+
+
+def test_a_message_too_big_is_1009_naming_the_limit() -> None:
+    with pytest.raises(WebSocketError) as err:
+        FrameParser(max_message=4).feed(masked(wsproto.OP_TEXT, b"12345"))
+    assert (err.value.code, err.value.reason) == (1009, "message larger than 4 bytes")
+
+
+def test_close_payload_problems_name_themselves() -> None:
+    with pytest.raises(WebSocketError, match="close frame with a 1-byte payload"):
+        wsproto.parse_close(b"\x03")
+    with pytest.raises(WebSocketError, match="invalid close code 1005"):
+        wsproto.parse_close(struct.pack("!H", 1005))
