@@ -208,3 +208,32 @@ def test_the_two_refusals_say_which_and_spaces_after_bearer_are_allowed() -> Non
     assert str(wrong.value) == "invalid API token"
     assert auth.owner_for(f"Bearer   {A}", None) == owner_id(A)
     assert auth.owner_for(f"bearer {A}", None) == owner_id(A)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_sandbox_route_acts_on_another_tokens_sandbox(manager: SandboxManager) -> None:
+    """Pause, resume, events, snapshots, files and preview URLs of another token's sandbox are
+    a 404, as if it did not exist, and change nothing (it is not paused); its owner gets 200."""
+    treq = StubTreq(GatewayAPI(manager, authenticator=Authenticator.from_tokens([A, B])).resource())
+    code, created = await call(treq, "POST", "/sandboxes", A)
+    sandbox_id = created["sandbox_id"]
+    base = f"/sandboxes/{sandbox_id}"
+    for method, path in [
+        ("POST", f"{base}/pause"),
+        ("POST", f"{base}/resume"),
+        ("GET", f"{base}/events"),
+        ("POST", f"{base}/snapshots"),
+        ("GET", f"{base}/files?path=/etc/hostname"),
+        ("GET", f"{base}/files/list?path=/"),
+        ("POST", f"{base}/files/mkdir?path=/tmp/x"),
+        ("POST", f"{base}/ports/8000/url"),
+    ]:
+        code, body = await call(treq, method, path, B)
+        assert code == 404, (method, path, body)
+    assert manager.lookup(sandbox_id).paused is False
+    code, paused = await call(treq, "POST", f"{base}/pause", A)
+    assert code == 200 and paused["paused"] is True
+    code, _ = await call(treq, "POST", f"{base}/resume", B)
+    assert code == 404 and manager.lookup(sandbox_id).paused is True
+    code, resumed = await call(treq, "POST", f"{base}/resume", A)
+    assert code == 200 and resumed["paused"] is False
