@@ -270,6 +270,7 @@ def test_the_parser_starts_afresh_after_each_message() -> None:
          "new message inside a fragmented one"),
         (b"\x81\xff" + (1 << 63).to_bytes(8, "big"), "bad frame length"),
     ],
+    ids=["rsv", "opcode", "fragmented-ping", "orphan-cont", "nested-message", "length"],
 )  # fmt: skip
 def test_each_violation_says_what_it_is(data: bytes, reason: str) -> None:
     with pytest.raises(WebSocketError) as err:
