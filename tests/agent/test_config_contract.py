@@ -158,3 +158,81 @@ def test_a_session_shell_reads_no_startup_files_when_it_is_bash() -> None:
     assert bash.session_argv() == ["/bin/bash", "--noprofile", "--norc"]
     assert dataclasses.replace(bash, shell="/bin/sh").session_argv() == ["/bin/sh"]
     assert bash.home == bash.cwd
+
+
+def test_without_a_passwd_entry_the_user_is_the_uid_and_home_comes_from_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """An agent whose user has no passwd entry names the user by uid and takes ``HOME`` from
+    its environment ("/" without one); the working directory is that home if it exists, "/"
+    otherwise; user processes run with the identity ``user_identity`` gave."""
+    import os
+
+    from agent import config as module
+    from agent.spawn import UserIdentity
+
+    identity = UserIdentity(prefix=("setpriv", "--"), oom_score_adj=500)
+    monkeypatch.setattr(module, "user_identity", lambda: (identity, None))
+    config = read(HOME=str(tmp_path))
+    uid = str(os.getuid())
+    assert (config.child_env["USER"], config.child_env["LOGNAME"]) == (uid, uid)
+    assert config.child_env["HOME"] == str(tmp_path) and config.cwd == str(tmp_path)
+    assert config.user == identity
+    missing = read(HOME=str(tmp_path / "gone"))
+    assert missing.child_env["HOME"] == str(tmp_path / "gone") and missing.cwd == "/"
+    assert read().child_env["HOME"] == "/" and read().cwd == "/"
+
+
+def test_a_user_the_agent_cannot_become_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent import config as module
+    from agent.spawn import IdentityError
+
+    def refuse() -> Any:
+        raise IdentityError("cannot change to uid 1000: no SETUID capability")
+
+    monkeypatch.setattr(module, "user_identity", refuse)
+    with pytest.raises(ConfigError) as refused:
+        read()
+    assert str(refused.value) == "cannot change to uid 1000: no SETUID capability"
+
+
+@pytest.mark.parametrize(("bash", "shell"), [(True, "/bin/bash"), (False, "/bin/sh")])
+def test_the_shell_is_bash_where_it_can_run_else_sh(
+    monkeypatch: pytest.MonkeyPatch, bash: bool, shell: str
+) -> None:
+    """Commands run through /bin/bash when it is executable, /bin/sh otherwise; ``SHELL``
+    says which."""
+    import os
+
+    real = os.access
+    asked: list[str] = []
+
+    def access(path: Any, mode: int) -> bool:
+        if path == "/bin/bash":
+            asked.append(path)
+            return bash
+        return real(path, mode)
+
+    monkeypatch.setattr(os, "access", access)
+    config = read()
+    assert asked == ["/bin/bash"]
+    assert config.shell == shell and config.child_env["SHELL"] == shell
+
+
+def test_bad_command_env_messages_say_what_is_wrong() -> None:
+    with pytest.raises(ConfigError) as not_json:
+        parse_command_env("{")
+    assert str(not_json.value) == "SANDBOX_COMMAND_ENV is not JSON"
+    with pytest.raises(ConfigError) as not_strings:
+        parse_command_env('{"A": 1}')
+    assert str(not_strings.value) == "SANDBOX_COMMAND_ENV must be an object of strings"
+
+
+def test_the_log_level_default_and_the_default_timeout_ceiling() -> None:
+    """Unset, the log level is info; the default timeout may be set up to 1e9 s (with the
+    maximum as high), not above."""
+    assert AgentConfig.from_environ(dict(SECRET)).log_level == 20
+    high = read(AGENT_MAX_TIMEOUT="1e9", AGENT_DEFAULT_TIMEOUT="1e9")
+    assert high.default_timeout == 1e9
+    with pytest.raises(ConfigError, match="AGENT_DEFAULT_TIMEOUT"):
+        read(AGENT_DEFAULT_TIMEOUT="1000000001")

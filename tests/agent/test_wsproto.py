@@ -290,3 +290,52 @@ def test_close_payload_problems_name_themselves() -> None:
         wsproto.parse_close(b"\x03")
     with pytest.raises(WebSocketError, match="invalid close code 1005"):
         wsproto.parse_close(struct.pack("!H", 1005))
+
+
+def test_edges_of_the_framing() -> None:
+    """Lengths are unsigned (a 40000-byte frame in the 16-bit form, a 65536-byte one in the
+    64-bit form both arrive whole), a control frame of exactly 125 bytes is allowed, a
+    fragmented message's size is the sum of its fragments, code 1014 is a valid close code, and
+    unmasking nothing gives nothing."""
+    parser = FrameParser(max_message=1 << 20)
+    for size in (40000, 65536):
+        payload = bytes(range(256)) * (size // 256)
+        assert [(e.opcode, e.payload) for e in parser.feed(masked(wsproto.OP_BINARY, payload))] == [
+            (wsproto.OP_BINARY, payload)
+        ]
+    assert parser.feed(masked(wsproto.OP_PING, b"p" * 125))[0].payload == b"p" * 125
+    small = FrameParser(max_message=10)
+    assert small.feed(masked(wsproto.OP_TEXT, b"1234", fin=False)) == []
+    assert small.feed(masked(wsproto.OP_CONT, b"5678", fin=False)) == []
+    with pytest.raises(WebSocketError) as err:
+        small.feed(masked(wsproto.OP_CONT, b"9ab"))
+    assert err.value.code == wsproto.CLOSE_TOO_BIG
+    assert wsproto.valid_close_code(1014) and not wsproto.valid_close_code(1015)
+    assert wsproto.unmask(b"", b"abcd") == b""
+    assert wsproto.close_frame(40000)[2:4] == (40000).to_bytes(2, "big")
+
+
+def test_exact_reasons_and_codes_of_refusals() -> None:
+    """The words and codes the agent closes or answers with, exactly."""
+    with pytest.raises(WebSocketError) as unmasked:
+        FrameParser(max_message=10).feed(b"\x81\x01x")
+    assert (unmasked.value.code, unmasked.value.reason) == (1002, "client frames must be masked")
+    with pytest.raises(WebSocketError) as short:
+        wsproto.parse_close(b"\x03")
+    assert (short.value.code, short.value.reason) == (1002, "close frame with a 1-byte payload")
+    with pytest.raises(WebSocketError) as not_utf8:
+        wsproto.parse_close(struct.pack("!H", 1000) + b"\xff")
+    assert (not_utf8.value.code, not_utf8.value.reason) == (1007, "close reason is not UTF-8")
+    for head, message in [
+        (b"GET /", "bad request line"),
+        (b"GET / HTTP/1.1\r\nx", "bad header line"),
+    ]:
+        with pytest.raises(ValueError) as bad:
+            wsproto.parse_request(head)
+        assert str(bad.value) == message
+    request = wsproto.parse_request(b"GET /a HTTP/1.0\r\nHost: h:1")
+    assert (request.version, request.header("host"), request.header("absent")) == (
+        "HTTP/1.0",
+        "h:1",
+        "",
+    )
