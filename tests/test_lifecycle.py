@@ -400,23 +400,24 @@ async def test_a_handed_out_pool_sandbox_keeps_its_own_facts_across_restart(
     resources its container was made with (the labels'), with the owner's other settings."""
     state = StateFile(tmp_path / "state.json", clock, in_thread=False)
     policy = LifecyclePolicy(idle_timeout=100, max_lifetime=1000)
-    first = SandboxManager(
-        SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=1, state=state,
-        policy=policy,
-    )  # fmt: skip
-    first.startService()
-    await first.reconcile()
+
+    async def started() -> SandboxManager:
+        """A gateway (one of two runs) over the same engine and state file."""
+        manager = SandboxManager(
+            SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=1, state=state,
+            policy=policy,
+        )  # fmt: skip
+        manager.startService()
+        await manager.reconcile()
+        return manager
+
+    first = await started()
     container_made = clock.seconds()
     clock.advance(30)
     given = await first.create(settings_from_body(policy, {"idle_timeout": 50}, owner="o"))
     assert given.from_pool and given.created_at == container_made + 30
     await first.stopService()
-    second = SandboxManager(
-        SandboxRegistry(), runtime, clock, wait_ready=_ready, pool_size=1, state=state,
-        policy=policy,
-    )  # fmt: skip
-    second.startService()
-    await second.reconcile()
+    second = await started()
     adopted = second.lookup(given.sandbox_id, "o")
     assert adopted.created_at == given.created_at
     assert adopted.expires_at == given.expires_at == given.created_at + 1000
