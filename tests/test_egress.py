@@ -516,3 +516,14 @@ async def test_proxies_follow_the_registry(tmp_path: Path) -> None:
     registry.remove("a" * 32)
     await deferLater(reactor, 0.05, lambda: None)
     assert proxies.listeners == {} and not socket_path.exists()
+
+
+def test_a_pattern_port_runs_from_1_to_65535() -> None:
+    """Both ends of the port range are allowed in a pattern; 0 and 65536 are refused, saying
+    which pattern."""
+    assert parse_pattern("a.test:1").ports == frozenset({1})
+    assert parse_pattern("a.test:65535").ports == frozenset({65535})
+    for bad in ("a.test:0", "a.test:65536"):
+        with pytest.raises(ValueError) as refused:
+            parse_pattern(bad)
+        assert str(refused.value) == f"egress pattern {bad!r} has no valid port"

@@ -687,3 +687,18 @@ def test_a_control_message_fails_with_the_short_error_form(message: Any) -> None
         "error": "bad field",
         "error_code": "invalid_message",
     }
+
+
+def test_stdin_needs_a_request_id() -> None:
+    """Stdin names the command it feeds: without a ``request_id`` it is refused (the protocol
+    error says so) rather than sent to no command; with one it parses."""
+    with pytest.raises(ProtocolError) as refused:
+        parse_message(json.dumps({"type": "stdin", "data": "x"}).encode(), False)
+    assert (refused.value.code, refused.value.message) == (
+        "invalid_request_id",
+        "a stdin message needs a 'request_id'",
+    )
+    parsed = parse_message(
+        json.dumps({"type": "stdin", "data": "x", "request_id": "r1"}).encode(), False
+    )
+    assert (parsed.request_id, parsed.data) == ("r1", "x")
