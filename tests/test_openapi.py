@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -25,7 +26,10 @@ from twistedgw.web.openapi import (
     DOCUMENT_BYTES,
     EXCLUDED_PATHS,
     SERVER_MESSAGES,
+    SNAPSHOT_PATH,
     build_document,
+    main,
+    snapshot_text,
 )
 from twistedgw.web.site import PUBLIC_PATHS
 
@@ -80,6 +84,42 @@ def test_document_is_valid_openapi_3_1() -> None:
     validate(build_document())
     assert DOCUMENT["openapi"].startswith("3.1")
     assert json.loads(DOCUMENT_BYTES) == DOCUMENT
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_document_is_the_reviewed_snapshot() -> None:
+    """The built document is exactly ``docs/openapi.json``, the reviewed copy in the repository
+    (clients generate code from it): any change to a path, schema, description, tag or example
+    must come with a rewritten snapshot (``python -m twistedgw.web.openapi``) shown in the
+    diff. The first differing top-level key and path are named on failure."""
+    snapshot = json.loads((REPO / SNAPSHOT_PATH).read_text(encoding="utf-8"))
+    built = build_document()
+    for key in sorted(set(snapshot) | set(built)):
+        if key == "paths" and key in snapshot and key in built:
+            for path in sorted(set(snapshot["paths"]) | set(built["paths"])):
+                assert built["paths"].get(path) == snapshot["paths"].get(path), path
+        if key == "components" and key in snapshot and key in built:
+            for name in sorted(set(snapshot[key]["schemas"]) | set(built[key]["schemas"])):
+                assert built[key]["schemas"].get(name) == snapshot[key]["schemas"].get(name), name
+        assert built.get(key) == snapshot.get(key), key
+    assert snapshot_text(built) == (REPO / SNAPSHOT_PATH).read_text(encoding="utf-8")
+
+
+def test_served_document_is_the_built_one() -> None:
+    """What ``/openapi.json`` serves (``DOCUMENT_BYTES``) decodes to the built document."""
+    assert json.loads(DOCUMENT_BYTES) == build_document() == DOCUMENT
+
+
+def test_snapshot_writer_writes_the_built_document(tmp_path: Path) -> None:
+    """``python -m twistedgw.web.openapi PATH`` writes the sorted, indented document."""
+    target = tmp_path / "openapi.json"
+    assert main([str(target)]) == 0
+    text = target.read_text(encoding="utf-8")
+    assert text == snapshot_text(build_document())
+    assert text.endswith("}\n") and text.startswith('{\n  "components": {')
+    assert json.loads(text) == build_document()
 
 
 def test_every_operation_documents_the_error_shape() -> None:

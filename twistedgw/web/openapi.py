@@ -932,3 +932,29 @@ def build_document() -> dict[str, Any]:
 #: The document as served: built and encoded once.
 DOCUMENT: dict[str, Any] = build_document()
 DOCUMENT_BYTES: bytes = json.dumps(DOCUMENT, indent=1).encode("utf-8")
+
+#: The reviewed copy of the document in the repository (``tests/test_openapi.py`` fails when
+#: the built document differs from it; ``python -m twistedgw.web.openapi`` rewrites it).
+SNAPSHOT_PATH = "docs/openapi.json"
+
+
+def snapshot_text(document: dict[str, Any]) -> str:
+    """The snapshot file's text: sorted keys, so a change shows as a small diff."""
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m twistedgw.web.openapi [PATH]``: write the document's snapshot (default
+    ``docs/openapi.json``) after a deliberate change of the API, to be reviewed in the diff."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args else SNAPSHOT_PATH
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(snapshot_text(build_document()))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
