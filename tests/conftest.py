@@ -92,7 +92,7 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
             item.add_marker(pytest.mark.integration)
         if (
             item.fspath.basename in _SLOW_FILES
-            or item.name in _SLOW_TESTS
+            or getattr(item, "originalname", item.name) in _SLOW_TESTS
             or getattr(getattr(item, "obj", None), "is_hypothesis_test", False)
         ):
             item.add_marker(pytest.mark.slow)
@@ -114,4 +114,23 @@ def _select_serial(config: Any, items: list[Any]) -> None:
 
 
 _SLOW_FILES = {"test_blackbox.py", "test_fuzz.py", "test_build_mirror.py"}
-_SLOW_TESTS = {"test_twistd_finds_the_plugin_without_pythonpath"}
+_SLOW_TESTS = {
+    "test_twistd_finds_the_plugin_without_pythonpath",
+    # Those that wait on real time or real processes for 0.3 s or more (measured with
+    # --durations), leaving the quick loop to what runs in memory:
+    "test_a_client_that_stalls_mid_body_does_not_fill_the_proxy",
+    "test_a_hundred_parallel_requests_all_complete",
+    "test_a_pty_nobody_keeps_up_with_blocks_its_writer_until_the_reader_leaves",
+    "test_a_login_shell_echoes_input_resizes_and_interrupts",
+    "test_forwarder_stops_reading_while_the_user_does_not",
+    "test_saturated_docker_pool_does_not_mark_the_engine_down",
+    "test_unanswered_ping_marks_the_engine_down",
+    "test_a_spawner_that_never_answers_costs_at_most_the_timeout_then_the_wrapper_runs_it",
+    "test_yield_after_returns_the_output_so_far_and_attach_completes_it",
+    "test_two_watchers_each_get_the_live_output",
+    "test_finished_results_are_forgotten_after_the_retention",
+    "test_a_dropped_connection_no_longer_kills_its_command",
+    "test_agent_death_closes_client_with_reason",
+    "test_client_arriving_during_a_restart_waits_for_the_agent",
+    "test_backpressure_pauses_a_streamed_command_until_resumed",
+}
