@@ -124,7 +124,7 @@ def test_a_client_that_does_not_read_is_ended_not_buffered_for() -> None:
 def test_agent_events_are_framed_exactly_with_the_sandbox_id() -> None:
     """An agent event becomes one SSE frame: its ``id``, its ``event``, and its other fields
     (``type``/``event``/``id`` left out) plus ``sandbox_id`` as compact JSON."""
-    _, request, link, sandbox, *_ = _stream()
+    _, request, link, *_ = _stream()
     event = {"type": "event", "id": "boot-5", "event": "started", "pid": 9}
     link.listener.agent_message(json.dumps(event).encode(), False)
     assert request.written == [
@@ -183,7 +183,7 @@ def test_agent_closing_for_a_sandbox_gone_from_the_registry_says_removed() -> No
     """The agent link closing after the sandbox left the registry ends the stream with a
     ``removed`` event whose reason is ``removed``; while it is still registered and not
     closing, the stream just ends (the client reconnects)."""
-    stream, request, link, sandbox, _, _ = _stream()
+    stream, request, link, *_ = _stream()
     stream.manager.registry.clear()
     link.listener.agent_closed(1006, None)
     assert request.written[-1] == (
