@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
@@ -118,3 +119,106 @@ def test_a_client_that_does_not_read_is_ended_not_buffered_for() -> None:
     hub.publish(sandbox.sandbox_id, "idle_warning", {})
     assert len(request.written) == written  # not written: the stream ended instead
     assert stream.done.called and link.closed
+
+
+def test_agent_events_are_framed_exactly_with_the_sandbox_id() -> None:
+    """An agent event becomes one SSE frame: its ``id``, its ``event``, and its other fields
+    (``type``/``event``/``id`` left out) plus ``sandbox_id`` as compact JSON."""
+    _, request, link, *_ = _stream()
+    event = {"type": "event", "id": "boot-5", "event": "started", "pid": 9}
+    link.listener.agent_message(json.dumps(event).encode(), False)
+    assert request.written == [
+        b": connected\n\n",
+        b'id: boot-5\nevent: started\ndata: {"pid":9,"sandbox_id":"' + b"s" * 32 + b'"}\n\n',
+    ]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"[1]",
+        b'{"type": "event", "event": "exited"}',
+        b'{"type": "event", "event": 5, "id": "x"}',
+        b'{"type": "event", "event": "exited", "id": 7}',
+    ],
+)
+def test_agent_messages_that_are_not_events_are_ignored(payload: bytes) -> None:
+    """Anything but an event with a string ``event`` and ``id`` writes nothing."""
+    _, request, link, *_ = _stream()
+    link.listener.agent_message(payload, False)
+    assert request.written == [b": connected\n\n"]
+
+
+def test_heartbeat_comes_every_interval_not_before() -> None:
+    """The first heartbeat comment is written when the interval has passed, then each
+    interval."""
+    _, request, _, _, _, clock = _stream()
+    clock.advance(14.9)
+    assert request.written == [b": connected\n\n"]
+    clock.advance(0.1)
+    clock.advance(15)
+    assert request.written == [b": connected\n\n", b": heartbeat\n\n", b": heartbeat\n\n"]
+
+
+def test_an_unread_backlog_at_the_limit_is_still_written() -> None:
+    """Exactly ``MAX_UNREAD`` unsent bytes is still written to; one byte more ends it."""
+    from types import SimpleNamespace
+
+    from twistedgw.web.events import MAX_UNREAD
+
+    assert MAX_UNREAD == 1024 * 1024
+    stream, request, link, sandbox, hub, _ = _stream()
+    transport = SimpleNamespace(dataBuffer=b"x" * MAX_UNREAD)
+    request.channel = SimpleNamespace(transport=transport)
+    hub.publish(sandbox.sandbox_id, "idle_warning", {})
+    assert request.written[-1].startswith(b"event: idle_warning\n")
+    assert not stream.done.called
+    transport.dataBuffer = b"x" * (MAX_UNREAD + 1)
+    hub.publish(sandbox.sandbox_id, "idle_warning", {})
+    assert stream.done.called and link.closed
+
+
+def test_agent_closing_for_a_sandbox_gone_from_the_registry_says_removed() -> None:
+    """The agent link closing after the sandbox left the registry ends the stream with a
+    ``removed`` event whose reason is ``removed``; while it is still registered and not
+    closing, the stream just ends (the client reconnects)."""
+    stream, request, link, *_ = _stream()
+    stream.manager.registry.clear()
+    link.listener.agent_closed(1006, None)
+    assert request.written[-1] == (
+        b'event: removed\ndata: {"reason":"removed","sandbox_id":"' + b"s" * 32 + b'"}\n\n'
+    )
+    assert stream.done.called and stream.link is None
+    quiet, quiet_request, quiet_link, *_ = _stream()
+    quiet_link.listener.agent_closed(1006, None)
+    assert quiet_request.written == [b": connected\n\n"]
+    assert quiet.done.called
+
+
+def test_nothing_is_written_after_the_end() -> None:
+    """Once finished, neither gateway nor agent events are written, and finishing again does
+    nothing."""
+    stream, request, link, sandbox, hub, _ = _stream()
+    stream.finish()
+    assert link.closed and link.listener is None
+    stream.gateway_event("idle_warning", {})
+    stream.agent_message(b'{"type": "event", "event": "exited", "id": "1"}', False)
+    stream.finish()
+    assert request.written == [b": connected\n\n"]
+    assert not hub.watched(sandbox.sandbox_id)
+
+
+def test_hub_subscriptions_are_per_sandbox() -> None:
+    """A hub calls the listeners of one sandbox only; unsubscribing twice is harmless."""
+    hub = SandboxEvents()
+    seen: list[tuple[str, str, dict[str, Any]]] = []
+    stop_a = hub.subscribe("a", lambda e, d: seen.append(("a", e, d)))
+    hub.subscribe("b", lambda e, d: seen.append(("b", e, d)))
+    hub.publish("a", "idle_warning", {"x": 1})
+    assert seen == [("a", "idle_warning", {"x": 1})]
+    stop_a()
+    stop_a()
+    assert not hub.watched("a") and hub.watched("b")
+    hub.publish("a", "removed", {})
+    assert len(seen) == 1

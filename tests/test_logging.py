@@ -112,3 +112,108 @@ def test_default_output_is_the_stdout_of_construction(monkeypatch: pytest.Monkey
     Logger(namespace="t", observer=observer).info("hello")
     assert json.loads(made_with.getvalue())["message"] == "hello"
     assert redirected.getvalue() == ""
+
+
+def test_event_as_json_is_exactly_the_documented_record() -> None:
+    """``event_as_json`` gives time (UTC, milliseconds, ``Z``), level, namespace, message and
+    every stable field the event has, with nothing else (``log_*`` keys and others left out)."""
+    from twistedgw.logging import STABLE_FIELDS, event_as_json
+
+    fields = {name: f"v-{name}" for name in STABLE_FIELDS}
+    event = {
+        "log_format": "hello {who}",
+        "who": "world",
+        "log_level": LogLevel.warn,
+        "log_namespace": "twistedgw.x",
+        "log_time": 1767225600.25,
+        "log_source": None,
+        **fields,
+    }
+    assert event_as_json(event) == {
+        "time": "2026-01-01T00:00:00.250Z",
+        "level": "warn",
+        "namespace": "twistedgw.x",
+        "message": "hello world",
+        **fields,
+    }
+    assert STABLE_FIELDS == (
+        "sandbox_id",
+        "request_id",
+        "owner",
+        "event",
+        "duration_ms",
+        "status",
+        "reason",
+        "code",
+        "method",
+        "path",
+        "peer",
+        "pid",
+        "template",
+        "error",
+    )
+
+
+def test_event_as_json_defaults_for_a_bare_event() -> None:
+    """An event without level, time, namespace or format is still a full record: info, the
+    epoch, ``-`` and an empty message; ``ms`` becomes ``duration_ms``."""
+    from twistedgw.logging import event_as_json
+
+    assert event_as_json({"ms": 3}) == {
+        "time": "1970-01-01T00:00:00.000Z",
+        "level": "info",
+        "namespace": "-",
+        "message": "",
+        "duration_ms": 3,
+    }
+
+
+def test_event_as_json_traceback_is_the_failures() -> None:
+    """A failure's ``traceback`` is its full printed traceback; one that cannot print itself
+    gives its repr instead of losing the line."""
+    from twistedgw.logging import event_as_json
+
+    try:
+        raise KeyError("lost")
+    except KeyError:
+        failure = Failure()
+    record = event_as_json({"log_format": "x", "log_failure": failure})
+    assert record["traceback"] == failure.getTraceback()
+    assert record["traceback"].rstrip().endswith("KeyError: 'lost'")
+
+    class Broken:
+        def getTraceback(self) -> str:
+            raise RuntimeError("no")
+
+        def __repr__(self) -> str:
+            return "<broken failure>"
+
+    assert event_as_json({"log_failure": Broken()})["traceback"] == "<broken failure>"
+    assert "traceback" not in event_as_json({"log_format": "x"})
+
+
+def test_an_unprintable_record_is_an_error_line() -> None:
+    """A record json cannot write (a value json refuses) becomes a fixed error line, and each
+    line is flushed at once."""
+    from twistedgw import logging as gwlogging
+
+    class Flushing(io.StringIO):
+        flushes = 0
+
+        def flush(self) -> None:
+            self.flushes += 1
+
+    out = Flushing()
+    observer = JsonLogObserver(out)
+    original = gwlogging.event_as_json
+    try:
+        gwlogging.event_as_json = lambda event: {"x": float("nan"), "y": {1j}}  # type: ignore[assignment,dict-item]
+        observer({"log_format": "x"})
+    finally:
+        gwlogging.event_as_json = original
+    assert _lines(out) == [{"level": "error", "message": "unprintable log event"}]
+    assert out.flushes == 1
+    observer({"log_format": "x", "log_level": LogLevel.info})
+    assert out.flushes == 2
+    observer({"log_format": "x", "log_level": LogLevel.debug})
+    assert out.flushes == 2

@@ -1,90 +1,90 @@
-"""The wiring's own services (``twistedgw/service.py``): the WebSocket proxy's orderly stop
-(clients told 1001 going away, their closing handshakes waited for, boundedly) and clean
-shutdown on SIGTERM/SIGINT. A stand-in factory and reactor, a ``Clock`` for time."""
+"""The WebSocket proxy's service (``twistedgw.service``): it starts the factory, and on
+shutdown closes every client with 1001 and waits, boundedly, for them to go; and the signal
+handling that stops the reactor once."""
 
 from __future__ import annotations
 
 import signal
 from typing import Any
 
-import pytest
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs
 
 from twistedgw.protocol import CLOSE_GOING_AWAY
 from twistedgw.service import ProxyService, ShutdownSignals
 
 
-class Factory:
-    """The parts of ``ProxyFactory`` the service uses, recording calls."""
-
+class FakeFactory:
     def __init__(self, clients: int) -> None:
-        self.clients = [object() for _ in range(clients)]
-        self.calls: list[tuple[Any, ...]] = []
-
-    def doStart(self) -> None:
-        self.calls.append(("start",))
-
-    def doStop(self) -> None:
-        self.calls.append(("stop",))
+        self.clients = {f"c{i}" for i in range(clients)}
+        self.closed: list[tuple[int, str]] = []
+        self.started = self.stopped = 0
 
     def close_all(self, code: int, reason: str) -> None:
-        self.calls.append(("close_all", code, reason))
+        self.closed.append((code, reason))
+
+    def doStart(self) -> None:
+        self.started += 1
+
+    def doStop(self) -> None:
+        self.stopped += 1
 
 
-def test_start_starts_the_websocket_factory() -> None:
-    """``Site`` does not start the WebSocket factory; the service does, once."""
-    factory = Factory(0)
+def test_start_starts_the_factory() -> None:
+    """Starting the service starts the factory (a ``Site`` would not)."""
+    factory = FakeFactory(0)
     service = ProxyService(factory, Clock())  # type: ignore[arg-type]
     service.startService()
-    assert factory.calls == [("start",)] and service.running
+    assert service.running and factory.started == 1
 
 
-def test_stop_says_going_away_and_waits_for_clients_to_leave() -> None:
-    """Stopping closes every client with 1001 and "gateway shutting down", then waits while
-    clients remain (polling every 50 ms), and stops the factory once they are gone."""
+def test_stop_closes_clients_with_going_away_and_waits_for_them() -> None:
+    """Stopping closes every client with 1001 ``gateway shutting down``, then waits until the
+    clients are gone before stopping the factory and firing."""
     clock = Clock()
-    factory = Factory(2)
+    factory = FakeFactory(2)
     service = ProxyService(factory, clock, close_timeout=3.0)  # type: ignore[arg-type]
     service.startService()
-    done = service.stopService()
-    assert factory.calls[-1] == ("close_all", CLOSE_GOING_AWAY, "gateway shutting down")
+    stopped = service.stopService()
+    fired: list[object] = []
+    stopped.addCallback(fired.append)
+    assert factory.closed == [(CLOSE_GOING_AWAY, "gateway shutting down")]
     assert CLOSE_GOING_AWAY == 1001
+    assert not service.running
     clock.advance(0.05)
-    assert not done.called
+    assert fired == [] and factory.stopped == 0
     factory.clients.clear()
     clock.advance(0.05)
-    assert done.called and factory.calls[-1] == ("stop",)
-    assert not service.running
+    assert fired == [None] and factory.stopped == 1
+    assert clock.seconds() < 1.0
 
 
-def test_stop_gives_up_waiting_after_the_close_timeout() -> None:
-    """Clients that never finish their closing handshake delay shutdown by at most
-    ``close_timeout`` seconds."""
+def test_stop_gives_up_waiting_at_the_close_timeout() -> None:
+    """Clients that never go do not hold shutdown beyond ``close_timeout`` seconds."""
     clock = Clock()
-    factory = Factory(1)
-    service = ProxyService(factory, clock, close_timeout=0.5)  # type: ignore[arg-type]
+    factory = FakeFactory(1)
+    service = ProxyService(factory, clock, close_timeout=2.0)  # type: ignore[arg-type]
     service.startService()
-    done = service.stopService()
-    clock.pump([0.05] * 9)
-    assert not done.called
+    fired: list[object] = []
+    service.stopService().addCallback(fired.append)
+    clock.pump([0.05] * 39)
+    assert fired == [] and factory.stopped == 0
     clock.pump([0.05] * 2)
-    assert done.called and factory.calls[-1] == ("stop",)
+    assert fired == [None] and factory.stopped == 1
 
 
 def test_stop_without_clients_is_immediate() -> None:
-    """No clients: the factory is stopped at once, no waiting."""
-    factory = Factory(0)
+    """With no clients, stopping fires at once and stops the factory."""
+    factory = FakeFactory(0)
     service = ProxyService(factory, Clock())  # type: ignore[arg-type]
     service.startService()
-    done = service.stopService()
-    assert done.called and [c[0] for c in factory.calls] == ["start", "close_all", "stop"]
+    fired: list[object] = []
+    service.stopService().addCallback(fired.append)
+    assert fired == [None] and factory.stopped == 1
 
 
-class Reactor:
-    def __init__(self, running: bool = True) -> None:
-        self.running = running
+class FakeReactor:
+    def __init__(self) -> None:
         self.when_running: list[Any] = []
         self.from_thread: list[Any] = []
         self.stops = 0
@@ -92,50 +92,34 @@ class Reactor:
     def callWhenRunning(self, f: Any) -> None:
         self.when_running.append(f)
 
-    def callFromThread(self, f: Any, *args: Any) -> None:
+    def callFromThread(self, f: Any) -> None:
         self.from_thread.append(f)
-        f(*args)
 
     def stop(self) -> None:
         self.stops += 1
-        if not self.running:
+        if self.stops > 1:
             raise ReactorNotRunning()
-        self.running = False
 
 
-@pytest.fixture
-def restore_signals() -> Any:
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
-def test_handlers_are_installed_once_the_reactor_runs(restore_signals: Any) -> None:
-    """SIGTERM and SIGINT handlers replace twistd's only after reactor start-up (when twistd
-    installs its own), not at service start."""
-    reactor = Reactor()
+def test_signals_stop_the_reactor_once() -> None:
+    """SIGTERM and SIGINT handlers are installed once the reactor runs; a signal stops the
+    reactor from the reactor thread, and a second one while stopping is harmless."""
+    reactor = FakeReactor()
     service = ShutdownSignals(reactor)
-    before = signal.getsignal(signal.SIGTERM)
-    service.startService()
-    assert signal.getsignal(signal.SIGTERM) == before
-    [install] = reactor.when_running
-    install()
-    assert signal.getsignal(signal.SIGTERM) == service._handle
-    assert signal.getsignal(signal.SIGINT) == service._handle
-
-
-def test_a_signal_is_logged_and_stops_the_reactor_from_the_reactor_thread(
-    restore_signals: Any,
-) -> None:
-    """A signal logs "received SIGTERM, shutting down" and stops the reactor through
-    ``callFromThread``; a second signal while stopping is harmless."""
-    reactor = Reactor()
-    service = ShutdownSignals(reactor)
-    with capturedLogs() as events:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        service.startService()
+        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+        [install] = reactor.when_running
+        install()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            assert signal.getsignal(signum) == service._handle
         service._handle(signal.SIGTERM, None)
-    assert reactor.stops == 1 and reactor.from_thread == [service._stop]
-    [event] = [e for e in events if "shutting down" in e.get("log_format", "")]
-    assert event["signal"] == "SIGTERM" and event["log_level"] == LogLevel.info
-    service._handle(signal.SIGINT, None)
-    assert reactor.stops == 2
+        service._handle(signal.SIGINT, None)
+        assert reactor.stops == 0
+        for call in reactor.from_thread:
+            call()
+        assert reactor.stops == 2
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

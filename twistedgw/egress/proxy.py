@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -322,7 +323,9 @@ class EgressProxy(Protocol):
     def _resolve_failed(self, failure: Failure) -> None:
         self._waiting = None
         if not self.closed:
-            reason = f"cannot resolve {self.host}: {failure.getErrorMessage() or 'timed out'}"
+            # addTimeout's TimeoutError prints as "(10.0, 'Deferred')": say what happened.
+            why = "timed out" if failure.check(DeferredTimeout) else failure.getErrorMessage()
+            reason = f"cannot resolve {self.host}: {why or 'timed out'}"
             self._answer(502, "Bad Gateway", reason)
 
     def _resolved(self, addresses: list[str]) -> None:
