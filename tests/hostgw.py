@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 TOKEN = "hostgw-test-token"
 #: Upload limit of the test gateway (small, so a test can pass it cheaply).
-MAX_UPLOAD = 256 * 1024
+MAX_UPLOAD = 1024 * 1024
 
 
 @define
@@ -69,9 +69,12 @@ class HostGateway:
 
 
 @asynccontextmanager
-async def host_gateway(**agent_env: str) -> AsyncIterator[HostGateway]:
-    """A gateway on 127.0.0.1 in front of host agents (``agent_env``: extra ``AGENT_*``
-    settings); on exit every sandbox's agent is stopped and the listener closed."""
+async def host_gateway(
+    max_upload: int = MAX_UPLOAD, **agent_env: str
+) -> AsyncIterator[HostGateway]:
+    """A gateway on 127.0.0.1 in front of host agents (``max_upload``: its ``--max-upload``;
+    ``agent_env``: extra ``AGENT_*`` settings); on exit every sandbox's agent is stopped and
+    the listener closed."""
     runtime = HostAgentRuntime(agent_env=agent_env)
     manager = SandboxManager(
         SandboxRegistry(),
@@ -92,7 +95,7 @@ async def host_gateway(**agent_env: str) -> AsyncIterator[HostGateway]:
         maxFramePayloadSize=16 * 1024 * 1024,
     )
     factory.doStart()
-    files = FileRoutes(manager, authenticator, AgentFiles(reactor), max_upload=MAX_UPLOAD)
+    files = FileRoutes(manager, authenticator, AgentFiles(reactor), max_upload=max_upload)
     previews = PreviewRoutes(
         manager,
         authenticator,
