@@ -18,14 +18,19 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
 import pytest_twisted
 import requests
+from websockets.sync.client import connect
 
 from tests.hostgw import HostGateway, host_gateway, in_thread
 from twistedgw.client import Sandbox
+
+#: The integration suite's stdlib WebSocket echo server (echoes text and binary messages).
+WS_ECHO = (Path(__file__).parent / "integration" / "wsecho.py").read_bytes()
 
 SERVER = b"""
 import hashlib, http.server, sys
@@ -233,6 +238,36 @@ async def test_a_signed_url_works_without_the_token_and_a_forged_one_is_403() ->
             refused = requests.get(forged, timeout=10)
             assert refused.status_code == 403, forged
             assert "error" in refused.json()
+
+    await _with_server(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_websocket_upgrade_is_relayed_both_ways_with_the_token_and_signed() -> None:
+    """A WebSocket server in the sandbox is reached through the preview (``access_token`` in
+    the query, and a signed URL): text and a binary message larger than a TCP read come back
+    unchanged."""
+
+    def scenario(gw: HostGateway, sb: Sandbox, port: int) -> None:
+        sb.files.write("wsecho.py", WS_ECHO)
+        home = gw.runtime.agent_for(sb.sandbox_id).home
+        ws_port = _free_port()
+        sb.run(f"exec {sys.executable} {home}/wsecho.py {ws_port}", background=True)
+        prefix = f"/sandboxes/{sb.sandbox_id}/ports/{ws_port}"
+        _until(lambda: gw.request("GET", f"{prefix}/up").status_code == 200)
+        signing = gw.request("POST", f"{prefix}/url")
+        assert signing.status_code == 200, signing.text
+        ws_base = gw.url.replace("http://", "ws://", 1)
+        big = bytes(range(256)) * 2048
+        for url in (
+            f"{ws_base}{prefix}/ws?access_token={gw.token}",
+            f"{ws_base}{signing.json()['path']}ws",
+        ):
+            with connect(url, max_size=None) as ws:
+                ws.send("hello through the preview")
+                assert ws.recv(timeout=10) == "hello through the preview"
+                ws.send(big)
+                assert ws.recv(timeout=20) == big
 
     await _with_server(scenario)
 
