@@ -113,7 +113,15 @@ def _select_serial(config: Any, items: list[Any]) -> None:
         items[:] = keep
 
 
-_SLOW_FILES = {"test_blackbox.py", "test_fuzz.py", "test_build_mirror.py"}
+_SLOW_FILES = {
+    "test_blackbox.py",
+    "test_fuzz.py",
+    "test_build_mirror.py",
+    # A gateway in front of real agent processes on the host (tests/hostgw.py).
+    "test_hostgw_client.py",
+    "test_hostgw_files.py",
+    "test_hostgw_previews.py",
+}
 _SLOW_TESTS = {
     "test_twistd_finds_the_plugin_without_pythonpath",
     # Those that wait on real time or real processes for 0.3 s or more (measured with
