@@ -224,7 +224,8 @@ async def test_pty_takes_input_reports_its_size_resizes_and_passes_the_exit_code
 async def test_files_write_read_list_exists_mkdir_and_remove() -> None:
     """``sb.files``: text and bytes written (size returned, mode applied, parents made) read
     back exactly, listed with name/type/size/mode, visible to commands in ``$HOME``; ``mkdir``,
-    ``exists`` and ``remove`` (a file, then a tree) do what they say."""
+    ``exists`` (of files and directories) and ``remove`` (a file, then a tree) do what they
+    say."""
     async with host_gateway() as gw:
 
         def scenario() -> None:
@@ -242,7 +243,7 @@ async def test_files_write_read_list_exists_mkdir_and_remove() -> None:
                 assert sb.run('cat "$HOME/data/a.txt"').stdout == "héllo\n"
                 sb.files.mkdir("made/deep/er")
                 sb.files.mkdir("made/deep/er")  # an existing directory is fine
-                # (exists() on a directory is a HEAD of a directory: 409, not True; listed.)
+                assert sb.files.exists("made/deep/er") and sb.files.exists("made")
                 listed = [(e.name, e.type) for e in sb.files.list("made/deep")]
                 assert listed == [("er", "dir")]
                 sb.files.remove("data/a.txt")

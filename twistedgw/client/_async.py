@@ -451,11 +451,19 @@ class AsyncFiles:
         return [FileEntry.from_json(item) for item in answer.json()]
 
     async def exists(self, path: str) -> bool:
-        """Whether ``path`` exists (a HEAD: a removed sandbox also answers False)."""
+        """Whether ``path`` exists, a file or a directory (a removed sandbox also answers
+        False)."""
         try:
             await self._sb._request("HEAD", self._path("", path))
         except PathNotFound:
             return False
+        except GatewayError as e:
+            if e.status != 409:
+                raise
+            # HEAD reads a file: a directory answers 409 ("a directory where a file is
+            # needed"), and so does a paused sandbox; listing it tells the two apart (a paused
+            # sandbox raises here too).
+            await self.list(path, depth=1)
         return True
 
     async def mkdir(self, path: str) -> None:
