@@ -241,7 +241,7 @@ class CallFromThread:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+def fake_time(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
     fake = FakeTime()
     monkeypatch.setattr(swarm_module, "time", fake)
     return fake
@@ -377,7 +377,7 @@ def test_service_spec_sizes_from_the_sandbox_resources() -> None:
 # -- create ------------------------------------------------------------------------------------
 
 
-def test_create_makes_the_service_waits_for_its_task_and_reads_it_back(clock: FakeTime) -> None:
+def test_create_makes_the_service_waits_for_its_task_and_reads_it_back(fake_time: FakeTime) -> None:
     """The image is checked, the service created with ``_service_spec``'s arguments, the task
     polled (every 50 ms) until running; the answer is the service read back with the socket
     under the socket volume's mountpoint and the task container's address."""
@@ -395,7 +395,7 @@ def test_create_makes_the_service_waits_for_its_task_and_reads_it_back(clock: Fa
     assert api.calls[0] == ("inspect_image", "img")
     assert api.calls[1] == ("create_service", f"twistedgw-{SANDBOX}")
     assert [c for c in api.calls if c[0] == "tasks"] == [("tasks", {"service": SERVICE})] * 3
-    assert clock.sleeps == [0.05, 0.05]
+    assert fake_time.sleeps == [0.05, 0.05]
     assert info.container_id == SERVICE and info.sandbox_id == SANDBOX
     assert info.running and info.exit_code is None
     assert info.agent_socket == f"{MOUNTPOINT}/{SOCKET_NAME}"
@@ -408,7 +408,7 @@ def test_create_makes_the_service_waits_for_its_task_and_reads_it_back(clock: Fa
     assert "remove_service" not in api.names()
 
 
-def test_create_of_a_missing_image_is_image_missing_and_makes_nothing(clock: FakeTime) -> None:
+def test_create_of_a_missing_image_is_image_missing_and_makes_nothing(fake_time: FakeTime) -> None:
     """An image the engine lacks: ``ImageMissing`` before any service exists."""
     client = FakeClient()
     rt = runtime(client)
@@ -417,7 +417,7 @@ def test_create_of_a_missing_image_is_image_missing_and_makes_nothing(clock: Fak
     assert client.api.names() == ["inspect_image"]
 
 
-def test_a_task_that_fails_is_reported_with_its_error_and_cleaned_up(clock: FakeTime) -> None:
+def test_a_task_that_fails_is_reported_with_its_error_and_cleaned_up(fake_time: FakeTime) -> None:
     """A task past the starting states but not running: ``ContainerFailed`` with the task's
     ``Err``; the service and the sandbox's four volumes are removed."""
     client = FakeClient()
@@ -431,7 +431,7 @@ def test_a_task_that_fails_is_reported_with_its_error_and_cleaned_up(clock: Fake
     assert all(c[2] is False for c in client.api.calls if c[0] == "remove_volume")
 
 
-def test_a_failed_task_without_error_text_reports_its_state(clock: FakeTime) -> None:
+def test_a_failed_task_without_error_text_reports_its_state(fake_time: FakeTime) -> None:
     """No ``Err``: the message names the state."""
     client = FakeClient()
     client.api.task_script = [[task("complete")]]
@@ -439,7 +439,7 @@ def test_a_failed_task_without_error_text_reports_its_state(clock: FakeTime) -> 
         runtime(client)._thd_create(spec())
 
 
-def test_a_task_that_never_runs_times_out_after_start_timeout(clock: FakeTime) -> None:
+def test_a_task_that_never_runs_times_out_after_start_timeout(fake_time: FakeTime) -> None:
     """A task still starting after ``start_timeout`` seconds: ``ContainerFailed`` naming the
     timeout; it was polled (not given up at once) and the service is removed."""
     client = FakeClient()
@@ -447,11 +447,11 @@ def test_a_task_that_never_runs_times_out_after_start_timeout(clock: FakeTime) -
     rt = runtime(client, start_timeout=2.0)
     with pytest.raises(ContainerFailed, match="did not start within 2 s"):
         rt._thd_create(spec())
-    assert 2.0 < sum(clock.sleeps) <= 2.1
+    assert 2.0 < sum(fake_time.sleeps) <= 2.1
     assert ("remove_service", SERVICE) in client.api.calls
 
 
-def test_a_running_task_without_socket_volume_is_refused_and_removed(clock: FakeTime) -> None:
+def test_a_running_task_without_socket_volume_is_refused_and_removed(fake_time: FakeTime) -> None:
     """Running, but no mountpoint for the socket volume on this engine: ``ContainerFailed``,
     service removed."""
     client = FakeClient()
@@ -461,7 +461,7 @@ def test_a_running_task_without_socket_volume_is_refused_and_removed(clock: Fake
     assert ("remove_service", SERVICE) in client.api.calls
 
 
-def test_a_refused_service_create_cleans_up_by_service_name(clock: FakeTime) -> None:
+def test_a_refused_service_create_cleans_up_by_service_name(fake_time: FakeTime) -> None:
     """``create_service`` itself failing: the error is raised and the removal is by name."""
     client = FakeClient()
     client.api.create_error = api_error("name conflicts", 409)
@@ -470,7 +470,7 @@ def test_a_refused_service_create_cleans_up_by_service_name(clock: FakeTime) -> 
     assert ("remove_service", f"twistedgw-{SANDBOX}") in client.api.calls
 
 
-def test_a_failing_cleanup_keeps_the_original_error(clock: FakeTime) -> None:
+def test_a_failing_cleanup_keeps_the_original_error(fake_time: FakeTime) -> None:
     """The cleanup failing too: the create's own error is what the caller sees."""
     client = FakeClient()
     client.api.task_script = [[task("failed", Err="boom")]]
@@ -498,7 +498,7 @@ def service_doc(
     }
 
 
-def test_listing_asks_by_instance_and_groups_tasks_by_service(clock: FakeTime) -> None:
+def test_listing_asks_by_instance_and_groups_tasks_by_service(fake_time: FakeTime) -> None:
     """Services by this instance's labels, then one ``tasks`` call for all their ids; each
     service's newest task decides (a dead old one does not hide a running new one)."""
     client = FakeClient()
@@ -634,7 +634,7 @@ def test_write_labels_lost_race_is_false_other_errors_raise() -> None:
 # -- remove, pause -----------------------------------------------------------------------------
 
 
-def test_remove_removes_the_service_then_its_volumes(clock: FakeTime) -> None:
+def test_remove_removes_the_service_then_its_volumes(fake_time: FakeTime) -> None:
     """The service, then each of the sandbox's volumes (not forced); gone ones are fine."""
     client = FakeClient()
     names = list(volume_names(SANDBOX).values())
@@ -647,7 +647,7 @@ def test_remove_removes_the_service_then_its_volumes(clock: FakeTime) -> None:
     ]
 
 
-def test_remove_without_a_valid_sandbox_id_removes_only_the_service(clock: FakeTime) -> None:
+def test_remove_without_a_valid_sandbox_id_removes_only_the_service(fake_time: FakeTime) -> None:
     """No (or a malformed) sandbox id: no volume names are made up from it."""
     client = FakeClient()
     runtime(client)._thd_remove(SERVICE)
@@ -655,7 +655,7 @@ def test_remove_without_a_valid_sandbox_id_removes_only_the_service(clock: FakeT
     assert client.api.names() == ["remove_service", "remove_service"]
 
 
-def test_remove_retries_a_volume_in_use_until_its_container_is_gone(clock: FakeTime) -> None:
+def test_remove_retries_a_volume_in_use_until_its_container_is_gone(fake_time: FakeTime) -> None:
     """409 (the task's container still holds it): retried every 100 ms; other errors raise."""
     client = FakeClient()
     socket_volume = volume_names(SANDBOX)[SOCKET_MOUNT]
@@ -664,20 +664,20 @@ def test_remove_retries_a_volume_in_use_until_its_container_is_gone(clock: FakeT
     assert [c for c in client.api.calls if c[1] == socket_volume] == [
         ("remove_volume", socket_volume, False)
     ] * 4
-    assert clock.sleeps == [0.1, 0.1, 0.1]
+    assert fake_time.sleeps == [0.1, 0.1, 0.1]
     client.api.remove_volume_errors = {socket_volume: [api_error("disk on fire", 500)]}
     with pytest.raises(docker.errors.APIError, match="disk on fire"):
         runtime(client)._thd_remove(SERVICE, SANDBOX)
 
 
-def test_remove_gives_up_on_a_volume_in_use_after_15_seconds(clock: FakeTime) -> None:
+def test_remove_gives_up_on_a_volume_in_use_after_15_seconds(fake_time: FakeTime) -> None:
     """A volume busy for good: the 409 is raised once 15 s have passed."""
     client = FakeClient()
     socket_volume = volume_names(SANDBOX)[SOCKET_MOUNT]
     client.api.remove_volume_errors = {socket_volume: [api_error("in use", 409)] * 1000}
     with pytest.raises(docker.errors.APIError, match="in use"):
         runtime(client)._thd_remove(SERVICE, SANDBOX)
-    assert 15.0 < sum(clock.sleeps) <= 15.2
+    assert 15.0 < sum(fake_time.sleeps) <= 15.2
 
 
 def test_pause_acts_on_the_service_task_container() -> None:
