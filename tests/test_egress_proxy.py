@@ -332,6 +332,21 @@ def test_an_oversized_head_is_431_and_a_slow_one_408() -> None:
     assert len(setup.connector.calls) == 1 and pieces_client.value() == b""
 
 
+def test_a_head_over_the_limit_is_431_even_when_complete_in_one_read() -> None:
+    """A complete head longer than ``MAX_HEAD`` arriving in one read is refused like one
+    that is still incomplete; a head of exactly ``MAX_HEAD`` bytes is served."""
+    setup = Setup(["example.com:80"], {"example.com": [PUBLIC]})
+    start = b"GET http://example.com/ HTTP/1.1\r\nA: "
+    filler = proxy_module.MAX_HEAD - len(start) - 4
+    proxy, client = setup.connect()
+    proxy.dataReceived(start + b"a" * (filler + 1) + b"\r\n\r\n")
+    assert answer_of(client) == (431, b"request head too large\n")
+    assert setup.resolver.asked == []
+    proxy, client = setup.connect()
+    proxy.dataReceived(start + b"a" * filler + b"\r\n\r\n")
+    assert client.value() == b"" and len(setup.connector.calls) == 1
+
+
 def test_connections_beyond_the_limit_get_503(monkeypatch: pytest.MonkeyPatch) -> None:
     """Over ``MAX_CONNECTIONS`` at once: 503 at once; a closed one frees its place."""
     monkeypatch.setattr(proxy_module, "MAX_CONNECTIONS", 2)
