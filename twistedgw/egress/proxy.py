@@ -241,6 +241,10 @@ class EgressProxy(Protocol):
             if len(self.head) > MAX_HEAD:
                 self._answer(431, "Request Header Fields Too Large", "request head too large")
             return
+        if end + 4 > MAX_HEAD:
+            # A whole head in one read is held to the same limit.
+            self._answer(431, "Request Header Fields Too Large", "request head too large")
+            return
         head, rest = bytes(self.head[: end + 4]), bytes(self.head[end + 4 :])
         self.head = bytearray()
         if rest:
