@@ -18,6 +18,10 @@ from twistedgw.runtime.interface import ContainerInfo
 from twistedgw.testing.fakes import FakeRuntime
 from twistedgw.web.api import GatewayAPI
 
+# The scenario helpers shared by the fast and the integration tests assert inside: rewrite
+# their asserts like a test module's (registered before anything imports them).
+pytest.register_assert_rewrite("tests.scenarios")
+
 # Timing-based deadlines make property tests flaky on a loaded 2-core CI machine.
 settings.register_profile("gateway", deadline=None)
 settings.load_profile("gateway")

@@ -18,14 +18,13 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.hostgw import HostGateway, host_gateway, in_asyncio, in_thread
+from tests.hostgw import host_gateway, in_asyncio, in_thread
 from tests.integration.tcprelay import TcpRelay
+from tests.scenarios import background_process_lifecycle, resumed_after_cut
 from twistedgw.client import (
     AsyncSandbox,
     AuthError,
-    Backoff,
     CommandTimeout,
-    GatewayError,
     PathNotFound,
     Sandbox,
     SandboxGone,
@@ -118,20 +117,7 @@ async def test_sync_background_process_is_listed_waited_replayed_by_attach_and_k
 
         def scenario() -> None:
             with Sandbox.create(url=gw.url, token=gw.token) as sb:
-                process = sb.run("for i in 1 2 3; do echo $i; sleep 0.1; done", background=True)
-                listed = {p.pid: p for p in sb.processes()}
-                assert listed[process.pid].background and listed[process.pid].running
-                result = process.wait(timeout=20)
-                assert (result.stdout, result.exit_code) == ("1\n2\n3\n", 0)
-                replay: list[str] = []
-                again = sb.attach(process.pid, on_stdout=replay.append).wait(timeout=20)
-                assert "".join(replay) == "1\n2\n3\n" and again.exit_code == 0
-                sleeper = sb.run("sleep 60", background=True)
-                assert sleeper.kill() is True
-                assert sleeper.wait(timeout=20).exit_code == -9
-                with pytest.raises(GatewayError) as unknown:
-                    sb.attach(999999)
-                assert unknown.value.code == "unknown_process"
+                background_process_lifecycle(sb, step=0.1, timeout=20)
 
         await in_thread(scenario)
 
@@ -405,35 +391,6 @@ async def test_url_and_token_come_from_the_environment_when_not_given(
         await in_thread(scenario)
 
 
-async def _resumed_after_cut(gw: HostGateway, relay: TcpRelay) -> None:
-    fast = Backoff(initial=0.05, maximum=0.5, attempts=10)
-    async with await AsyncSandbox.create(url=relay.url, token=gw.token, backoff=fast) as sb:
-        seen: list[str] = []
-        got_three = asyncio.Event()
-
-        def on_stdout(data: str) -> None:
-            seen.append(data)
-            if "3\n" in "".join(seen):
-                got_three.set()
-
-        command = "for i in $(seq 1 8); do echo $i; sleep 0.1; done; echo err >&2"
-        run = asyncio.create_task(sb.run(command, on_stdout=on_stdout))
-        await asyncio.wait_for(got_three.wait(), 10)
-        assert relay.cut() >= 1
-        result = await asyncio.wait_for(run, 20)
-        expected = "".join(f"{i}\n" for i in range(1, 9))
-        assert result.stdout == expected and "".join(seen) == expected
-        assert result.stderr == "err\n" and result.exit_code == 0
-        assert sb._channel.dials == 2
-
-        process = await sb.run("for i in $(seq 1 6); do echo b$i; sleep 0.1; done", background=True)
-        waiting = asyncio.create_task(process.wait(20))
-        await asyncio.sleep(0.25)
-        relay.cut()
-        resumed = await waiting
-        assert resumed.stdout == "".join(f"b{i}\n" for i in range(1, 7))
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_cut_connection_is_redialled_and_output_resumed_without_gaps_or_repeats() -> None:
     """When the client's connection is cut (a loopback relay resets it) under a running
@@ -442,6 +399,10 @@ async def test_a_cut_connection_is_redialled_and_output_resumed_without_gaps_or_
     async with host_gateway() as gw:
         relay = TcpRelay(gw.port)
         try:
-            await in_asyncio(lambda: _resumed_after_cut(gw, relay))
+            await in_asyncio(
+                lambda: resumed_after_cut(
+                    relay, gw.token, step=0.1, first_output=10, timeout=20, cut_after=0.25
+                )
+            )
         finally:
             relay.close()

@@ -15,6 +15,7 @@ import requests
 
 from tests.integration.conftest import GatewayProcess
 from tests.integration.tcprelay import TcpRelay
+from tests.scenarios import background_process_lifecycle, resumed_after_cut
 from twistedgw.client import (
     AsyncSandbox,
     AuthError,
@@ -78,21 +79,7 @@ def test_invalid_requests_raise_gateway_errors_with_the_protocols_code(
 
 def test_background_process_wait_attach_processes_and_kill(gateway: GatewayProcess) -> None:
     with Sandbox.create(url=gateway.url) as sb:
-        process = sb.run("for i in 1 2 3; do echo $i; sleep 0.2; done", background=True)
-        listed = {p.pid: p for p in sb.processes()}
-        assert listed[process.pid].background and listed[process.pid].running
-        result = process.wait(timeout=30)
-        assert result.stdout == "1\n2\n3\n" and result.exit_code == 0
-        # Attaching to the finished process replays its output.
-        replay: list[str] = []
-        again = sb.attach(process.pid, on_stdout=replay.append).wait(timeout=30)
-        assert "".join(replay) == "1\n2\n3\n" and again.exit_code == 0
-        sleeper = sb.run("sleep 60", background=True)
-        assert sleeper.kill() is True
-        assert sleeper.wait(timeout=30).exit_code == -9
-        with pytest.raises(GatewayError) as unknown:
-            sb.attach(999999)
-        assert unknown.value.code == "unknown_process"
+        background_process_lifecycle(sb, step=0.2, timeout=30)
 
 
 def test_files_write_read_list_remove_and_directories_both_ways(
@@ -201,40 +188,8 @@ def test_a_dropped_connection_is_redialled_and_output_resumed_from_the_last_offs
     gateway: GatewayProcess,
 ) -> None:
     relay = TcpRelay(gateway.port)
-    fast = Backoff(initial=0.05, maximum=0.5, attempts=10)
     try:
-
-        async def main() -> None:
-            async with await AsyncSandbox.create(url=relay.url, backoff=fast) as sb:
-                seen: list[str] = []
-                got_three = asyncio.Event()
-
-                def on_stdout(data: str) -> None:
-                    seen.append(data)
-                    if "3\n" in "".join(seen):
-                        got_three.set()
-
-                command = "for i in $(seq 1 8); do echo $i; sleep 0.25; done; echo err >&2"
-                run = asyncio.create_task(sb.run(command, on_stdout=on_stdout))
-                await asyncio.wait_for(got_three.wait(), 20)
-                assert relay.cut() >= 1
-                result = await asyncio.wait_for(run, 30)
-                expected = "".join(f"{i}\n" for i in range(1, 9))
-                assert result.stdout == expected and "".join(seen) == expected
-                assert result.stderr == "err\n" and result.exit_code == 0
-                assert sb._channel.dials == 2
-
-                # A background process followed by wait() survives a cut too.
-                process = await sb.run(
-                    "for i in $(seq 1 6); do echo b$i; sleep 0.25; done", background=True
-                )
-                waiting = asyncio.create_task(process.wait(30))
-                await asyncio.sleep(0.6)
-                relay.cut()
-                resumed = await waiting
-                assert resumed.stdout == "".join(f"b{i}\n" for i in range(1, 7))
-
-        asyncio.run(main())
+        asyncio.run(resumed_after_cut(relay, step=0.25, first_output=20, timeout=30, cut_after=0.6))
     finally:
         relay.close()
 
