@@ -20,6 +20,13 @@ import pytest_twisted
 import requests
 
 from tests.hostgw import HostGateway, host_gateway, in_thread
+from tests.scenarios import (
+    ESCAPING_ENTRIES,
+    tar_after_a_good_entry,
+    tar_contents,
+    tar_entry,
+    tar_of,
+)
 
 #: Every byte value, in every position modulo 256, several times over (about 1 MiB less a bit).
 ALL_BYTES = bytes(range(256)) * 4000 + bytes(range(255, -1, -1)) * 17
@@ -206,37 +213,18 @@ async def test_listing_gives_every_field_to_depth_and_delete_needs_recursive_for
     await _with_sandbox(scenario)
 
 
-def _entry(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, **extra: Any) -> Any:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mode = mode
-    for key, value in extra.items():
-        setattr(info, key, value)
-    return info
-
-
-def _tar_of(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for info, data in members:
-            if data is not None:
-                info.size = len(data)
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buffer.getvalue()
-
-
 @pytest_twisted.ensureDeferred
 async def test_archive_upload_and_download_round_trip_files_dirs_and_links() -> None:
     """A tar uploaded into a directory lands there (201 with the entry count; files, a
     symlink inside it), and comes back as a tar and as a tar.gz with the same contents."""
 
     def scenario(gw: HostGateway, sandbox_id: str) -> None:
-        body = _tar_of(
-            (_entry("top", tarfile.DIRTYPE, mode=0o755), None),
-            (_entry("top/one.bin"), ALL_BYTES[:5000]),
-            (_entry("top/sub", tarfile.DIRTYPE, mode=0o700), None),
-            (_entry("top/sub/two.txt", mode=0o600), b"two"),
-            (_entry("top/sub/ln", tarfile.SYMTYPE, linkname="two.txt"), None),
+        body = tar_of(
+            (tar_entry("top", tarfile.DIRTYPE, mode=0o755), None),
+            (tar_entry("top/one.bin"), ALL_BYTES[:5000]),
+            (tar_entry("top/sub", tarfile.DIRTYPE, mode=0o700), None),
+            (tar_entry("top/sub/two.txt", mode=0o600), b"two"),
+            (tar_entry("top/sub/ln", tarfile.SYMTYPE, linkname="two.txt"), None),
         )
         url = _files(gw, sandbox_id, "/archive")
         response = gw.request("PUT", url, params={"path": "unpacked"}, data=body)
@@ -247,18 +235,7 @@ async def test_archive_upload_and_download_round_trip_files_dirs_and_links() -> 
         for fmt, mode in (("tar", "r|"), ("tar.gz", "r|gz")):
             back = gw.request("GET", url, params={"path": "unpacked", "format": fmt})
             assert back.status_code == 200
-            contents: dict[str, bytes | str] = {}
-            with tarfile.open(fileobj=io.BytesIO(back.content), mode=mode) as tar:
-                for member in tar:
-                    if member.isfile():
-                        extracted = tar.extractfile(member)
-                        assert extracted is not None
-                        contents[member.name] = extracted.read()
-                    elif member.issym():
-                        contents[member.name] = "->" + member.linkname
-                    elif member.isdir():
-                        contents[member.name] = "dir"
-            assert contents == {
+            assert tar_contents(io.BytesIO(back.content), mode) == {
                 "top": "dir",
                 "top/one.bin": ALL_BYTES[:5000],
                 "top/sub": "dir",
@@ -269,15 +246,6 @@ async def test_archive_upload_and_download_round_trip_files_dirs_and_links() -> 
     await _with_sandbox(scenario)
 
 
-ESCAPING = [
-    (_entry("/etc/evil"), "absolute"),
-    (_entry("ok/../../evil"), ".."),
-    (_entry("out", tarfile.SYMTYPE, linkname="../../etc"), "outside"),
-    (_entry("abs", tarfile.SYMTYPE, linkname="/etc/passwd"), "absolute"),
-    (_entry("hl", tarfile.LNKTYPE, linkname="../x"), "outside"),
-]
-
-
 @pytest_twisted.ensureDeferred
 async def test_tar_entries_that_escape_the_directory_are_400_and_nothing_is_extracted() -> None:
     """A tar with an entry escaping its directory (absolute name, ``..``, a symlink or hard
@@ -286,9 +254,8 @@ async def test_tar_entries_that_escape_the_directory_are_400_and_nothing_is_extr
 
     def scenario(gw: HostGateway, sandbox_id: str) -> None:
         home = gw.runtime.agent_for(sandbox_id).home
-        for number, (bad, why) in enumerate(ESCAPING):
-            data = None if bad.type in (tarfile.SYMTYPE, tarfile.LNKTYPE) else b"evil"
-            body = _tar_of((_entry("good.txt"), b"good"), (bad, data))
+        for number, (bad, why) in enumerate(ESCAPING_ENTRIES):
+            body = tar_after_a_good_entry(bad)
             target = f"sub/refused-{number}"
             response = gw.request(
                 "PUT", _files(gw, sandbox_id, "/archive"), params={"path": target}, data=body

@@ -8,7 +8,6 @@ nothing partial left behind.
 
 from __future__ import annotations
 
-import io
 import json
 import secrets
 import tarfile
@@ -23,6 +22,13 @@ from websockets.sync.client import connect
 
 from tests.integration.conftest import GatewayProcess, remove_instance_containers
 from tests.integration.helpers import recv, rss_kib, run
+from tests.scenarios import (
+    ESCAPING_ENTRIES,
+    tar_after_a_good_entry,
+    tar_contents,
+    tar_entry,
+    tar_of,
+)
 
 TOKEN_A = secrets.token_urlsafe(24)
 TOKEN_B = secrets.token_urlsafe(24)
@@ -82,27 +88,6 @@ def get(gateway: GatewayProcess, sandbox_id: str, path: str, **headers: str) -> 
 def sh(gateway: GatewayProcess, sandbox_id: str, command: str) -> dict[str, Any]:
     with connect(f"{gateway.ws_url}/ws/{sandbox_id}", additional_headers=A) as ws:
         return run(ws, command)
-
-
-def tar_of(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for info, data in members:
-            if data is not None:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            else:
-                tar.addfile(info)
-    return out.getvalue()
-
-
-def entry(name: str, kind: bytes = tarfile.REGTYPE, **fields: Any) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mode = fields.pop("mode", 0o644)
-    for key, value in fields.items():
-        setattr(info, key, value)
-    return info
 
 
 # -- single files ----------------------------------------------------------------------------
@@ -242,12 +227,12 @@ def test_archive_round_trip(gateway: GatewayProcess, sandbox: str) -> None:
     """A tar uploaded into a directory lands there (files, dirs, links inside it), and the
     directory comes back as a tar (and as tar.gz) with the same contents."""
     body = tar_of(
-        (entry("top", tarfile.DIRTYPE, mode=0o755), None),
-        (entry("top/one.bin"), ALL_BYTES),
-        (entry("top/sub", tarfile.DIRTYPE, mode=0o700), None),
-        (entry("top/sub/two.txt", mode=0o600), b"two"),
-        (entry("top/sub/ln", tarfile.SYMTYPE, linkname="two.txt"), None),
-        (entry("top/hard", tarfile.LNKTYPE, linkname="top/one.bin"), None),
+        (tar_entry("top", tarfile.DIRTYPE, mode=0o755), None),
+        (tar_entry("top/one.bin"), ALL_BYTES),
+        (tar_entry("top/sub", tarfile.DIRTYPE, mode=0o700), None),
+        (tar_entry("top/sub/two.txt", mode=0o600), b"two"),
+        (tar_entry("top/sub/ln", tarfile.SYMTYPE, linkname="two.txt"), None),
+        (tar_entry("top/hard", tarfile.LNKTYPE, linkname="top/one.bin"), None),
     )
     url = files_url(gateway, sandbox, "/archive")
     response = requests.put(url, params={"path": "unpacked"}, data=body, headers=A, timeout=60)
@@ -260,17 +245,7 @@ def test_archive_round_trip(gateway: GatewayProcess, sandbox: str) -> None:
             url, params={"path": "unpacked", "format": fmt}, headers=A, timeout=60, stream=True
         )
         assert back.status_code == 200
-        contents: dict[str, bytes | str] = {}
-        with tarfile.open(fileobj=back.raw, mode=mode) as tar:
-            for member in tar:
-                if member.isfile():
-                    extracted = tar.extractfile(member)
-                    assert extracted is not None
-                    contents[member.name] = extracted.read()
-                elif member.issym():
-                    contents[member.name] = "->" + member.linkname
-                elif member.islnk():
-                    contents[member.name] = "=>" + member.linkname
+        contents = tar_contents(back.raw, mode)
         # The two names of one inode: the first in the walk is the file, then a hard link.
         assert contents["top/hard"] == ALL_BYTES
         assert contents["top/one.bin"] == "=>top/hard"
@@ -281,15 +256,11 @@ def test_archive_round_trip(gateway: GatewayProcess, sandbox: str) -> None:
 @pytest.mark.parametrize(
     ("bad", "why"),
     [
-        (entry("/etc/evil"), "absolute"),
-        (entry("ok/../../evil"), ".."),
-        (entry("out", tarfile.SYMTYPE, linkname="../../etc"), "outside"),
-        (entry("abs", tarfile.SYMTYPE, linkname="/etc/passwd"), "absolute"),
-        (entry("hl", tarfile.LNKTYPE, linkname="../x"), "outside"),
-        (entry("dev", tarfile.CHRTYPE, devmajor=1, devminor=3), "device"),
-        (entry("blk", tarfile.BLKTYPE, devmajor=8, devminor=0), "device"),
-        (entry("suid", mode=0o4755), "setuid"),
-        (entry("sgid", mode=0o2755), "setgid"),
+        *ESCAPING_ENTRIES,
+        (tar_entry("dev", tarfile.CHRTYPE, devmajor=1, devminor=3), "device"),
+        (tar_entry("blk", tarfile.BLKTYPE, devmajor=8, devminor=0), "device"),
+        (tar_entry("suid", mode=0o4755), "setuid"),
+        (tar_entry("sgid", mode=0o2755), "setgid"),
     ],
     ids=[
         "absolute",
@@ -308,12 +279,7 @@ def test_refused_tar_entries(
 ) -> None:
     """A tar with a dangerous entry (after a good one) is refused with that entry named, and
     nothing of it is extracted, not even the good entry before it."""
-    data = (
-        None
-        if bad.type in (tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE)
-        else b"evil"
-    )
-    body = tar_of((entry("good.txt"), b"good"), (bad, data))
+    body = tar_after_a_good_entry(bad)
     target = f"refused-{secrets.token_hex(3)}"
     response = requests.put(
         files_url(gateway, sandbox, "/archive"),
