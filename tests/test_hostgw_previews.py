@@ -19,14 +19,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import urljoin
 
 import pytest
 import pytest_twisted
 import requests
-from websockets.sync.client import connect
 
 from tests.hostgw import HostGateway, host_gateway, in_thread
+from tests.scenarios import follow_listing, forgeries_are_refused, websocket_echoes
 from twistedgw.client import Sandbox
 
 #: The integration suite's stdlib WebSocket echo server (echoes text and binary messages).
@@ -110,17 +109,6 @@ async def _with_server(scenario: Callable[[HostGateway, Sandbox, int], None]) ->
         await in_thread(body)
 
 
-def _follow_listing(start: str, headers: dict[str, str] | None = None) -> None:
-    """Open the directory listing and follow its relative links down to the file."""
-    listing = requests.get(start, headers=headers, timeout=10)
-    assert listing.status_code == 200, listing.text
-    assert 'href="sub/"' in listing.text and 'href="server.py"' not in listing.text
-    sub = requests.get(urljoin(start, "sub/"), headers=headers, timeout=10)
-    assert sub.status_code == 200 and 'href="f.txt"' in sub.text
-    leaf = requests.get(urljoin(urljoin(start, "sub/"), "f.txt"), headers=headers, timeout=10)
-    assert leaf.status_code == 200 and leaf.text == "hello-preview\n"
-
-
 @pytest_twisted.ensureDeferred
 async def test_the_server_is_reached_with_the_token_and_its_relative_links_work() -> None:
     """``/sandboxes/{id}/ports/{port}/`` serves the server's listing; its relative links
@@ -129,7 +117,7 @@ async def test_the_server_is_reached_with_the_token_and_its_relative_links_work(
 
     def scenario(gw: HostGateway, sb: Sandbox, port: int) -> None:
         base = f"{gw.url}/sandboxes/{sb.sandbox_id}/ports/{port}/"
-        _follow_listing(base, gw.headers())
+        follow_listing(base, gw.headers(), not_listed=("server.py",))
         page = requests.get(base, headers=gw.headers(), timeout=10)
         assert "sandbox" in page.headers["Content-Security-Policy"]
         without_slash = requests.get(
@@ -227,17 +215,8 @@ async def test_a_signed_url_works_without_the_token_and_a_forged_one_is_403() ->
         url = gw.url + answer["path"]
         assert answer["path"].startswith(f"/previews/{sb.sandbox_id}/{port}/")
         assert gw.token not in url
-        _follow_listing(url)
-        prefix, _, expiry, signature, _ = url.rsplit("/", 4)
-        flipped = signature[:-1] + ("A" if signature[-1] != "A" else "B")
-        for forged in (
-            f"{prefix}/{_free_port()}/{expiry}/{signature}/",
-            f"{prefix}/{port}/{int(expiry) + 1000}/{signature}/",
-            f"{prefix}/{port}/{expiry}/{flipped}/",
-        ):
-            refused = requests.get(forged, timeout=10)
-            assert refused.status_code == 403, forged
-            assert "error" in refused.json()
+        follow_listing(url, not_listed=("server.py",))
+        forgeries_are_refused(url, other_port=_free_port())
 
     await _with_server(scenario)
 
@@ -258,16 +237,11 @@ async def test_a_websocket_upgrade_is_relayed_both_ways_with_the_token_and_signe
         signing = gw.request("POST", f"{prefix}/url")
         assert signing.status_code == 200, signing.text
         ws_base = gw.url.replace("http://", "ws://", 1)
-        big = bytes(range(256)) * 2048
-        for url in (
+        urls = (
             f"{ws_base}{prefix}/ws?access_token={gw.token}",
             f"{ws_base}{signing.json()['path']}ws",
-        ):
-            with connect(url, max_size=None) as ws:
-                ws.send("hello through the preview")
-                assert ws.recv(timeout=10) == "hello through the preview"
-                ws.send(big)
-                assert ws.recv(timeout=20) == big
+        )
+        websocket_echoes(urls, big=bytes(range(256)) * 2048, big_timeout=20)
 
     await _with_server(scenario)
 

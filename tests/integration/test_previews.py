@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
 import pytest
 import requests
@@ -29,6 +28,7 @@ from websockets.sync.client import connect
 
 from tests.integration.conftest import REPO, GatewayProcess, remove_instance_containers
 from tests.integration.helpers import agent_pid, recv, rss_kib, send, wait_for
+from tests.scenarios import follow_listing, forgeries_are_refused, websocket_echoes
 
 pytestmark = pytest.mark.integration
 
@@ -103,24 +103,13 @@ def _signed(gateway: GatewayProcess, sandbox_id: str, port: int, **body: Any) ->
     return str(answer["url"])
 
 
-def _follow_listing(start: str, headers: dict[str, str] | None = None) -> None:
-    """Open a directory listing and follow its relative links down to the file."""
-    listing = requests.get(start, headers=headers, timeout=10)
-    assert listing.status_code == 200, listing.text
-    assert 'href="sub/"' in listing.text
-    sub = requests.get(urljoin(start, "sub/"), headers=headers, timeout=10)
-    assert sub.status_code == 200 and 'href="f.txt"' in sub.text
-    leaf = requests.get(urljoin(urljoin(start, "sub/"), "f.txt"), headers=headers, timeout=10)
-    assert leaf.status_code == 200 and leaf.text == "hello-preview\n"
-
-
 def test_http_server_is_reached_with_the_token_and_its_relative_links_work(
     gateway: GatewayProcess, served: str
 ) -> None:
     """``/sandboxes/{id}/ports/8000/`` serves http.server's listing; its relative links
     resolve under the same prefix; the page is sandboxed (CSP) and the connection closes."""
     base = f"{gateway.url}/sandboxes/{served}/ports/8000/"
-    _follow_listing(base, A)
+    follow_listing(base, A)
     page = requests.get(base, headers=A, timeout=10)
     assert "sandbox" in page.headers["Content-Security-Policy"]
     without_slash = requests.get(base[:-1], headers=A, timeout=10, allow_redirects=False)
@@ -175,7 +164,7 @@ def test_a_signed_url_works_without_the_token_and_its_relative_links_too(
     the listing resolve under its signed prefix."""
     url = _signed(gateway, served, 8000, expires_in=120)
     assert "/previews/" in url and ALPHA not in url
-    _follow_listing(url)
+    follow_listing(url)
     signature = url.rstrip("/").rsplit("/", 1)[1]
     log = gateway.tail(400)
     assert f"preview {served}:8000 GET /sub/f.txt 200" in log
@@ -189,13 +178,7 @@ def test_websocket_echo_through_the_token_route_and_a_signed_url(
     (one larger than a TCP read) come back unchanged, both ways of reaching it."""
     token_url = f"{gateway.ws_url}/sandboxes/{served}/ports/8001/ws?access_token={ALPHA}"
     signed = _signed(gateway, served, 8001).replace("http://", "ws://", 1) + "ws"
-    big = bytes(range(256)) * 4096
-    for url in (token_url, signed):
-        with connect(url, max_size=None) as ws:
-            ws.send("hello through the preview")
-            assert ws.recv(timeout=10) == "hello through the preview"
-            ws.send(big)
-            assert ws.recv(timeout=30) == big
+    websocket_echoes((token_url, signed), big=bytes(range(256)) * 4096, big_timeout=30)
 
 
 def test_a_signed_url_stops_working_after_its_expiry(gateway: GatewayProcess, served: str) -> None:
@@ -211,16 +194,7 @@ def test_a_signed_url_stops_working_after_its_expiry(gateway: GatewayProcess, se
 def test_forged_signatures_are_403(gateway: GatewayProcess, served: str) -> None:
     """Another port, a later expiry or a changed signature under a valid URL: 403."""
     url = _signed(gateway, served, 8000, expires_in=60)
-    prefix, port, expiry, signature, _ = url.rsplit("/", 4)
-    flipped = signature[:-1] + ("A" if signature[-1] != "A" else "B")
-    for forged in (
-        f"{prefix}/8001/{expiry}/{signature}/",
-        f"{prefix}/{port}/{int(expiry) + 1000}/{signature}/",
-        f"{prefix}/{port}/{expiry}/{flipped}/",
-    ):
-        answer = requests.get(forged, timeout=10)
-        assert answer.status_code == 403, forged
-        assert "error" in answer.json()
+    forgeries_are_refused(url, other_port=8001)
 
 
 def test_a_closed_port_is_502_json(gateway: GatewayProcess, served: str) -> None:
@@ -291,7 +265,7 @@ def test_a_sandbox_without_network_is_previewed(gateway: GatewayProcess) -> None
     preview (HTTP and WebSocket)."""
     sandbox_id = gateway.create(headers=A, json={"network": "none"})
     _start_servers(gateway, sandbox_id)
-    _follow_listing(f"{gateway.url}/sandboxes/{sandbox_id}/ports/8000/", A)
+    follow_listing(f"{gateway.url}/sandboxes/{sandbox_id}/ports/8000/", A)
     with connect(f"{gateway.ws_url}/sandboxes/{sandbox_id}/ports/8001/?access_token={ALPHA}") as ws:
         ws.send(b"\x00binary\xff")
         assert ws.recv(timeout=10) == b"\x00binary\xff"
