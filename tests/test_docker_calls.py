@@ -19,6 +19,7 @@ import docker.types
 import pytest
 import requests.exceptions
 
+from tests.dockerfakes import CallFromThread, api_error
 from twistedgw.runtime import docker as docker_module
 from twistedgw.runtime.docker import (
     PAUSE_ATTEMPTS,
@@ -56,12 +57,6 @@ from twistedgw.runtime.labels import (
 from twistedgw.sandbox import SandboxSettings
 
 SANDBOX = "c" * 32
-
-
-def api_error(message: str, status: int = 500) -> docker.errors.APIError:
-    response = requests.models.Response()
-    response.status_code = status
-    return docker.errors.APIError(message, response=response, explanation=message)
 
 
 def inspect_doc(
@@ -192,20 +187,6 @@ class FakeClient:
         self.fail_start: Exception | None = None
         self.containers = FakeContainers(self)
         self.api = FakeAPI()
-
-
-class CallFromThread:
-    """The reactor's ``callFromThread``, run at once and recorded."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-
-    def callFromThread(self, f: Any, *args: Any) -> None:
-        self.calls.append((f, *args))
-        f(*args)
-
-    def seconds(self) -> float:
-        return 0.0
 
 
 def runtime(

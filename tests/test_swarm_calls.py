@@ -13,8 +13,8 @@ from typing import Any
 import docker.errors
 import docker.types
 import pytest
-import requests
 
+from tests.dockerfakes import CallFromThread, api_error
 from twistedgw.runtime import swarm as swarm_module
 from twistedgw.runtime.hardening import SOCKET_MOUNT, SOCKET_NAME, ContainerLimits
 from twistedgw.runtime.interface import (
@@ -46,12 +46,6 @@ from twistedgw.sandbox import SandboxSettings
 SANDBOX = "a" * 32
 SERVICE = "svc" + "0" * 22
 MOUNTPOINT = "/var/lib/docker/volumes/x/_data"
-
-
-def api_error(message: str, status: int = 500) -> docker.errors.APIError:
-    response = requests.models.Response()
-    response.status_code = status
-    return docker.errors.APIError(message, response=response, explanation=message)
 
 
 def spec(sandbox_id: str = SANDBOX, image: str | None = None, **settings: Any) -> ContainerSpec:
@@ -226,18 +220,6 @@ class FakeAPI:
 class FakeClient:
     def __init__(self) -> None:
         self.api = FakeAPI()
-
-
-class CallFromThread:
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-
-    def callFromThread(self, f: Any, *args: Any) -> None:
-        self.calls.append((f, *args))
-        f(*args)
-
-    def seconds(self) -> float:
-        return 0.0
 
 
 @pytest.fixture
