@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import io
 import tarfile
-from typing import IO, Any
+import time
+from collections.abc import Callable
+from typing import Any, Literal
 from urllib.parse import urljoin
 
 import pytest
@@ -21,6 +23,16 @@ from websockets.sync.client import connect
 
 from tests.integration.tcprelay import TcpRelay
 from twistedgw.client import AsyncSandbox, Backoff, GatewayError, Sandbox
+
+
+def until(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> None:
+    """Wait until ``predicate()`` is true, checking every ``interval`` s; fail after
+    ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(interval)
+
 
 # -- the client --------------------------------------------------------------------------------
 
@@ -92,6 +104,41 @@ def background_process_lifecycle(sb: Sandbox, *, step: float, timeout: float) ->
     assert unknown.value.code == "unknown_process"
 
 
+def pty_size_follows_resize(term: Any, wait: Callable[[Callable[[], object]], None]) -> None:
+    """In a PTY opened at 80x24 with a shell, ``stty size`` says ``24 80``; after
+    ``resize(100, 30)`` it says ``30 100``. ``wait(predicate)`` waits for the shell's output."""
+    term.send("stty size\n")
+    wait(lambda: "24 80" in term.output())
+    term.resize(100, 30)
+    term.send("stty size\n")
+    wait(lambda: "30 100" in term.output())
+
+
+# -- files: single ranges ----------------------------------------------------------------------
+
+
+def single_ranges_are_206(
+    get: Callable[..., requests.Response], path: str, data: bytes
+) -> dict[str, requests.Response]:
+    """``get(path, **headers)`` of a file holding ``data``: ``Range: bytes=100-355``, a suffix
+    (``-10``) and an open-ended range (the last 5 bytes) are 206 with exactly those bytes
+    (the first with its ``Content-Range``), a range starting at the size is 416 with a JSON
+    error. The answers, by name (``part``, ``tail``, ``rest``, ``beyond``), for more checks."""
+    size = len(data)
+    part = get(path, Range="bytes=100-355")
+    assert part.status_code == 206
+    assert part.content == data[100:356]
+    assert part.headers["Content-Range"] == f"bytes 100-355/{size}"
+    tail = get(path, Range="bytes=-10")
+    assert tail.status_code == 206 and tail.content == data[-10:]
+    rest = get(path, Range=f"bytes={size - 5}-")
+    assert rest.status_code == 206 and rest.content == data[-5:]
+    beyond = get(path, Range=f"bytes={size}-")
+    assert beyond.status_code == 416
+    assert "error" in beyond.json()
+    return {"part": part, "tail": tail, "rest": rest, "beyond": beyond}
+
+
 # -- files: tar archives -----------------------------------------------------------------------
 
 
@@ -138,10 +185,10 @@ ESCAPING_ENTRIES = [
 ]
 
 
-def tar_contents(fileobj: IO[bytes], mode: str) -> dict[str, bytes | str]:
-    """Read a tar (``tarfile.open`` ``mode``: ``r|``, ``r|gz``) into a dict by member name: a
-    file's bytes, ``"->target"`` for a symlink, ``"=>target"`` for a hard link, ``"dir"``
-    for a directory."""
+def tar_contents(fileobj: Any, mode: Literal["r|", "r|gz"]) -> dict[str, bytes | str]:
+    """Read a tar from the binary stream ``fileobj`` (``tarfile.open`` ``mode``: ``r|``,
+    ``r|gz``) into a dict by member name: a file's bytes, ``"->target"`` for a symlink,
+    ``"=>target"`` for a hard link, ``"dir"`` for a directory."""
     contents: dict[str, bytes | str] = {}
     with tarfile.open(fileobj=fileobj, mode=mode) as tar:
         for member in tar:

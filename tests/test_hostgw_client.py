@@ -10,6 +10,7 @@ sandbox's temp home: tests that need a directory pass ``cwd`` or use ``$HOME``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import threading
 import time
@@ -20,7 +21,12 @@ import pytest_twisted
 
 from tests.hostgw import host_gateway, in_asyncio, in_thread
 from tests.integration.tcprelay import TcpRelay
-from tests.scenarios import background_process_lifecycle, resumed_after_cut
+from tests.scenarios import (
+    background_process_lifecycle,
+    pty_size_follows_resize,
+    resumed_after_cut,
+    until,
+)
 from twistedgw.client import (
     AsyncSandbox,
     AuthError,
@@ -31,12 +37,8 @@ from twistedgw.client import (
 )
 from twistedgw.client._async import DEFAULT_URL, resolve_token, resolve_url
 
-
-def _until(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
+#: Waits for a condition of a sandbox on the host (a command's effect, a PTY's output).
+_until = functools.partial(until, timeout=10.0, interval=0.02)
 
 
 @pytest_twisted.ensureDeferred
@@ -193,11 +195,7 @@ async def test_pty_takes_input_reports_its_size_resizes_and_passes_the_exit_code
                 term = sb.pty(cols=80, rows=24)
                 term.send("echo mark-$((20 + 1))\n")
                 _until(lambda: "mark-21" in term.output())
-                term.send("stty size\n")
-                _until(lambda: "24 80" in term.output())
-                term.resize(100, 30)
-                term.send("stty size\n")
-                _until(lambda: "30 100" in term.output())
+                pty_size_follows_resize(term, _until)
                 assert not term.done
                 term.send("exit 3\n")
                 assert term.wait(timeout=10).exit_code == 3

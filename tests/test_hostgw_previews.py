@@ -12,11 +12,11 @@ a container.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import pytest_twisted
 import requests
 
 from tests.hostgw import HostGateway, host_gateway, in_thread
-from tests.scenarios import follow_listing, forgeries_are_refused, websocket_echoes
+from tests.scenarios import follow_listing, forgeries_are_refused, until, websocket_echoes
 from twistedgw.client import Sandbox
 
 #: The integration suite's stdlib WebSocket echo server (echoes text and binary messages).
@@ -77,11 +77,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
+#: Waits for a server in the sandbox to answer through its preview.
+_until = functools.partial(until, timeout=15.0, interval=0.05)
 
 
 def _serve(gw: HostGateway, sb: Sandbox) -> int:

@@ -5,6 +5,7 @@ connection redialled and resumed from the last offset (through a loopback TCP re
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,12 @@ import requests
 
 from tests.integration.conftest import GatewayProcess
 from tests.integration.tcprelay import TcpRelay
-from tests.scenarios import background_process_lifecycle, resumed_after_cut
+from tests.scenarios import (
+    background_process_lifecycle,
+    pty_size_follows_resize,
+    resumed_after_cut,
+    until,
+)
 from twistedgw.client import (
     AsyncSandbox,
     AuthError,
@@ -201,11 +207,8 @@ def test_an_unreachable_gateway_is_a_gateway_error_not_a_traceback_of_httpx() ->
         Sandbox.create(url=relay.url)
 
 
-def _until(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
+#: Waits for a condition of a sandbox in Docker (a PTY's output, a redial).
+_until = functools.partial(until, timeout=20.0, interval=0.05)
 
 
 def test_pty_input_output_resize_exit_and_a_cut_connection(gateway: GatewayProcess) -> None:
@@ -215,11 +218,7 @@ def test_pty_input_output_resize_exit_and_a_cut_connection(gateway: GatewayProce
         with Sandbox.create(url=relay.url, backoff=fast) as sb:
             term = sb.pty(cols=80, rows=24)
             _until(lambda: "$ " in term.output())
-            term.send("stty size\n")
-            _until(lambda: "24 80" in term.output())
-            term.resize(100, 30)
-            term.send("stty size\n")
-            _until(lambda: "30 100" in term.output())
+            pty_size_follows_resize(term, _until)
             relay.cut()
             _until(lambda: sb.aio._channel.dials == 2)  # redialled and re-attached
             # Keystrokes sent into a dropping connection may be lost: wait until the input
