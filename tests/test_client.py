@@ -115,6 +115,11 @@ def test_process_sandbox_and_file_records_parse_their_json() -> None:
         }
     )
     assert process.running and process.background and process.bytes == {"stdout": 3, "stderr": 0}
+    assert (process.pid, process.request_id, process.command) == (7, "x", "sleep 9")
+    assert (process.started_at, process.watchers, process.returncode) == (1.5, 1, None)
+    finished = ProcessInfo.from_json({"pid": 8, "state": "exited", "returncode": 3})
+    assert finished.returncode == 3 and not finished.running and not finished.background
+    assert ProcessInfo.from_json({"returncode": "3"}).returncode is None
     sandbox = SandboxInfo.from_json(
         {
             "sandbox_id": "ab",

@@ -12,11 +12,13 @@ from typing import Any
 import attrs
 import pytest
 from twisted.application.service import IServiceCollection
+from twisted.internet import reactor
 
 from twistedgw.config import GatewayConfig, is_loopback, listen_interface, state_path
 from twistedgw.egress.policy import EgressPolicy, HostPattern
 from twistedgw.lifecycle.resources import ResourcePolicy, Resources
 from twistedgw.logging import JsonLogObserver
+from twistedgw.proxy.agent import WebSocketAgents
 from twistedgw.proxy.ports import DEFAULT_PREVIEW_PORTS, PortSet, parse_ports
 from twistedgw.service import ProxyService
 from twistedgw.tap import Options, edge_policy, makeService
@@ -290,6 +292,8 @@ def test_every_option_reaches_the_service_it_configures(options: Options, tmp_pa
     assert (manager._agent_ready_timeout, manager._max_message_size) == (15.0, 89536)
     assert manager.paused_timeout == 25.0
     assert manager._state.path == tmp_path / "state" / "inst-7.json"
+    # The manager reaches agents over WebSockets, timed and dialled by the real reactor.
+    assert isinstance(manager.agents, WebSocketAgents) and manager.agents._reactor is reactor
 
     [proxy] = [s for s in IServiceCollection(root) if isinstance(s, ProxyService)]
     factory = proxy.factory

@@ -80,6 +80,7 @@ def test_host_validity() -> None:
     assert valid_host(label) and not valid_host("a" * 64)
     assert valid_host(".".join([label] * 3) + ".b" * 31)  # 253 characters
     assert not valid_host(".".join([label] * 3) + ".b" * 32)
+    assert not valid_host(".".join([label] * 3) + ".b" * 30 + ".bc")  # 254 characters
     assert valid_host("::1") and valid_host("10.0.0.1")
     assert not valid_host("a-.test") and not valid_host("a_b.test") and not valid_host("")
     assert normalize_host(" [FE80::1] ") == "fe80::1"

@@ -3,6 +3,7 @@ before any body byte is read or any agent is contacted (``FileRoutes.begin_uploa
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.web.server import Site
@@ -13,7 +14,8 @@ from twistedgw.proxy.files import AgentFiles
 from twistedgw.sandbox import SandboxSettings
 from twistedgw.web.api import GatewayAPI
 from twistedgw.web.auth import Authenticator, owner_id
-from twistedgw.web.files import FileRoutes
+from twistedgw.web.errors import APIError
+from twistedgw.web.files import FileRoutes, agent_target
 from twistedgw.web.site import LOOPBACK_HOSTS, EdgePolicy, make_site
 
 
@@ -107,3 +109,19 @@ async def test_non_ascii_query_values_get_an_answer(manager: SandboxManager, clo
     conn = Conn(files_site(manager, clock), clock)
     upload(conn, f"/sandboxes/{sandbox.sandbox_id}/files?path=%C3%A9&mkdirs=%C2%80", 1001)
     assert conn.response()[0] == 413
+
+
+@pytest.mark.parametrize("second", [b"", b"a\x00b"])
+def test_every_path_value_is_checked_not_only_the_first(second: bytes) -> None:
+    """``?path=ok&path=`` (or a NUL in a later value): 400 before anything is asked of the
+    agent; the agent's target keeps the query sorted, without the token."""
+    args = {b"path": [b"ok", second]}
+    with pytest.raises(APIError) as refused:
+        agent_target(b"/list", args)
+    assert (refused.value.status, refused.value.message) == (
+        400,
+        "'path' must be a non-empty path without NUL",
+    )
+    target = agent_target(b"/list", {b"path": [b"a b"], b"depth": [b"2"], b"access_token": [b"t"]})
+    assert target == b"/files/list?depth=2&path=a+b"
+    assert agent_target(b"", {}) == b"/files"

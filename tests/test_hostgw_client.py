@@ -268,7 +268,7 @@ async def test_download_streams_into_a_file_at_a_path_and_into_a_file_object(
 @pytest_twisted.ensureDeferred
 async def test_upload_dir_and_download_dir_round_trip_a_tree(tmp_path: Path) -> None:
     """``upload_dir`` sends a local tree as one tar (commands see its files), ``download_dir``
-    brings it back identical."""
+    brings it back identical, reporting the bytes received so far."""
     async with host_gateway() as gw:
         local = tmp_path / "src"
         (local / "pkg" / "sub").mkdir(parents=True)
@@ -281,8 +281,16 @@ async def test_upload_dir_and_download_dir_round_trip_a_tree(tmp_path: Path) -> 
                 assert sb.files.upload_dir(local, "proj") >= 5
                 listing = sb.run('cd "$HOME/proj" && cat pkg/mod.py top.txt')
                 assert listing.stdout == "X = 1\ntop\n"
-                sb.files.download_dir("proj", tmp_path / "back")
+                progress: list[tuple[int, int | None]] = []
+                sb.files.download_dir(
+                    "proj", tmp_path / "back", lambda d, t: progress.append((d, t))
+                )
                 back = tmp_path / "back"
+                # Progress counts the archive's bytes as they come (no total is known).
+                assert progress and all(t is None for _, t in progress)
+                counts = [d for d, _ in progress]
+                assert counts == sorted(counts) and counts[0] > 0
+                assert counts[-1] >= 256 + 512 * 4  # the data and the tar headers at least
                 assert (back / "pkg" / "mod.py").read_text() == "X = 1\n"
                 assert (back / "top.txt").read_text() == "top\n"
                 assert (back / "pkg" / "sub" / "data.bin").read_bytes() == bytes(range(256))
@@ -332,7 +340,8 @@ async def test_errors_map_to_path_not_found_auth_error_and_sandbox_gone() -> Non
 @pytest_twisted.ensureDeferred
 async def test_a_sandbox_deleted_under_a_running_command_raises_sandbox_gone() -> None:
     """A command still running when its sandbox is deleted ends with ``SandboxGone`` (the
-    gateway's close 4000), not a hang or a generic connection error."""
+    gateway's close 4000) naming the sandbox and the reason, not a hang or a generic
+    connection error."""
     async with host_gateway() as gw:
 
         def scenario() -> None:
@@ -354,6 +363,8 @@ async def test_a_sandbox_deleted_under_a_running_command_raises_sandbox_gone() -
             thread.join(20)
             assert not thread.is_alive()
             assert len(errors) == 1 and isinstance(errors[0], SandboxGone), errors
+            assert errors[0].sandbox_id == sb.sandbox_id and errors[0].reason == "deleted"
+            assert str(errors[0]).startswith(f"sandbox {sb.sandbox_id}: ")
             sb.close()
 
         await in_thread(scenario)

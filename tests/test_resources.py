@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from twistedgw.config import GatewayConfig
 from twistedgw.egress.policy import EgressPolicy, parse_patterns
+from twistedgw.lifecycle.errors import InvalidSettings
 from twistedgw.lifecycle.manager import SandboxManager
 from twistedgw.lifecycle.options import LifecyclePolicy
 from twistedgw.lifecycle.resources import ResourcePolicy
@@ -187,3 +188,21 @@ def test_options_become_the_lifecycle_policy() -> None:
     assert config.egress.max_patterns == 5
     assert [str(p) for p in config.egress.allow or ()] == ["*.example.org", "a.test:8443"]
     assert [str(n) for n in config.egress.allow_cidrs] == ["10.1.0.0/16"]
+
+
+@pytest.mark.parametrize(
+    ("most", "human"),
+    [(8 * GIB, "8g"), (1536 * MIB, "1536m"), (3 * MIB + 512 * 1024, "3584k"), (5 * MIB + 1, None)],
+)
+def test_a_size_over_the_maximum_names_the_maximum_in_bytes_and_units(
+    most: int, human: str | None
+) -> None:
+    """The refusal gives the maximum in bytes and in the largest whole unit (g, m, k, else
+    b): what ``--max-memory``/``--max-disk`` were set to, readable."""
+    policy = ResourcePolicy(maxima=Resources(cpus=4.0, memory=most, disk=most))
+    with pytest.raises(InvalidSettings) as refused:
+        policy.from_body({"memory": most + 1024**3})
+    expected = human if human is not None else f"{most}b"
+    assert str(refused.value) == (
+        f"'memory' exceeds the server maximum of {most} bytes ({expected})"
+    )

@@ -181,3 +181,37 @@ def test_access_log_event_has_its_fields(manager: SandboxManager, clock: Clock) 
     assert '"GET /sandboxes HTTP/1.1" 200 ' in line
     assert line.endswith('"-" "probe/1"')
     assert TOKEN not in line
+
+
+def test_a_second_refusal_of_a_connection_writes_nothing_more(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """A connection is refused once: a later refusal (another deadline, say) adds no second
+    answer to the first."""
+    site = make_site(GatewayAPI(manager), policy=EdgePolicy(allowed_hosts=LOOPBACK_HOSTS))
+    conn = Conn(site, clock)
+    conn.channel.refuse(413, "request body too large")
+    first = conn.transport.value()
+    conn.channel.refuse(408, "request headers not received in time")
+    assert conn.transport.value() == first
+    assert first.startswith(b"HTTP/1.1 413 ") and first.count(b"HTTP/1.1") == 1
+
+
+def test_a_kept_alive_connection_gets_the_header_deadline_again_after_each_request(
+    manager: SandboxManager, clock: Clock
+) -> None:
+    """After an answered request on a persistent connection, the next request's headers
+    must come within ``header_timeout`` too, or the connection is answered 408 JSON."""
+    site = make_site(
+        GatewayAPI(manager),
+        policy=EdgePolicy(allowed_hosts=LOOPBACK_HOSTS, header_timeout=5.0, idle_timeout=60.0),
+    )
+    conn = Conn(site, clock)
+    conn.send(request("GET", "/healthz"))
+    assert conn.transport.value().startswith(b"HTTP/1.1 200 ")
+    conn.transport.clear()
+    clock.advance(4.9)
+    assert conn.transport.value() == b""
+    clock.advance(0.2)
+    status, _, body = conn.response()
+    assert (status, body) == (408, {"error": "request headers not received in time"})

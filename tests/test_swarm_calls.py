@@ -535,6 +535,19 @@ def test_info_reads_environment_pool_label_and_missing_parts() -> None:
     assert bare.agent_secret == ""
 
 
+def test_info_keeps_every_equals_sign_after_the_first_in_an_env_value() -> None:
+    """An env entry splits at its first ``=`` only: a secret or a command environment whose
+    value holds ``=`` is read back whole."""
+    doc = service_doc()
+    doc["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"] = [
+        f"{SECRET_ENV}=a=b==",
+        f"{COMMAND_ENV}=" + json.dumps({"Q": "k=v"}),
+    ]
+    info = runtime()._info(doc, task("running"), {}, None)
+    assert info.agent_secret == "a=b=="
+    assert dict(info.settings.env) == {"Q": "k=v"}
+
+
 def test_mountpoints_and_addresses_skip_incomplete_entries() -> None:
     """Volumes without a name are skipped (an empty answer is no volumes); a container counts
     only with a service label and an address on one of its networks."""

@@ -54,6 +54,26 @@ def test_bad_options_are_usage_errors(args: tuple[str, ...]) -> None:
         parse(*args)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--idle-timeout", "soon"), "idle-timeout must be a number, not 'soon'"),
+        (("--idle-timeout", "0"), "idle-timeout must be greater than 0"),
+        (("--idle-timeout", "inf"), "idle-timeout must be greater than 0"),
+        (("--docker-threads", "-1"), "docker-threads must be greater than 0"),
+        (("--docker-threads", "2.5"), "docker-threads must be a number, not '2.5'"),
+        (("--max-lifetime", "-1"), "--max-lifetime must be 0 or more"),
+    ],
+)
+def test_a_bad_number_is_refused_naming_the_option_and_the_rule(
+    args: tuple[str, ...], message: str
+) -> None:
+    """The usage error twistd prints names the option, the value and what it must be."""
+    with pytest.raises(usage.UsageError) as refused:
+        parse(*args)
+    assert message in str(refused.value)
+
+
 def test_make_service_wires_named_services() -> None:
     """makeService builds the service tree without starting anything."""
     service = makeService(parse("--port", "tcp:0"))
