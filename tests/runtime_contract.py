@@ -115,3 +115,32 @@ async def test_lists_only_this_instances_containers(runtime: Any, foreign: Any) 
     await foreign(others[3], {k: v for k, v in mine.items() if k != LABEL_MANAGED})
     listed = [info.sandbox_id for info in await runtime.list_containers()]
     assert listed == [ours.sandbox_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_container_killed_behind_its_back_is_reported_to_watchers(
+    runtime: Any, kill_behind: Any
+) -> None:
+    """A container of ours that dies without the runtime's doing (``kill_behind``: SIGKILL
+    through the engine, not through the runtime) is reported to every watcher as a ``die``
+    (or ``oom``) event naming its sandbox and container, with exit code 137: what the
+    manager's reconcile-on-event relies on to notice a dead sandbox at once."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    seen: list[Any] = []
+    runtime.watch(seen.append)
+    info = await runtime.create(spec())
+    try:
+        await kill_behind(info)
+        for _ in range(300):
+            if any(event.sandbox_id == info.sandbox_id for event in seen):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        ours = [event for event in seen if event.sandbox_id == info.sandbox_id]
+        assert ours, f"no event for the killed container within 30 s (saw {seen})"
+        assert ours[0].container_id == info.container_id
+        assert ours[0].action in ("die", "oom")
+        assert ours[0].exit_code == 137
+    finally:
+        await runtime.remove(info.container_id, info.sandbox_id)

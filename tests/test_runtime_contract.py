@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from tests.runtime_contract import (
+    test_a_container_killed_behind_its_back_is_reported_to_watchers,
     test_create_list_remove,
     test_lists_only_this_instances_containers,
     test_pause_and_unpause,
@@ -14,10 +15,11 @@ from tests.runtime_contract import (
     test_remove_unknown_container_succeeds,
     test_template_images,
 )
-from twistedgw.runtime.interface import ContainerSpec, ImageFacts
+from twistedgw.runtime.interface import ContainerInfo, ContainerSpec, ImageFacts
 from twistedgw.testing.fakes import FakeRuntime
 
 __all__ = [
+    "test_a_container_killed_behind_its_back_is_reported_to_watchers",
     "test_create_list_remove",
     "test_lists_only_this_instances_containers",
     "test_pause_and_unpause",
@@ -45,3 +47,13 @@ def foreign(runtime: FakeRuntime) -> Callable[[ContainerSpec, dict[str, str]], A
         runtime.add_foreign(spec, labels)
 
     return add
+
+
+@pytest.fixture
+def kill_behind(runtime: FakeRuntime) -> Callable[[ContainerInfo], Awaitable[None]]:
+    """The fake engine's SIGKILL of a container (its ``die`` event included)."""
+
+    async def kill(info: ContainerInfo) -> None:
+        runtime.kill(info.container_id, exit_code=137, emit=True)
+
+    return kill

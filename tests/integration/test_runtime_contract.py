@@ -15,6 +15,7 @@ from twisted.internet.threads import deferToThread
 from tests.integration.conftest import IMAGE, remove_instance_containers
 from tests.runtime_contract import (
     spec,
+    test_a_container_killed_behind_its_back_is_reported_to_watchers,
     test_create_list_remove,
     test_lists_only_this_instances_containers,
     test_pause_and_unpause,
@@ -26,6 +27,7 @@ from twistedgw.runtime.docker import DockerRuntime
 from twistedgw.runtime.interface import ContainerSpec, ImageMissing
 
 __all__ = [
+    "test_a_container_killed_behind_its_back_is_reported_to_watchers",
     "test_create_list_remove",
     "test_lists_only_this_instances_containers",
     "test_pause_and_unpause",
@@ -85,3 +87,14 @@ async def test_missing_image(docker_client: Any) -> None:
 @pytest.fixture
 def present_image() -> str:
     return IMAGE
+
+
+@pytest.fixture
+def kill_behind(docker_client: Any) -> Callable[[Any], Awaitable[None]]:
+    """``docker kill`` of the container through the SDK, not through the runtime."""
+
+    async def kill(info: Any) -> None:
+        container = await deferToThread(docker_client.containers.get, info.container_id)
+        await deferToThread(container.kill)
+
+    return kill

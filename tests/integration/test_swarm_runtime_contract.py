@@ -23,6 +23,7 @@ from tests.integration.swarm import (
 )
 from tests.runtime_contract import (
     spec,
+    test_a_container_killed_behind_its_back_is_reported_to_watchers,
     test_create_list_remove,
     test_lists_only_this_instances_containers,
     test_pause_and_unpause,
@@ -37,6 +38,7 @@ pytestmark = pytestmark_swarm
 
 __all__ = [
     "swarm_client",
+    "test_a_container_killed_behind_its_back_is_reported_to_watchers",
     "test_create_list_remove",
     "test_lists_only_this_instances_containers",
     "test_pause_and_unpause",
@@ -124,3 +126,17 @@ async def test_swarm_sandbox_is_a_hardened_service(runtime: Any, swarm_client: A
         await runtime.remove(info.container_id, info.sandbox_id)
     names = {v.name for v in swarm_client.volumes.list()}
     assert not names & set(volume_names(wanted.sandbox_id).values())
+
+
+@pytest.fixture
+def kill_behind(swarm_client: Any) -> Callable[[Any], Awaitable[None]]:
+    """SIGKILL of the service's task container through the SDK, not through the runtime."""
+
+    async def kill(info: Any) -> None:
+        label = f"com.docker.swarm.service.id={info.container_id}"
+        containers = await deferToThread(swarm_client.containers.list, filters={"label": label})
+        assert containers, f"no task container for service {info.container_id}"
+        for container in containers:
+            await deferToThread(container.kill)
+
+    return kill
