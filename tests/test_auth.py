@@ -117,6 +117,21 @@ def test_access_log_has_no_query_string() -> None:
     assert '"GET /sandboxes HTTP/1.1" 200 10' in line
 
 
+def test_access_log_line_survives_bytes_that_are_not_ascii() -> None:
+    """A request line and user agent with non-ASCII bytes (any client can send them) give a
+    log line with replacement characters, not an exception; quotes in the agent are made
+    single so the line stays parseable."""
+    request = DummyRequest([b"x"])
+    request.uri = b"/caf\xc3\xa9?q=1"
+    request.method = b"G\xffT"
+    request.clientproto = b"HTTP/1.\xff"
+    request.code = 404
+    request.sentLength = 0
+    request.requestHeaders.setRawHeaders(b"user-agent", [b'bot "v1" \xc3\xa9'])
+    line = access_log_line("[now]", request)
+    assert '"G\ufffdT /caf\ufffd\ufffd HTTP/1.\ufffd" 404 - "-" "bot \'v1\' \ufffd\ufffd"' in line
+
+
 def test_a_wrong_header_token_is_refused_even_with_a_valid_query_token() -> None:
     """The header wins: a wrong bearer token is refused even when ``access_token`` in the
     query is valid (one credential per request, never "any of them")."""

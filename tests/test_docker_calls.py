@@ -617,6 +617,47 @@ def test_watched_events_reach_every_watcher_on_the_reactor_thread() -> None:
     assert WATCHED_ACTIONS == {"die", "destroy", "oom"}
 
 
+def test_the_event_stream_is_followed_again_a_second_after_it_breaks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The events thread asks for this instance's container events; when the stream fails
+    it waits a second and asks again (the engine restarted, say), and the events of the new
+    stream reach the watchers."""
+    import time
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    rt = runtime()
+    asked: list[dict[str, Any]] = []
+    seen: list[ContainerEvent] = []
+    rt._watchers = [seen.append]
+
+    def events(**kwargs: Any) -> Any:
+        asked.append(kwargs)
+        if len(asked) == 1:
+            raise requests.exceptions.ConnectionError("engine went away")
+
+        def stream() -> Any:
+            yield {"Action": "die", "Actor": {"ID": "cid", "Attributes": {"exitCode": "1"}}}
+            rt.running = False  # the service stops: the loop ends after this stream
+
+        return stream()
+
+    rt._client.events = events  # type: ignore[union-attr]
+    rt.running = True
+    rt._thd_events_loop()
+    assert sleeps == [1.0]
+    assert (
+        asked
+        == [
+            {"decode": True, "filters": {"label": instance_labels("inst-a"), "type": ["container"]}}
+        ]
+        * 2
+    )
+    assert seen == [ContainerEvent("", "cid", "die", 1)]
+    assert rt._events_stream is None
+
+
 # -- errors and the client ---------------------------------------------------------------------
 
 
