@@ -125,6 +125,7 @@ _SLOW_FILES = {
     "test_hostgw_client.py",
     "test_hostgw_files.py",
     "test_hostgw_previews.py",
+    "test_hostagents.py",
 }
 _SLOW_TESTS = {
     "test_twistd_finds_the_plugin_without_pythonpath",

@@ -15,7 +15,8 @@ temp directory. Commands start in the agent user's home directory unless given `
 ``remove`` stops the agent by its pid (SIGTERM, then SIGKILL), then any process it started
 that outlived it (also by pid, found from the agent's pid before it stopped), and removes
 the temp directory; ``stop_all`` does that for every agent still running. Nothing else is
-ever signalled.
+ever signalled. An agent is also sent SIGTERM by the kernel if the process that started it
+dies first (a test run killed at a timeout).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class HostAgent:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                preexec_fn=_terminate_with_parent,
             )
         self.pid = self.proc.pid
 
@@ -90,6 +92,16 @@ class HostAgent:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _terminate_with_parent() -> None:
+    """In the agent's child before exec: SIGTERM it when the process that started it dies
+    (``PR_SET_PDEATHSIG``), so a test process killed mid-test (a timeout, a mutation run)
+    leaves no agent behind."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def _start_time(pid: int) -> str | None:
