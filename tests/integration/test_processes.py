@@ -62,13 +62,16 @@ def test_a_background_loop_is_reattached_from_another_connection_exactly_once_in
 def test_a_killed_connection_s_command_result_is_collected_by_a_new_connection(
     gateway: GatewayProcess,
 ) -> None:
+    """A connection cut without a close handshake (the network drops) does not end its
+    command: a new connection attaches to it by ``request_id`` and gets its whole output and
+    result."""
     sandbox_id = gateway.create()
     url = f"{gateway.ws_url}/ws/{sandbox_id}"
-    ws = connect(url)
-    send(ws, {"command": "sleep 1; echo survived", "request_id": "cut", "ack": True})
-    assert recv(ws)["type"] == "started"
-    ws.socket.shutdown(socket.SHUT_RDWR)  # the network drops: no close handshake
-    ws.socket.close()
+    with connect(url) as ws:
+        send(ws, {"command": "sleep 1; echo survived", "request_id": "cut", "ack": True})
+        assert recv(ws)["type"] == "started"
+        ws.socket.shutdown(socket.SHUT_RDWR)  # the network drops: no close handshake
+        ws.socket.close()
     time.sleep(2.0)
     with connect(url) as fresh:
         _, out, result = attach_all(fresh, request_id="cut")
