@@ -88,6 +88,8 @@ def test_the_agent_runs_on_the_image_python(server: AgentServer) -> None:
 
 
 def test_healthz_answers_ok_without_auth(server: AgentServer) -> None:
+    """A ``GET /healthz`` with no ``Authorization`` header is answered ``200`` with the body
+    ``ok``."""
     response = http_get(server.socket, "/healthz")
     assert response.startswith(b"HTTP/1.1 200")
     assert response.endswith(b"\r\n\r\nok")
@@ -97,6 +99,8 @@ def test_healthz_answers_ok_without_auth(server: AgentServer) -> None:
 def test_a_handshake_without_the_secret_is_refused_with_401(
     server: AgentServer, auth: str | None
 ) -> None:
+    """A WebSocket handshake with no ``Authorization`` header, a wrong bearer token or a Basic
+    one is refused with HTTP 401."""
     headers = {"Authorization": auth} if auth else {}
     with pytest.raises(InvalidStatus) as err:
         unix_connect(server.socket, "ws://localhost/agent", additional_headers=headers)
@@ -104,6 +108,7 @@ def test_a_handshake_without_the_secret_is_refused_with_401(
 
 
 def test_unknown_paths_are_404(server: AgentServer) -> None:
+    """A ``GET`` of a path the agent does not serve (``/nope``) is answered ``404``."""
     assert http_get(server.socket, "/nope").startswith(b"HTTP/1.1 404")
 
 
@@ -111,6 +116,9 @@ def test_unknown_paths_are_404(server: AgentServer) -> None:
 
 
 def test_a_command_result_has_the_protocol_fields(ws: ClientConnection) -> None:
+    """A command's ``result`` carries its request id and command, its stdout, stderr and exit
+    code (3: ``success`` false), ``timed_out``, ``cancelled`` and ``truncated`` false, a float
+    ``duration_ms`` and a string ``timestamp``."""
     result = run(ws, "echo out; echo err >&2; exit 3", request_id="r-fields")
     assert result["type"] == "result"
     assert result["request_id"] == "r-fields"
@@ -124,6 +132,8 @@ def test_a_command_result_has_the_protocol_fields(ws: ClientConnection) -> None:
 
 
 def test_a_command_without_request_id_gets_one(ws: ClientConnection) -> None:
+    """A command sent without ``request_id`` gets a ``result`` whose ``request_id`` is a
+    non-empty string the agent chose."""
     send(ws, {"command": "true"})
     result = recv(ws)
     assert result["type"] == "result"
@@ -131,6 +141,8 @@ def test_a_command_without_request_id_gets_one(ws: ClientConnection) -> None:
 
 
 def test_commands_get_a_clean_environment_and_the_request_env(ws: ClientConnection) -> None:
+    """A command's environment holds the request's ``env`` variable (``FOO``) but neither
+    ``SANDBOX_AGENT_SECRET`` nor any ``AGENT_*`` variable of the agent."""
     result = run(ws, "env", env={"FOO": "bar"})
     names = {line.split("=", 1)[0] for line in result["output"].splitlines()}
     assert "FOO" in names
@@ -139,16 +151,22 @@ def test_commands_get_a_clean_environment_and_the_request_env(ws: ClientConnecti
 
 
 def test_stdin_text_is_fed_and_closed(ws: ClientConnection) -> None:
+    """A command's ``stdin`` text is written to it and its stdin then closed: ``cat`` prints it,
+    ends, and the command goes on to ``echo done``."""
     assert run(ws, "cat; echo done", stdin="hello\n")["output"] == "hello\ndone\n"
 
 
 def test_cwd_is_relative_to_home(ws: ClientConnection) -> None:
+    """A relative ``cwd`` is taken from the home directory: ``pwd`` in ``cwd=bb-dir`` prints
+    ``HOME/bb-dir``."""
     home = run(ws, "pwd")["output"].strip()
     run(ws, "mkdir -p bb-dir")
     assert run(ws, "pwd", cwd="bb-dir")["output"].strip() == f"{home}/bb-dir"
 
 
 def test_streamed_output_arrives_in_order_before_the_result(ws: ClientConnection) -> None:
+    """With ``stream`` set, all of stdout (3000 lines) and stderr arrive, in order, as ``output``
+    messages of the request before its ``result``, whose ``output`` and ``error`` are then empty."""
     send(ws, {"request_id": "s", "command": "seq 1 3000; echo end >&2", "stream": True})
     out, err = [], []
     while True:
@@ -165,6 +183,8 @@ def test_streamed_output_arrives_in_order_before_the_result(ws: ClientConnection
 
 
 def test_a_timeout_kills_the_whole_process_group(ws: ClientConnection) -> None:
+    """A 0.5 s timeout on ``sleep 60 & sleep 60`` gives a result within 10 s with ``timed_out``
+    true, returncode -9 and ``success`` false."""
     started = time.monotonic()
     result = run(ws, "sleep 60 & sleep 60", timeout=0.5)
     assert time.monotonic() - started < 10
@@ -182,6 +202,8 @@ def test_a_timeout_above_the_maximum_is_an_error_not_clamped(ws: ClientConnectio
 
 
 def test_cancel_kills_the_command(ws: ClientConnection) -> None:
+    """A ``cancel`` of a running ``sleep 60`` answers its result with ``cancelled`` true and
+    returncode -9."""
     send(ws, {"request_id": "c", "command": "sleep 60"})
     time.sleep(0.2)
     send(ws, {"type": "cancel", "request_id": "c"})
@@ -190,6 +212,8 @@ def test_cancel_kills_the_command(ws: ClientConnection) -> None:
 
 
 def test_interactive_stdin_messages_feed_the_command(ws: ClientConnection) -> None:
+    """An ``interactive`` command reads what ``stdin`` messages send, in order, and sees end of
+    file at ``eof``: ``cat`` outputs ``one two`` and ends."""
     send(ws, {"request_id": "i", "command": "cat", "interactive": True})
     send(ws, {"type": "stdin", "request_id": "i", "data": "one "})
     send(ws, {"type": "stdin", "request_id": "i", "data": "two", "eof": True})
@@ -198,6 +222,8 @@ def test_interactive_stdin_messages_feed_the_command(ws: ClientConnection) -> No
 
 
 def test_stdin_after_eof_is_an_error(ws: ClientConnection) -> None:
+    """A ``stdin`` message after the one with ``eof`` gets a ``stdin_closed`` error; the command
+    still ends with its result."""
     send(ws, {"request_id": "e", "command": "sleep 0.5; cat", "interactive": True})
     send(ws, {"type": "stdin", "request_id": "e", "eof": True})
     send(ws, {"type": "stdin", "request_id": "e", "data": "late"})
@@ -208,6 +234,8 @@ def test_stdin_after_eof_is_an_error(ws: ClientConnection) -> None:
 def test_a_background_holder_of_the_pipes_does_not_delay_the_result(
     ws: ClientConnection,
 ) -> None:
+    """A command that leaves ``sleep 30`` in the background holding its pipes still gets its
+    result (output ``x``) within 5 s."""
     started = time.monotonic()
     result = run(ws, "sleep 30 & echo x")
     assert result["output"] == "x\n"
@@ -215,6 +243,8 @@ def test_a_background_holder_of_the_pipes_does_not_delay_the_result(
 
 
 def test_duplicate_request_ids_are_refused(ws: ClientConnection) -> None:
+    """A command with the request id of one still running gets a ``duplicate_request_id`` error;
+    the first command still gets its result."""
     send(ws, {"request_id": "d", "command": "sleep 0.5"})
     send(ws, {"request_id": "d", "command": "true"})
     first = recv(ws)
@@ -226,6 +256,9 @@ def test_duplicate_request_ids_are_refused(ws: ClientConnection) -> None:
 
 
 def test_a_session_keeps_cwd_and_variables_and_can_be_closed(ws: ClientConnection) -> None:
+    """Commands in a session share its shell (a ``cd`` and a variable carry over);
+    ``list_sessions`` lists it; ``close_session`` answers ``session_closed`` with the request id,
+    and closing it again is ``unknown_session``."""
     assert run(ws, "cd /tmp && X=42", session="bb")["session"] == "bb"
     result = run(ws, 'pwd; echo "$X"', session="bb")
     assert result["output"] == "/tmp\n42\n"
@@ -240,6 +273,8 @@ def test_a_session_keeps_cwd_and_variables_and_can_be_closed(ws: ClientConnectio
 
 
 def test_a_session_timeout_keeps_the_shell(ws: ClientConnection) -> None:
+    """A session command that times out reports ``timed_out`` but leaves the session's shell
+    alive: a variable set before it is still set after."""
     run(ws, "Y=kept", session="bt")
     result = run(ws, "sleep 60", session="bt", timeout=0.5)
     assert result["timed_out"] is True
@@ -272,6 +307,9 @@ def test_a_session_timeout_keeps_the_shell(ws: ClientConnection) -> None:
 def test_malformed_messages_get_an_error_reply(
     ws: ClientConnection, message: str, code: str
 ) -> None:
+    """Each malformed message (not an object, bad JSON, unknown type, missing or bad fields,
+    unknown request) gets an ``error`` with its own ``error_code``, and the connection still runs
+    commands afterwards."""
     ws.send(message)
     reply = recv(ws)
     assert (reply["type"], reply["error_code"]) == ("error", code)
@@ -279,6 +317,7 @@ def test_malformed_messages_get_an_error_reply(
 
 
 def test_a_binary_message_gets_an_error_reply(ws: ClientConnection) -> None:
+    """A command sent as a binary WebSocket message gets a ``binary_message`` error."""
     ws.send(b'{"command": "true"}')
     assert recv(ws)["error_code"] == "binary_message"
 
@@ -287,6 +326,8 @@ def test_a_binary_message_gets_an_error_reply(ws: ClientConnection) -> None:
 
 
 def test_a_text_frame_that_is_not_utf8_gets_a_json_reply(server: AgentServer) -> None:
+    """A text frame whose payload is not UTF-8 gets an ``invalid_json`` error reply, not a closed
+    connection: the next command on it still runs."""
     client = RawClient(server)
     client.send_frame(0x1, b'{"command": "\xff"}')
     assert client.recv_json()["error_code"] == "invalid_json"
@@ -296,6 +337,8 @@ def test_a_text_frame_that_is_not_utf8_gets_a_json_reply(server: AgentServer) ->
 
 
 def test_a_fragmented_message_is_one_command(server: AgentServer) -> None:
+    """A text message split over two frames, with a ping between them, runs as one command; the
+    ping is answered with a pong carrying its payload."""
     client = RawClient(server)
     client.send_frame(0x1, b'{"command": "ec', fin=False)
     client.send_frame(0x9, b"ping!")
@@ -331,6 +374,8 @@ def closing_code(client: RawClient) -> int | None:
 def test_protocol_violations_end_the_connection_with_1002(
     server: AgentServer, frames: list[tuple[Any, ...]]
 ) -> None:
+    """An unmasked frame, a close frame with code 999 or 1005, an orphan continuation frame or a
+    frame with an RSV bit ends the connection (a 1002 close or a plain drop); the agent lives on."""
     client = RawClient(server)
     for opcode, payload, fin, mask, *rsv in frames:
         client.send_frame(opcode | (rsv[0] if rsv else 0), payload, fin=fin, mask=mask)
@@ -342,6 +387,8 @@ def test_protocol_violations_end_the_connection_with_1002(
 
 
 def test_a_close_frame_is_answered_with_a_close_frame(server: AgentServer) -> None:
+    """A close frame with code 4001 is answered with a close frame (code 4001 or 1000); the agent
+    lives on."""
     client = RawClient(server)
     client.send_frame(0x8, struct.pack("!H", 4001) + b"bye")
     assert closing_code(client) in (4001, 1000)
@@ -350,6 +397,8 @@ def test_a_close_frame_is_answered_with_a_close_frame(server: AgentServer) -> No
 
 
 def test_an_oversize_frame_ends_the_connection_without_reading_it(server: AgentServer) -> None:
+    """A frame header announcing a 65 MiB payload (none sent) ends the connection with 1009 or a
+    drop, without the agent waiting for the payload; the agent lives on."""
     client = RawClient(server)
     client.sock.sendall(struct.pack("!BBQ", 0x81, 0x80 | 127, 65 * 1024 * 1024) + b"mask")
     assert closing_code(client) in (1009, None)
@@ -358,6 +407,7 @@ def test_an_oversize_frame_ends_the_connection_without_reading_it(server: AgentS
 
 
 def test_ping_gets_a_pong(ws: ClientConnection) -> None:
+    """A ping is answered with a pong within 10 s."""
     assert ws.ping(b"are you there").wait(10)
 
 
