@@ -15,6 +15,8 @@ from tests.agent.fakeclock import FakeClock
 
 
 def test_output_buffer_keeps_head_and_tail_within_the_cap() -> None:
+    """26 bytes written in four chunks to a 10-byte buffer keep the first 5 and the last 5 bytes;
+    ``kept`` is 10, ``total`` 26 and ``truncated`` is set."""
     buf = OutputBuffer(10)
     for chunk in (b"abc", b"defgh", b"ijklmnop", b"qrstuvwxyz"):
         buf.write(chunk)
@@ -25,6 +27,8 @@ def test_output_buffer_keeps_head_and_tail_within_the_cap() -> None:
 
 
 def test_output_buffer_under_the_cap_is_not_truncated() -> None:
+    """Writes that fit under the cap are kept whole, joined in order, and ``truncated`` stays
+    unset."""
     buf = OutputBuffer(100)
     buf.write(b"hello ")
     buf.write(b"world")
@@ -33,12 +37,15 @@ def test_output_buffer_under_the_cap_is_not_truncated() -> None:
 
 
 def test_output_buffer_text_replaces_undecodable_bytes() -> None:
+    """``text()`` decodes the kept bytes as UTF-8 with U+FFFD in place of an undecodable byte."""
     buf = OutputBuffer(100)
     buf.write(b"ok \xff")
     assert buf.text() == "ok \ufffd"
 
 
 def test_chunks_are_coalesced_until_the_delay() -> None:
+    """Two small writes send nothing at once; after ``STREAM_FLUSH_DELAY`` they go out as one
+    chunk for the stream and no timer is left pending."""
     clock = FakeClock()
     sent: list[tuple[str, str]] = []
     stream = ChunkStream("stdout", lambda name, text: sent.append((name, text)), clock)
@@ -51,6 +58,8 @@ def test_chunks_are_coalesced_until_the_delay() -> None:
 
 
 def test_chunks_flush_at_the_size_threshold_without_waiting() -> None:
+    """A write of ``STREAM_FLUSH_BYTES`` is sent at once, as one chunk, with no timer left
+    pending."""
     clock = FakeClock()
     sent: list[str] = []
     stream = ChunkStream("stdout", lambda name, text: sent.append(text), clock)
@@ -60,6 +69,8 @@ def test_chunks_flush_at_the_size_threshold_without_waiting() -> None:
 
 
 def test_a_character_split_across_reads_stays_whole() -> None:
+    """A UTF-8 character whose bytes arrive in two writes, with a flush delay between them, is
+    sent whole, not as replacement characters."""
     clock = FakeClock()
     sent: list[str] = []
     stream = ChunkStream("stdout", lambda name, text: sent.append(text), clock)
@@ -72,6 +83,7 @@ def test_a_character_split_across_reads_stays_whole() -> None:
 
 
 def test_a_truncated_character_at_the_end_becomes_a_replacement() -> None:
+    """An incomplete UTF-8 character left at the final flush is sent as one U+FFFD."""
     clock = FakeClock()
     sent: list[str] = []
     stream = ChunkStream("stdout", lambda name, text: sent.append(text), clock)
@@ -81,6 +93,8 @@ def test_a_truncated_character_at_the_end_becomes_a_replacement() -> None:
 
 
 def test_buffered_capture_calls_the_limit_once_past_the_kill_size() -> None:
+    """A buffered capture (cap 8, kill size 20) fed 100 bytes calls its limit callback exactly
+    once, is truncated and keeps 8 characters of text."""
     hits: list[int] = []
     capture = StreamCapture("stdout", 8, 20, lambda: hits.append(1))
     for _ in range(10):
@@ -91,6 +105,8 @@ def test_buffered_capture_calls_the_limit_once_past_the_kill_size() -> None:
 
 
 def test_streamed_capture_has_no_limit_and_no_text() -> None:
+    """A streamed capture fed 100 bytes (past its kill size) never calls the limit callback,
+    sends all of them as chunks, keeps no text and is not truncated."""
     clock = FakeClock()
     sent: list[str] = []
     hits: list[int] = []
