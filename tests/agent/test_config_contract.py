@@ -135,6 +135,8 @@ def test_the_secret_is_required_and_both_secrets_are_taken_out_of_the_environmen
     [("", {}), ("{}", {}), ('{"A": "1", "B_2": ""}', {"A": "1", "B_2": ""})],
 )
 def test_the_command_env_is_a_json_object_of_strings(raw: str, parsed: dict[str, str]) -> None:
+    """``SANDBOX_COMMAND_ENV`` that is empty, ``{}`` or an object of strings (empty values
+    allowed) parses to that dict."""
     assert parse_command_env(raw) == parsed
 
 
@@ -144,6 +146,8 @@ def test_the_command_env_is_a_json_object_of_strings(raw: str, parsed: dict[str,
      '{"A": "x\\u0000"}'],
 )  # fmt: skip
 def test_a_bad_command_env_is_a_config_error(raw: str) -> None:
+    """A command env that is not JSON, not an object, has an empty name, a name with ``=`` or
+    NUL, a non-string value or a value with NUL is a ConfigError naming ``SANDBOX_COMMAND_ENV``."""
     with pytest.raises(ConfigError, match="SANDBOX_COMMAND_ENV"):
         parse_command_env(raw)
 
@@ -184,6 +188,8 @@ def test_without_a_passwd_entry_the_user_is_the_uid_and_home_comes_from_home(
 
 
 def test_a_user_the_agent_cannot_become_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When ``user_identity`` raises IdentityError, reading the config is a ConfigError with the
+    IdentityError's message."""
     from agent import config as module
     from agent.spawn import IdentityError
 
@@ -220,6 +226,8 @@ def test_the_shell_is_bash_where_it_can_run_else_sh(
 
 
 def test_bad_command_env_messages_say_what_is_wrong() -> None:
+    """A command env that is not JSON says ``SANDBOX_COMMAND_ENV is not JSON``; one with a
+    non-string value says it ``must be an object of strings``."""
     with pytest.raises(ConfigError) as not_json:
         parse_command_env("{")
     assert str(not_json.value) == "SANDBOX_COMMAND_ENV is not JSON"
