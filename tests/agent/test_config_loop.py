@@ -15,6 +15,9 @@ from tests.agent.conftest import AGENT_ROOT
 
 
 def test_from_environ_scrubs_the_secret_and_the_command_env() -> None:
+    """``from_environ`` removes the secret and the command env from the environ it reads, keeps
+    the secret as bytes and the command env in ``child_env``, caps a default timeout of 90 at the
+    maximum 60, reads the socket, and keeps the secret out of the repr."""
     environ = {
         "SANDBOX_AGENT_SECRET": "s3cret",
         "SANDBOX_COMMAND_ENV": json.dumps({"FOO": "bar"}),
@@ -46,16 +49,21 @@ def test_from_environ_scrubs_the_secret_and_the_command_env() -> None:
     ],
 )
 def test_unusable_environments_are_config_errors(environ: dict[str, str]) -> None:
+    """No secret, a port out of range, a non-numeric output cap, a NaN maximum timeout, an
+    unknown log level or a bad command env is a ConfigError."""
     with pytest.raises(ConfigError):
         AgentConfig.from_environ(environ)
 
 
 def test_spawn_method_fork_is_selectable() -> None:
+    """``AGENT_SPAWN=fork`` sets the spawn method to ``fork``."""
     config = AgentConfig.from_environ({"SANDBOX_AGENT_SECRET": "s", "AGENT_SPAWN": "fork"})
     assert config.spawn_method == "fork"
 
 
 def test_timers_run_in_order_and_cancelled_ones_do_not() -> None:
+    """Timers scheduled out of order run in the order of their delays; a cancelled one does not
+    run."""
     loop = Loop()
     try:
         ran: list[str] = []
@@ -91,6 +99,9 @@ class Recorder:
 
 
 def test_a_transport_pauses_its_writer_when_full_and_resumes_when_drained() -> None:
+    """A socket transport calls ``pause_writing`` once its buffer passes the high mark while the
+    peer does not read, delivers all 4 MiB and calls ``resume_writing`` once drained, passes
+    incoming data on, and calls ``connection_lost`` when the peer closes."""
     loop = Loop()
     ours, theirs = socket.socketpair()
     try:
