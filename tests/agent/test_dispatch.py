@@ -51,6 +51,8 @@ class Harness:
 
 
 def test_a_command_runs_and_its_result_is_sent(loop: Loop) -> None:
+    """A command's result carries its request id, stdout, stderr and exit code 3 with ``success``
+    false, and the connection no longer holds the run."""
     h = Harness(loop)
     h.send({"request_id": "r1", "command": "echo out; echo err >&2; exit 3"})
     result = h.wait_for("result")
@@ -61,6 +63,8 @@ def test_a_command_runs_and_its_result_is_sent(loop: Loop) -> None:
 
 
 def test_bad_json_gets_an_error_reply_at_once(loop: Loop) -> None:
+    """A message that is not JSON is answered with an ``invalid_json`` error at once, without
+    running the loop."""
     h = Harness(loop)
     h.send(b"{not json")
     assert h.sent[0]["error_code"] == "invalid_json"
@@ -89,6 +93,8 @@ def test_connection_loss_kills_commands_sent_with_on_disconnect_kill(loop: Loop)
 
 
 def test_backpressure_pauses_a_streamed_command_until_resumed(loop: Loop) -> None:
+    """While the connection's output is paused a streamed command sends nothing; once resumed its
+    output chunk and a successful result arrive."""
     h = Harness(loop)
     h.conn.set_output_paused(True)
     h.send({"request_id": "r", "command": "echo a", "stream": True})
