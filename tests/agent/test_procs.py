@@ -11,6 +11,8 @@ from agent import procs
 
 
 def test_descendants_include_group_session_and_children_but_not_the_shell() -> None:
+    """From a pid table, the descendants of the shell are its child, the grandchild that called
+    setsid and an orphan still in its group; not the shell itself nor an unrelated process."""
     table = {
         10: (1, 10, 10),  # the shell
         11: (10, 11, 10),  # a child in its own group, same session
@@ -22,11 +24,14 @@ def test_descendants_include_group_session_and_children_but_not_the_shell() -> N
 
 
 def test_returncode_of_exit_and_signal() -> None:
+    """A wait status of exit 3 gives 3; one of death by SIGKILL gives -9."""
     assert procs.returncode_of(3 << 8) == 3
     assert procs.returncode_of(signal.SIGKILL) == -9
 
 
 def test_oom_kill_count_reads_v1_then_v2_files(tmp_path: Path) -> None:
+    """A missing first counter file is skipped and the ``oom_kill`` line of the next
+    (``memory.events``) is returned; with no readable file the count is None."""
     v2 = tmp_path / "memory.events"
     v2.write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n")
     assert procs.oom_kill_count((str(tmp_path / "missing"), str(v2))) == 2
@@ -34,6 +39,8 @@ def test_oom_kill_count_reads_v1_then_v2_files(tmp_path: Path) -> None:
 
 
 def test_shell_quote_round_trips_through_sh() -> None:
+    """Text with quotes, ``$``, backticks, a backslash and a newline, quoted by ``shell_quote``,
+    comes out of ``sh -c printf`` unchanged."""
     text = 'it\'s "$HOME" `x` \\ \n'
     out = subprocess.run(
         ["sh", "-c", f"printf %s {procs.shell_quote(text)}"], capture_output=True, check=True
@@ -42,6 +49,8 @@ def test_shell_quote_round_trips_through_sh() -> None:
 
 
 def test_kill_group_kills_the_whole_group() -> None:
+    """``kill_group`` SIGKILLs a new session's shell (exit -9) and the sleep it backgrounded in
+    the same group, which ends dead or a zombie within 5 s."""
     proc = subprocess.Popen(
         ["sh", "-c", "sleep 30 & echo $!; wait"], start_new_session=True, stdout=subprocess.PIPE
     )
