@@ -27,6 +27,9 @@ def loop() -> Iterator[Loop]:
 
 
 def test_a_ring_log_keeps_absolute_offsets_until_it_wraps() -> None:
+    """An 8-byte ring log keeps offsets counted from the first byte ever written: after 10 bytes
+    ``start`` is 2, ``end`` 10 and ``dropped`` 2, and reads at an offset return the bytes from
+    there."""
     log = RingLog(8)
     log.write(b"abcde")
     assert (log.start, log.end, log.dropped) == (0, 5, 0)
@@ -39,18 +42,23 @@ def test_a_ring_log_keeps_absolute_offsets_until_it_wraps() -> None:
 
 
 def test_a_ring_log_read_before_the_window_starts_at_the_oldest_kept_byte() -> None:
+    """A read at an offset that has wrapped out of the log returns the oldest kept offset and the
+    bytes from there."""
     log = RingLog(4)
     log.write(b"0123456789")
     assert log.read(0) == (6, b"6789")
 
 
 def test_a_ring_log_read_beyond_the_end_is_empty_at_the_end() -> None:
+    """A read at an offset past the end returns the end offset and no bytes."""
     log = RingLog(4)
     log.write(b"ab")
     assert log.read(100) == (2, b"")
 
 
 def test_a_write_larger_than_the_ring_keeps_its_tail() -> None:
+    """A write longer than the ring leaves only its last bytes, with ``start`` and ``end``
+    counting all that was written."""
     log = RingLog(4)
     log.write(b"xy")
     log.write(b"0123456789")
@@ -58,6 +66,7 @@ def test_a_write_larger_than_the_ring_keeps_its_tail() -> None:
 
 
 def test_a_ring_log_read_is_bounded_by_its_limit() -> None:
+    """A read with ``limit`` returns at most that many bytes from the offset asked."""
     log = RingLog(100)
     log.write(b"a" * 50)
     assert log.read(10, limit=5) == (10, b"aaaaa")
@@ -98,6 +107,9 @@ def result_in(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def test_background_answers_started_at_once_and_attach_replays_everything(loop: Loop) -> None:
+    """A ``background`` command is answered ``started`` (with its pid) and nothing more; once it
+    ended, another connection's ``attach`` by pid ``since`` 0 gets ``attached`` at offset 0, all
+    of its output, then a result with the returncode and pid and an empty ``output``."""
     h = Harness(loop)
     h.send({"request_id": "bg", "command": "for i in 1 2 3; do echo $i; done", "background": True})
     started = h.sent.pop(0)
@@ -116,6 +128,8 @@ def test_background_answers_started_at_once_and_attach_replays_everything(loop: 
 
 
 def test_attach_since_an_offset_replays_only_what_follows_it(loop: Loop) -> None:
+    """An ``attach`` by request id ``since`` offset 4 replays one chunk, at offset 4, of the
+    output from there on."""
     h = Harness(loop)
     h.send({"request_id": "bg", "command": "printf 0123456789", "background": True})
     pid = h.sent.pop(0)["pid"]
@@ -127,6 +141,8 @@ def test_attach_since_an_offset_replays_only_what_follows_it(loop: Loop) -> None
 
 
 def test_attach_beyond_the_end_starts_at_the_end(loop: Loop) -> None:
+    """An ``attach`` ``since`` an offset past the end is ``attached`` at the end offsets and
+    replays no output."""
     h = Harness(loop)
     h.send({"request_id": "bg", "command": "printf abc", "background": True})
     pid = h.sent.pop(0)["pid"]
@@ -138,6 +154,8 @@ def test_attach_beyond_the_end_starts_at_the_end(loop: Loop) -> None:
 
 
 def test_attach_before_the_kept_window_says_how_much_was_dropped(loop: Loop) -> None:
+    """With a 10-byte log, an ``attach`` ``since`` 0 to 16 bytes of output is ``attached`` at
+    offset 6 with 6 ``dropped``, replays the 10 kept bytes, and its result reports the drop."""
     h = Harness(loop, log_size=10)
     h.send({"request_id": "bg", "command": "printf 0123456789abcdef", "background": True})
     pid = h.sent.pop(0)["pid"]
@@ -152,6 +170,8 @@ def test_attach_before_the_kept_window_says_how_much_was_dropped(loop: Loop) -> 
 
 
 def test_two_watchers_each_get_the_live_output(loop: Loop) -> None:
+    """Two connections attached to a running background command both receive its output as it is
+    written, and both get its result."""
     h = Harness(loop)
     h.send({"request_id": "bg", "command": "sleep 0.3; echo live", "background": True})
     pid = h.sent.pop(0)["pid"]
@@ -179,6 +199,9 @@ def test_a_paused_watcher_falls_behind_and_reports_the_bytes_it_missed(loop: Loo
 
 
 def test_a_dropped_connection_no_longer_kills_its_command(loop: Loop) -> None:
+    """A command sent with ``ack`` is answered ``started`` (not marked ``background``); after its
+    connection is lost it runs on, and another connection attaching by request id gets its output
+    and a result with returncode 0."""
     h = Harness(loop)
     h.send({"request_id": "r", "command": "sleep 0.3; echo done", "ack": True})
     started = h.sent.pop(0)
@@ -193,6 +216,8 @@ def test_a_dropped_connection_no_longer_kills_its_command(loop: Loop) -> None:
 
 
 def test_the_owner_still_gets_the_full_result_with_its_pid(loop: Loop) -> None:
+    """A plain command's connection gets a result with its output and a ``pid`` the process table
+    knows, and no ``dropped`` field."""
     h = Harness(loop)
     h.send({"request_id": "r", "command": "echo hi"})
     result = h.wait_for("result")
@@ -202,6 +227,8 @@ def test_the_owner_still_gets_the_full_result_with_its_pid(loop: Loop) -> None:
 
 
 def test_streamed_chunk_offsets_add_up(loop: Loop) -> None:
+    """A streamed command's ``output`` chunks carry their stdout offsets: 0 for ``ab``, 2 for
+    ``cde``."""
     h = Harness(loop)
     h.send({"request_id": "r", "command": "printf ab; sleep 0.1; printf cde", "stream": True})
     run_until(loop, lambda: result_in(h.sent) is not None)
@@ -213,6 +240,9 @@ def test_streamed_chunk_offsets_add_up(loop: Loop) -> None:
 
 
 def test_yield_after_returns_the_output_so_far_and_attach_completes_it(loop: Loop) -> None:
+    """A command still running at ``yield_after`` is answered ``yielded`` with its output and
+    offsets so far and leaves the connection's runs; an ``attach`` since those offsets gets the
+    rest."""
     h = Harness(loop)
     h.send({"request_id": "y", "command": "echo first; sleep 0.6; echo second", "yield_after": 0.3})
     yielded = h.wait_for("yielded")
@@ -225,6 +255,7 @@ def test_yield_after_returns_the_output_so_far_and_attach_completes_it(loop: Loo
 
 
 def test_a_command_done_before_yield_after_gets_its_plain_result(loop: Loop) -> None:
+    """A command that ends before ``yield_after`` gets its ordinary result and no ``yielded``."""
     h = Harness(loop)
     h.send({"request_id": "y", "command": "echo quick", "yield_after": 5})
     assert h.wait_for("result")["output"] == "quick\n"
@@ -235,6 +266,9 @@ def test_a_command_done_before_yield_after_gets_its_plain_result(loop: Loop) -> 
 
 
 def test_processes_lists_running_and_finished_commands(loop: Loop) -> None:
+    """``processes`` lists a finished command as ``exited`` with its returncode and byte counts
+    and a background one as ``running`` with its pid; a ``signal`` KILL to it is answered
+    ``signalled`` with ``delivered`` true."""
     h = Harness(loop)
     h.send({"request_id": "done", "command": "echo x"})
     h.wait_for("result")
@@ -251,6 +285,8 @@ def test_processes_lists_running_and_finished_commands(loop: Loop) -> None:
 
 
 def test_signal_term_reaches_the_whole_process_group(loop: Loop) -> None:
+    """A ``signal`` TERM by request id is answered ``signalled`` for TERM, and the background
+    command (a shell with two sleeps) ends within 5 s with returncode -15."""
     h = Harness(loop)
     h.send({"request_id": "bg", "command": "sleep 30 & sleep 30; wait", "background": True})
     pid = h.sent.pop(0)["pid"]
@@ -279,12 +315,16 @@ def test_signal_term_reaches_the_whole_process_group(loop: Loop) -> None:
 def test_bad_process_messages_get_an_error_code(
     loop: Loop, message: dict[str, Any], code: str
 ) -> None:
+    """Each bad ``attach``, ``signal`` or command field (unknown pid or request id, bad pid,
+    since, signal, background, yield_after or on_disconnect, background in a session) gets an
+    ``error`` with its own code."""
     h = Harness(loop)
     h.send(message)
     assert h.sent[-1]["type"] == "error" and h.sent[-1]["error_code"] == code
 
 
 def test_signal_to_a_finished_process_is_not_running(loop: Loop) -> None:
+    """A ``signal`` to the pid of a command that has ended gets a ``not_running`` error."""
     h = Harness(loop)
     h.send({"request_id": "r", "command": "true"})
     pid = h.wait_for("result")["pid"]
@@ -293,6 +333,8 @@ def test_signal_to_a_finished_process_is_not_running(loop: Loop) -> None:
 
 
 def test_background_processes_beyond_the_cap_are_too_many_commands(loop: Loop) -> None:
+    """With ``max_background`` 2, a third background command gets ``too_many_commands`` and is
+    not started."""
     h = Harness(loop, max_background=2)
     for i in range(2):
         h.send({"request_id": f"b{i}", "command": "sleep 5", "background": True})
@@ -303,6 +345,8 @@ def test_background_processes_beyond_the_cap_are_too_many_commands(loop: Loop) -
 
 
 def test_finished_results_are_forgotten_after_the_retention(loop: Loop) -> None:
+    """A finished command is kept in the table, forgotten once ``result_retention`` (0.3 s) has
+    passed, and an ``attach`` to it is then ``unknown_process``."""
     h = Harness(loop, result_retention=0.3)
     h.send({"request_id": "r", "command": "true"})
     pid = h.wait_for("result")["pid"]
@@ -313,6 +357,8 @@ def test_finished_results_are_forgotten_after_the_retention(loop: Loop) -> None:
 
 
 def test_kept_logs_are_bounded_in_all_oldest_first(loop: Loop) -> None:
+    """With ``kept_log_bytes`` 3000, three finished commands of 1200 bytes each leave the oldest
+    forgotten, the newest kept, and at most 3000 bytes kept."""
     h = Harness(loop, kept_log_bytes=3000)
     pids = []
     for i in range(3):
@@ -327,6 +373,9 @@ def test_kept_logs_are_bounded_in_all_oldest_first(loop: Loop) -> None:
 
 
 def test_events_report_started_and_exited_and_resume_after_an_id(loop: Loop) -> None:
+    """A ``subscribe_events`` connection gets ``started`` then ``exited`` (with returncode and
+    the same pid) for a background command; a subscriber with ``last_event_id`` of the first gets
+    only ``exited``."""
     h = Harness(loop)
     conn, got = second(h)
     conn.handle(json.dumps({"type": "subscribe_events", "request_id": "ev"}).encode(), False)
