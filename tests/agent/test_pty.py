@@ -51,6 +51,8 @@ def ws(server: AgentServer) -> Iterator[ClientConnection]:
 
 
 def test_a_pty_command_sees_a_terminal_of_the_requested_size(ws: ClientConnection) -> None:
+    """A ``pty`` command of 100x30 has a terminal on stdin of that size (a ``/dev/pts`` device),
+    ``TERM=xterm-256color``, and ends with returncode 0."""
     screen, _pid = start_pty(
         ws, "size", cols=100, rows=30, command=f"python3 -c '{SIZE_PROBE}'; echo TERM=$TERM"
     )
@@ -61,6 +63,9 @@ def test_a_pty_command_sees_a_terminal_of_the_requested_size(ws: ClientConnectio
 
 
 def test_a_login_shell_echoes_input_resizes_and_interrupts(ws: ClientConnection) -> None:
+    """In a default ``pty`` shell, typed commands run at 80x24; ``resize`` is answered
+    ``resized`` and ``stty`` sees 132x43; Ctrl-C interrupts a running sleep (echoed ``^C``, the
+    rest of the line not run) and the shell goes on; ``exit 3`` gives returncode 3."""
     screen, pid = start_pty(ws, "shell")
     send(ws, {"type": "stdin", "request_id": "shell", "data": "stty size; tty\r"})
     screen.wait_for("24 80")
@@ -81,6 +86,8 @@ def test_a_login_shell_echoes_input_resizes_and_interrupts(ws: ClientConnection)
 
 
 def test_cat_echoes_typed_input_including_binary_frames(ws: ClientConnection) -> None:
+    """With ``binary`` set, input sent as a binary frame is echoed and written back by ``cat``
+    and all output arrives as binary frames; a stdin ``eof`` is ``unsupported``; a KILL ends it."""
     screen, pid = start_pty(ws, "cat", command="cat", binary=True)
     ws.send(input_frame(pid, "héllo\r".encode()))
     # Echoed by the line discipline, then written back by cat: twice.
@@ -93,6 +100,9 @@ def test_cat_echoes_typed_input_including_binary_frames(ws: ClientConnection) ->
 
 
 def test_a_dropped_client_reattaches_and_sees_the_whole_history(server: AgentServer) -> None:
+    """After its connection closes, a PTY keeps running; a new connection attaching ``since`` 0
+    is ``attached`` to a running process, receives exactly the bytes the first one saw, and can
+    type into it."""
     with connect(server) as first:
         screen, pid = start_pty(first, "history", command="cat")
         for word in ("one", "two", "three"):
@@ -115,6 +125,10 @@ def test_a_dropped_client_reattaches_and_sees_the_whole_history(server: AgentSer
 def test_takeover_makes_one_writer_and_a_second_watcher_sees_the_output(
     server: AgentServer,
 ) -> None:
+    """An ``attach`` with ``takeover`` makes that connection the only writer: the owner is told
+    ``taken_over``, its input and resize get ``not_writer`` but it still sees the output;
+    ``processes`` shows the PTY, the takeover and 2 watchers; once both have left, a new
+    connection may write again."""
     with connect(server) as owner, connect(server) as taker:
         screen, pid = start_pty(owner, "take", command="cat")
         send(taker, {"type": "attach", "pid": pid, "takeover": True, "binary": True})
@@ -163,6 +177,8 @@ def test_takeover_makes_one_writer_and_a_second_watcher_sees_the_output(
 def test_invalid_pty_messages_get_clear_errors(
     ws: ClientConnection, message: dict[str, Any], code: str
 ) -> None:
+    """Each bad ``pty`` or ``resize`` message (size, unknown field, request id, binary, cwd, pid,
+    unknown process) gets an ``error`` with its own code and a non-empty message."""
     send(ws, message)
     reply = recv(ws)
     assert (reply["type"], reply["error_code"]) == ("error", code), reply
@@ -170,6 +186,8 @@ def test_invalid_pty_messages_get_clear_errors(
 
 
 def test_pty_only_operations_on_a_plain_process_are_refused(ws: ClientConnection) -> None:
+    """``resize``, ``attach`` with ``takeover`` or ``binary``, and binary stdin frames for a
+    non-PTY process are ``not_a_pty``; a binary frame of an unknown kind is ``binary_message``."""
     send(ws, {"request_id": "plain", "command": "sleep 30", "background": True})
     pid = recv(ws)["pid"]
     try:
@@ -190,6 +208,8 @@ def test_pty_only_operations_on_a_plain_process_are_refused(ws: ClientConnection
 
 
 def test_a_seed_client_never_gets_a_binary_frame(ws: ClientConnection) -> None:
+    """A PTY started without ``binary`` sends its output only as JSON chunks, and a UTF-8
+    character split across two writes arrives whole."""
     screen, _pid = start_pty(ws, "text", command="printf 'caf\\303'; printf '\\251 ok'")
     result = screen.message("result")
     assert result["returncode"] == 0
