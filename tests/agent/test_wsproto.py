@@ -26,10 +26,13 @@ def masked(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0) -> bytes
 
 
 def test_accept_key_matches_the_rfc_example() -> None:
+    """``accept_key`` of RFC 6455's sample key gives the RFC's ``Sec-WebSocket-Accept`` value."""
     assert wsproto.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 
 
 def test_parse_request_reads_method_path_and_headers_case_insensitively() -> None:
+    """``parse_request`` reads the method and the path with its query; headers are looked up
+    regardless of case, and repeated ones are joined with a comma."""
     req = wsproto.parse_request(
         b"GET /agent?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nX-A: 1\r\nx-a: 2"
     )
@@ -40,6 +43,8 @@ def test_parse_request_reads_method_path_and_headers_case_insensitively() -> Non
 
 @pytest.mark.parametrize("head", [b"GET /", b"GET / HTTP/1.1\r\nno colon", b"GET / SPDY/3"])
 def test_parse_request_refuses_garbage(head: bytes) -> None:
+    """A request line without a version, a header line without a colon or a protocol other than
+    HTTP is a ValueError."""
     with pytest.raises(ValueError):
         wsproto.parse_request(head)
 
@@ -56,6 +61,8 @@ def handshake(**override: str) -> wsproto.Request:
 
 
 def test_a_valid_handshake_has_no_problem() -> None:
+    """A GET with ``Upgrade: websocket``, ``Upgrade`` in ``Connection``, version 13 and a valid
+    key has no handshake problem."""
     assert wsproto.handshake_problem(handshake()) is None
 
 
@@ -69,16 +76,21 @@ def test_a_valid_handshake_has_no_problem() -> None:
     ],
 )
 def test_invalid_handshakes_are_named(override: dict[str, str]) -> None:
+    """A handshake with another ``Upgrade``, no ``Upgrade`` in ``Connection``, version 8 or a
+    short key has a problem (not None)."""
     assert wsproto.handshake_problem(handshake(**override)) is not None
 
 
 def test_a_masked_text_frame_is_unmasked() -> None:
+    """A masked client text frame parses to one text event with the unmasked payload."""
     parser = FrameParser(1024)
     [event] = parser.feed(masked(wsproto.OP_TEXT, b"hello"))
     assert (event.opcode, event.payload) == (wsproto.OP_TEXT, b"hello")
 
 
 def test_frames_split_at_every_byte_are_reassembled() -> None:
+    """A text frame (300 bytes, 16-bit length) and a binary frame fed one byte at a time parse to
+    the same two events."""
     data = masked(wsproto.OP_TEXT, b"x" * 300) + masked(wsproto.OP_BINARY, b"yz")
     parser = FrameParser(1024)
     events = []
@@ -91,6 +103,8 @@ def test_frames_split_at_every_byte_are_reassembled() -> None:
 
 
 def test_fragments_with_a_ping_in_between_make_one_message() -> None:
+    """A text message in three fragments with a ping among them gives the ping first, then one
+    text event with the whole payload."""
     parser = FrameParser(1024)
     events = parser.feed(
         masked(wsproto.OP_TEXT, b"he", fin=False)
@@ -105,6 +119,7 @@ def test_fragments_with_a_ping_in_between_make_one_message() -> None:
 
 
 def test_an_unmasked_client_frame_is_a_protocol_error() -> None:
+    """An unmasked client frame raises WebSocketError with code 1002."""
     with pytest.raises(WebSocketError) as err:
         FrameParser(1024).feed(wsproto.frame(wsproto.OP_TEXT, b"hi"))
     assert err.value.code == wsproto.CLOSE_PROTOCOL_ERROR
@@ -123,12 +138,16 @@ def test_an_unmasked_client_frame_is_a_protocol_error() -> None:
     ids=["rsv", "opcode", "orphan-cont", "fragmented-ping", "long-ping", "nested-message"],
 )
 def test_protocol_violations_close_with_1002(data: bytes) -> None:
+    """An RSV bit, an unknown opcode, an orphan continuation, a fragmented or over-125-byte ping,
+    or a new message inside a fragmented one raises WebSocketError with code 1002."""
     with pytest.raises(WebSocketError) as err:
         FrameParser(1024).feed(data)
     assert err.value.code == wsproto.CLOSE_PROTOCOL_ERROR
 
 
 def test_an_oversize_frame_is_refused_from_its_header_alone() -> None:
+    """A frame header announcing more than the maximum message size raises 1009 before any
+    payload arrives."""
     header = struct.pack("!BBQ", 0x81, 0x80 | 127, 10**6) + b"mask"
     with pytest.raises(WebSocketError) as err:
         FrameParser(1000).feed(header)
@@ -136,6 +155,7 @@ def test_an_oversize_frame_is_refused_from_its_header_alone() -> None:
 
 
 def test_an_oversize_fragmented_message_is_refused() -> None:
+    """Fragments that are each under the maximum but together over it raise 1009."""
     parser = FrameParser(10)
     parser.feed(masked(wsproto.OP_TEXT, b"x" * 6, fin=False))
     with pytest.raises(WebSocketError) as err:
@@ -145,17 +165,23 @@ def test_an_oversize_fragmented_message_is_refused() -> None:
 
 @pytest.mark.parametrize("code", [1000, 1001, 1011, 3000, 4999])
 def test_valid_close_codes_are_accepted(code: int) -> None:
+    """A close payload with a valid code (1000, 1001, 1011, 3000, 4999) parses to the code and
+    its reason."""
     assert wsproto.parse_close(struct.pack("!H", code) + b"bye") == (code, "bye")
 
 
 @pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 2999, 5000])
 def test_invalid_close_codes_are_protocol_errors(code: int) -> None:
+    """A close payload with a code that must not be sent (0, 999, 1004, 1005, 1006, 1015, 2999,
+    5000) raises 1002."""
     with pytest.raises(WebSocketError) as err:
         wsproto.parse_close(struct.pack("!H", code))
     assert err.value.code == wsproto.CLOSE_PROTOCOL_ERROR
 
 
 def test_close_without_code_and_bad_close_payloads() -> None:
+    """An empty close payload means 1005 with no reason; a 1-byte payload raises WebSocketError;
+    a reason that is not UTF-8 raises 1007."""
     assert wsproto.parse_close(b"") == (1005, "")
     with pytest.raises(WebSocketError):
         wsproto.parse_close(b"\x03")
@@ -166,6 +192,8 @@ def test_close_without_code_and_bad_close_payloads() -> None:
 
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
 def test_server_frames_encode_every_length_form(size: int) -> None:
+    """A server text frame is unmasked and final (first byte 0x81), ends with the payload, and
+    has a 2-, 4- or 10-byte header by payload size."""
     data = wsproto.frame(wsproto.OP_TEXT, b"z" * size)
     assert data[0] == 0x81
     assert data.endswith(b"z" * size)
@@ -173,6 +201,7 @@ def test_server_frames_encode_every_length_form(size: int) -> None:
 
 
 def test_unmask_is_its_own_inverse() -> None:
+    """Unmasking twice with the same key gives back the payload."""
     payload = os.urandom(1001)
     assert wsproto.unmask(wsproto.unmask(payload, b"abcd"), b"abcd") == payload
 
@@ -231,6 +260,8 @@ def test_close_frames_carry_the_code_and_at_most_120_bytes_of_reason() -> None:
     ],
 )
 def test_frame_headers_use_the_shortest_length_form(size: int, head: bytes) -> None:
+    """A frame of 125 bytes uses the 7-bit length, 126 bytes the 16-bit form, 65536 bytes the
+    64-bit form."""
     assert wsproto.frame(wsproto.OP_BINARY, b"\x00" * size)[: len(head)] == head
 
 
@@ -240,6 +271,8 @@ def test_frame_headers_use_the_shortest_length_form(size: int, head: bytes) -> N
      b"GET / HTTP/1.1\r\n X-A: 1", b"GET  / HTTP/1.1"],
 )  # fmt: skip
 def test_request_heads_with_misplaced_spaces_or_empty_names_are_refused(head: bytes) -> None:
+    """A request line with a leading or doubled space, or a header with an empty name, a space
+    before its colon or a leading space, is a ValueError."""
     with pytest.raises(ValueError):
         wsproto.parse_request(head)
 
@@ -273,6 +306,8 @@ def test_the_parser_starts_afresh_after_each_message() -> None:
     ids=["rsv", "opcode", "fragmented-ping", "orphan-cont", "nested-message", "length"],
 )  # fmt: skip
 def test_each_violation_says_what_it_is(data: bytes, reason: str) -> None:
+    """Each framing violation raises 1002 with its own reason, which is also the exception's
+    text."""
     with pytest.raises(WebSocketError) as err:
         FrameParser(max_message=1 << 20).feed(data)
     assert (err.value.code, err.value.reason) == (wsproto.CLOSE_PROTOCOL_ERROR, reason)
@@ -280,12 +315,16 @@ def test_each_violation_says_what_it_is(data: bytes, reason: str) -> None:
 
 
 def test_a_message_too_big_is_1009_naming_the_limit() -> None:
+    """A 5-byte message against a 4-byte limit raises 1009 with the reason ``message larger than
+    4 bytes``."""
     with pytest.raises(WebSocketError) as err:
         FrameParser(max_message=4).feed(masked(wsproto.OP_TEXT, b"12345"))
     assert (err.value.code, err.value.reason) == (1009, "message larger than 4 bytes")
 
 
 def test_close_payload_problems_name_themselves() -> None:
+    """A 1-byte close payload and close code 1005 raise WebSocketError with messages naming the
+    payload size and the code."""
     with pytest.raises(WebSocketError, match="close frame with a 1-byte payload"):
         wsproto.parse_close(b"\x03")
     with pytest.raises(WebSocketError, match="invalid close code 1005"):
