@@ -183,14 +183,25 @@ def test_streamed_output_arrives_in_order_before_the_result(ws: ClientConnection
 
 
 def test_a_timeout_kills_the_whole_process_group(ws: ClientConnection) -> None:
-    """A 0.5 s timeout on ``sleep 60 & sleep 60`` gives a result within 10 s with ``timed_out``
-    true, returncode -9 and ``success`` false."""
+    """A 0.5 s timeout on ``sleep 60.123 & sleep 60`` gives a result within 10 s with
+    ``timed_out`` true, returncode -9 and ``success`` false, and the backgrounded sleep of the
+    same process group is gone too (no process's command line starts with it)."""
     started = time.monotonic()
-    result = run(ws, "sleep 60 & sleep 60", timeout=0.5)
+    result = run(ws, "sleep 60.123 & sleep 60", timeout=0.5)
     assert time.monotonic() - started < 10
     assert result["timed_out"] is True
     assert result["returncode"] == -9
     assert result["success"] is False
+    count = (
+        "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < \"$f\"; echo; done 2>/dev/null"
+        " | grep -c '^sleep 60.123 '"
+    )
+    for _ in range(50):
+        left = run(ws, count)["output"].strip()
+        if left == "0":
+            break
+        time.sleep(0.1)
+    assert left == "0", "the backgrounded sleep outlived the timeout"
 
 
 def test_a_timeout_above_the_maximum_is_an_error_not_clamped(ws: ClientConnection) -> None:
