@@ -30,11 +30,17 @@ def test_returncode_of_exit_and_signal() -> None:
 
 
 def test_oom_kill_count_reads_v1_then_v2_files(tmp_path: Path) -> None:
-    """A missing first counter file is skipped and the ``oom_kill`` line of the next
-    (``memory.events``) is returned; with no readable file the count is None."""
+    """The first readable counter file with an ``oom_kill`` line wins, in the order given (the
+    cgroup v1 ``memory.oom_control`` before v2's ``memory.events``); a missing file, or one
+    without the line, is skipped; with no readable file the count is None."""
+    v1 = tmp_path / "memory.oom_control"
+    v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n")
     v2 = tmp_path / "memory.events"
     v2.write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n")
+    assert procs.oom_kill_count((str(v1), str(v2))) == 5
     assert procs.oom_kill_count((str(tmp_path / "missing"), str(v2))) == 2
+    v1.write_text("oom_kill_disable 0\nunder_oom 0\n")
+    assert procs.oom_kill_count((str(v1), str(v2))) == 2
     assert procs.oom_kill_count((str(tmp_path / "missing"),)) is None
 
 

@@ -63,12 +63,24 @@ def test_a_pty_command_sees_a_terminal_of_the_requested_size(ws: ClientConnectio
 
 
 def test_a_login_shell_echoes_input_resizes_and_interrupts(ws: ClientConnection) -> None:
-    """In a default ``pty`` shell, typed commands run at 80x24; ``resize`` is answered
-    ``resized`` and ``stty`` sees 132x43; Ctrl-C interrupts a running sleep (echoed ``^C``, the
-    rest of the line not run) and the shell goes on; ``exit 3`` gives returncode 3."""
+    """A default ``pty`` shell is a login shell that echoes what is typed; commands run at
+    80x24; ``resize`` is answered ``resized`` and ``stty`` sees 132x43; Ctrl-C interrupts a
+    running sleep (echoed ``^C``, the rest of the line not run) and the shell goes on;
+    ``exit 3`` gives returncode 3."""
     screen, pid = start_pty(ws, "shell")
     send(ws, {"type": "stdin", "request_id": "shell", "data": "stty size; tty\r"})
     screen.wait_for("24 80")
+    # A login shell (bash -l), and what is typed is echoed by the terminal.
+    send(
+        ws,
+        {
+            "type": "stdin",
+            "request_id": "shell",
+            "data": "shopt -q login_shell && echo L-$((1+1))\r",
+        },
+    )
+    screen.wait_for("L-2")
+    assert "echo L-$((1+1))" in screen.text()
     send(ws, {"type": "resize", "request_id": "shell", "cols": 132, "rows": 43})
     resized = screen.message("resized")
     assert (resized["pid"], resized["cols"], resized["rows"]) == (pid, 132, 43)
