@@ -24,6 +24,8 @@ B = "token-bravo-0123456789"
 
 @pytest_twisted.ensureDeferred
 async def test_the_event_route_needs_the_owner_s_token(manager: SandboxManager) -> None:
+    """``GET /sandboxes/{id}/events`` without a token is 401; with another valid token it is
+    404, as for an unknown sandbox id with the owner's token."""
     treq = StubTreq(GatewayAPI(manager, authenticator=Authenticator.from_tokens([A, B])).resource())
     _, created = await call(treq, "POST", "/sandboxes", A)
     path = f"/sandboxes/{created['sandbox_id']}/events"
@@ -33,6 +35,8 @@ async def test_the_event_route_needs_the_owner_s_token(manager: SandboxManager) 
 
 
 def test_an_sse_frame_has_id_event_and_one_json_data_line() -> None:
+    """``sse_frame`` writes ``id``, ``event`` and one ``data`` line of compact JSON (a newline in
+    a value escaped), then a blank line; without an id the frame starts at ``event``."""
     frame = sse_frame("exited", {"pid": 7, "text": "a\nb"}, "ab12-3")
     assert frame == b'id: ab12-3\nevent: exited\ndata: {"pid":7,"text":"a\\nb"}\n\n'
     assert sse_frame("idle_warning", {}).startswith(b"event: idle_warning\n")
@@ -73,6 +77,9 @@ def _stream() -> tuple[EventStream, DummyRequest, _Link, _Sandbox, SandboxEvents
 
 
 def test_the_stream_subscribes_with_the_last_event_id_and_frames_agent_events() -> None:
+    """Started with ``boot-4``, the stream sends the agent ``subscribe_events`` with that
+    ``last_event_id`` and writes ``: connected``; an agent event becomes one frame with its id
+    and event name, and a non-event message (``output``) writes no frame."""
     _, request, link, *_ = _stream()
     assert link.sent == [
         {"type": "subscribe_events", "request_id": "gateway-events", "last_event_id": "boot-4"}
@@ -87,6 +94,9 @@ def test_the_stream_subscribes_with_the_last_event_id_and_frames_agent_events() 
 
 
 def test_gateway_events_have_no_id_and_removed_ends_the_stream() -> None:
+    """A gateway event (``idle_warning``) is framed without an ``id`` and a heartbeat comes after
+    15 s; the agent link closing while the sandbox closes as idle writes a final ``removed``
+    frame (reason ``idle``), ends the stream, unsubscribes it and stops the heartbeats."""
     stream, request, link, sandbox, hub, clock = _stream()
     hub.publish(sandbox.sandbox_id, "idle_warning", {"remove_in": 12.0})
     clock.advance(15)
@@ -105,12 +115,16 @@ def test_gateway_events_have_no_id_and_removed_ends_the_stream() -> None:
 
 
 def test_a_client_leaving_closes_the_agent_link() -> None:
+    """The request finishing (the client left) closes the agent link, ends the stream and
+    unsubscribes it from the hub."""
     stream, request, link, sandbox, hub, _ = _stream()
     request.finish()  # a finished request notifies as a client that left would
     assert link.closed and stream.done.called and not hub.watched(sandbox.sandbox_id)
 
 
 def test_a_client_that_does_not_read_is_ended_not_buffered_for() -> None:
+    """With 2 MiB unsent in the transport, the next event is not written: the stream ends and
+    the agent link is closed."""
     from types import SimpleNamespace
 
     stream, request, link, sandbox, hub, _ = _stream()

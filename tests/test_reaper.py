@@ -196,6 +196,8 @@ async def test_a_running_process_keeps_an_idle_sandbox_until_its_lifetime(
 
 @pytest_twisted.ensureDeferred
 async def test_processes_do_not_outlive_the_lifetime(manager: SandboxManager, clock: Clock) -> None:
+    """An idle sandbox with running processes and a 1000 s lifetime, swept every 60 s, is kept
+    at 960 s and removed at the sweep after its lifetime (1020 s)."""
     manager.agents = _ProcessAgents(running=3)
     settings = settings_from_body(manager.policy, {"max_lifetime": 1000}, None, None)
     sandbox = await manager.create(settings)
@@ -213,6 +215,9 @@ async def test_processes_do_not_outlive_the_lifetime(manager: SandboxManager, cl
 async def test_idle_warning_is_published_once_before_idle_removal(
     manager: SandboxManager, clock: Clock
 ) -> None:
+    """With ``warn_before=30`` and a 100 s idle timeout: no warning 40 s before removal; two
+    sweeps within the last 30 s publish one ``idle_warning`` (``remove_in`` 20); the sandbox is
+    removed once idle past 100 s."""
     manager.agents = _ProcessAgents(running=0)
     events = SandboxEvents()
     sandbox = await manager.create()

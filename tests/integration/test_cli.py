@@ -51,6 +51,11 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], text: str) -
 
 
 def test_create_ls_exec_keepalive_ps_attach_rm(gateway: GatewayProcess) -> None:
+    """``create`` (with ``--env``) prints a 32-character id that ``ls`` and ``ls -q`` list;
+    ``exec`` keeps stdout, stderr and exit 7 apart, passes argv words and piped stdin, and
+    exits 143 for a SIGTERM; ``keepalive`` names the sandbox; ``ps`` lists the piped command,
+    ``attach`` to its pid replays its output with status 0; ``rm`` exits 0 and the sandbox is
+    404."""
     created = cli("create", "--idle-timeout", "600", "--env", "WHO=cli", url=gateway.url)
     assert created.returncode == 0, created.stderr
     sandbox_id = created.stdout.strip()
@@ -86,6 +91,8 @@ def test_create_ls_exec_keepalive_ps_attach_rm(gateway: GatewayProcess) -> None:
 
 
 def test_ctrl_c_on_exec_cancels_the_command_in_the_sandbox(gateway: GatewayProcess) -> None:
+    """SIGINT to ``exec`` of a running ``sleep 60`` exits 130 with no traceback, and ``ps`` then
+    shows the command in the sandbox no longer running, with exit code -9."""
     sandbox_id = gateway.create()
     environ = gateway_env()
     environ["TWISTEDGW_URL"] = gateway.url
@@ -108,6 +115,9 @@ def test_ctrl_c_on_exec_cancels_the_command_in_the_sandbox(gateway: GatewayProce
 
 
 def test_cp_files_and_directories_both_ways(gateway: GatewayProcess, tmp_path: Path) -> None:
+    """``cp`` uploads a 3 MiB file and a directory tree to ``ID:PATH`` (checked in the sandbox)
+    and downloads both back intact, leaving no ``.part`` file; a missing remote file is a
+    one-line ``no such file`` error and creates nothing locally."""
     sandbox_id = gateway.create()
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(3 * 1024 * 1024))
@@ -138,6 +148,9 @@ def test_cp_files_and_directories_both_ways(gateway: GatewayProcess, tmp_path: P
 def test_errors_are_one_line_without_a_traceback(
     gateway: GatewayProcess, make_gateway: Any, tmp_path: Path
 ) -> None:
+    """A non-zero status and one stderr line without a traceback for: an unreachable gateway
+    (``ls``, ``exec``), an unknown sandbox (``exec``, ``keepalive``, ``rm``), a refused
+    ``--memory``, and a wrong ``$TWISTEDGW_TOKEN`` (401); the right ``--token`` works."""
     down = f"http://127.0.0.1:{free_port()}"
     assert_one_line_error(cli("ls", url=down), "cannot reach the gateway")
     assert_one_line_error(cli("exec", "0" * 32, "--", "true", url=down), "cannot reach")
@@ -159,6 +172,9 @@ def test_errors_are_one_line_without_a_traceback(
 def test_serve_runs_the_gateway_plugin_with_the_given_options(
     docker_client: Any, tmp_path: Path
 ) -> None:
+    """``twistedgw serve`` starts a gateway that becomes ready on the given ``--port``; a sandbox
+    created through it gets a container labelled with the given ``--instance``; SIGTERM
+    stops it with status 0."""
     port = free_port()
     instance = f"it-{secrets.token_hex(4)}"
     log = (tmp_path / "serve.log").open("wb")

@@ -76,6 +76,9 @@ def shell_then_report(gateway: GatewayProcess, sandbox_id: str, report: Path) ->
 def test_shell_prompt_output_resize_and_terminal_restored_after_exit(
     gateway: GatewayProcess, tmux: Tmux, tmp_path: Path
 ) -> None:
+    """In a 100x30 tmux pane ``shell`` shows the sandbox's prompt, runs a typed command, reports
+    ``30 100`` then ``40 120`` after the window is resized; ``exit 5`` makes the CLI exit 5,
+    and the pane is back in canonical mode with echo on."""
     sandbox_id = gateway.create()
     report = tmp_path / "report"
     tmux.start(shell_then_report(gateway, sandbox_id, report))
@@ -100,6 +103,8 @@ def test_shell_prompt_output_resize_and_terminal_restored_after_exit(
 def test_shell_restores_the_terminal_when_the_sandbox_is_deleted_under_it(
     gateway: GatewayProcess, tmux: Tmux, tmp_path: Path
 ) -> None:
+    """The sandbox deleted (REST) under an open ``shell``: the CLI prints an ``Error: sandbox``
+    line without a traceback, exits 1, and the pane is back in canonical mode with echo on."""
     sandbox_id = gateway.create()
     report = tmp_path / "report"
     tmux.start(shell_then_report(gateway, sandbox_id, report))

@@ -38,6 +38,9 @@ pytestmark = pytest.mark.integration
 def test_sync_run_returns_a_typed_result_with_output_exit_code_and_callbacks(
     gateway: GatewayProcess,
 ) -> None:
+    """``run`` with sandbox and command env, ``cwd`` and ``stdin`` gives separate stdout and
+    stderr, exit code 3 (not a success, not timed out), a pid, and ``on_stdout`` chunks that
+    add up to stdout; ``info()`` reports the idle timeout; leaving the ``with`` deletes it."""
     chunks: list[str] = []
     with Sandbox.create(url=gateway.url, env={"GREETING": "hi"}, idle_timeout=600) as sb:
         result = sb.run(
@@ -60,6 +63,9 @@ def test_sync_run_returns_a_typed_result_with_output_exit_code_and_callbacks(
 
 
 def test_sessions_keep_state_and_timeouts_raise_command_timeout(gateway: GatewayProcess) -> None:
+    """A session keeps the ``cd`` and ``export`` of one run for the next; a ``sleep 30`` with
+    ``timeout=1`` raises ``CommandTimeout`` within 10 s, its result keeping the output before
+    and exit code -9."""
     with Sandbox.create(url=gateway.url) as sb:
         sb.run("cd /tmp && export K=v", session="s1")
         assert sb.run('echo "$(pwd) $K"', session="s1").stdout == "/tmp v\n"
@@ -74,6 +80,8 @@ def test_sessions_keep_state_and_timeouts_raise_command_timeout(gateway: Gateway
 def test_invalid_requests_raise_gateway_errors_with_the_protocols_code(
     gateway: GatewayProcess,
 ) -> None:
+    """A ``run`` with a missing ``cwd`` raises ``GatewayError`` with code ``invalid_cwd``; a
+    ``create`` with ``memory="64g"`` raises one with status 400 naming ``memory``."""
     with Sandbox.create(url=gateway.url) as sb:
         with pytest.raises(GatewayError) as caught:
             sb.run("true", cwd="/no/such/dir")
@@ -84,6 +92,9 @@ def test_invalid_requests_raise_gateway_errors_with_the_protocols_code(
 
 
 def test_background_process_wait_attach_processes_and_kill(gateway: GatewayProcess) -> None:
+    """The sync client's background process: listed as running, ``wait`` gives its output,
+    ``attach`` replays it, ``kill`` ends another with -9, an unknown pid is
+    ``unknown_process`` (``background_process_lifecycle``)."""
     with Sandbox.create(url=gateway.url) as sb:
         background_process_lifecycle(sb, step=0.2, timeout=30)
 
@@ -91,6 +102,9 @@ def test_background_process_wait_attach_processes_and_kill(gateway: GatewayProce
 def test_files_write_read_list_remove_and_directories_both_ways(
     gateway: GatewayProcess, tmp_path: Path
 ) -> None:
+    """``files``: ``write`` returns the size and sets the mode (seen by ``list``), ``read`` and a
+    command see the content, ``remove`` deletes one file only; ``upload_dir`` then
+    ``download_dir`` carry a tree both ways, and a recursive ``remove`` deletes it."""
     with Sandbox.create(url=gateway.url) as sb:
         assert sb.files.write("data/a.txt", "hello\n") == 6
         sb.files.write("data/b.bin", bytes(range(256)) * 64, mode=0o600)
@@ -114,6 +128,9 @@ def test_files_write_read_list_remove_and_directories_both_ways(
 
 
 def test_keepalive_connect_delete_and_sandbox_gone(gateway: GatewayProcess) -> None:
+    """``Sandbox.connect`` to an existing sandbox runs commands and ``keepalive`` returns its
+    info; once deleted, ``connect`` raises ``SandboxGone`` (``removed``), as does ``run`` on
+    the original handle."""
     sb = Sandbox.create(url=gateway.url, delete_on_exit=False)
     try:
         other = Sandbox.connect(sb.sandbox_id, url=gateway.url)
@@ -132,6 +149,8 @@ def test_keepalive_connect_delete_and_sandbox_gone(gateway: GatewayProcess) -> N
 def test_a_sandbox_deleted_under_a_running_command_raises_sandbox_gone(
     gateway: GatewayProcess,
 ) -> None:
+    """A ``run("sleep 60")`` in a thread raises ``SandboxGone`` (and nothing else) when the
+    sandbox is deleted through the REST API under it."""
     sb = Sandbox.create(url=gateway.url, delete_on_exit=False)
     errors: list[BaseException] = []
 
@@ -153,6 +172,9 @@ def test_a_sandbox_deleted_under_a_running_command_raises_sandbox_gone(
 def test_tokens_are_sent_and_a_wrong_one_is_an_auth_error(
     make_gateway: Any, tmp_path: Path
 ) -> None:
+    """Against a gateway with a tokens file, ``create`` with a wrong token raises ``AuthError``,
+    with the right one it creates a sandbox that runs commands, and ``connect`` to it with the
+    wrong token raises ``AuthError``."""
     tokens = tmp_path / "tokens"
     tokens.write_text("right-token-0123456789\n")
     gw = make_gateway("--tokens-file", str(tokens))
@@ -167,6 +189,10 @@ def test_tokens_are_sent_and_a_wrong_one_is_an_auth_error(
 def test_async_client_runs_commands_concurrently_and_deletes_on_exit(
     gateway: GatewayProcess,
 ) -> None:
+    """``AsyncSandbox``: four ``run``s gathered on one sandbox run at once (each waits for all
+    four to start) and print their own number; files write and read back; a background run's
+    ``wait`` gives exit 4; leaving ``async with`` deletes the sandbox (404)."""
+
     async def main() -> str:
         async with await AsyncSandbox.create(url=gateway.url) as sb:
             # Concurrent on one connection, shown without a clock: each command waits until
@@ -193,6 +219,9 @@ def test_async_client_runs_commands_concurrently_and_deletes_on_exit(
 def test_a_dropped_connection_is_redialled_and_output_resumed_from_the_last_offset(
     gateway: GatewayProcess,
 ) -> None:
+    """Through a TCP relay cut mid-command, the client redials once and the result (and the
+    callback) has every line exactly once, with its stderr and exit code; a background
+    process's ``wait`` cut mid-way still gets all its output (``resumed_after_cut``)."""
     relay = TcpRelay(gateway.port)
     try:
         asyncio.run(resumed_after_cut(relay, step=0.25, first_output=20, timeout=30, cut_after=0.6))
@@ -201,6 +230,8 @@ def test_a_dropped_connection_is_redialled_and_output_resumed_from_the_last_offs
 
 
 def test_an_unreachable_gateway_is_a_gateway_error_not_a_traceback_of_httpx() -> None:
+    """``Sandbox.create`` against a closed relay's URL (nothing listens there) raises
+    ``GatewayError`` saying ``cannot reach``."""
     relay = TcpRelay(1)  # forwards to a closed port: every connection is dropped at once
     relay.close()
     with pytest.raises(GatewayError, match="cannot reach"):
@@ -212,6 +243,9 @@ _until = functools.partial(until, timeout=20.0, interval=0.05)
 
 
 def test_pty_input_output_resize_exit_and_a_cut_connection(gateway: GatewayProcess) -> None:
+    """Through a TCP relay, a PTY shows the prompt and follows a resize (24 80, then 30 100);
+    after the relay is cut the client redials, a typed command's output and the earlier
+    ``30 100`` each appear once (nothing replayed), and ``exit 3`` ends it with exit code 3."""
     relay = TcpRelay(gateway.port)
     fast = Backoff(initial=0.05, maximum=0.5, attempts=10)
     try:

@@ -45,6 +45,9 @@ def attach_all(ws: Any, **target: Any) -> tuple[dict[str, Any], str, dict[str, A
 def test_a_background_loop_is_reattached_from_another_connection_exactly_once_in_order(
     gateway: GatewayProcess,
 ) -> None:
+    """A background loop printing 1 to 100, started on a connection that then closes, is
+    attached by pid from ``since`` 0 on a second connection: every line exactly once, in
+    order, at contiguous offsets, then its result (exit 0, same pid)."""
     sandbox_id = gateway.create()
     url = f"{gateway.ws_url}/ws/{sandbox_id}"
     with connect(url) as first:
@@ -80,6 +83,8 @@ def test_a_killed_connection_s_command_result_is_collected_by_a_new_connection(
 
 
 def test_on_disconnect_kill_keeps_the_seed_behaviour(gateway: GatewayProcess) -> None:
+    """A command sent with ``on_disconnect: kill`` is listed as ``exited`` (within 10 s) by
+    ``processes`` on a new connection once its own connection has closed."""
     sandbox_id = gateway.create()
     url = f"{gateway.ws_url}/ws/{sandbox_id}"
     with connect(url) as ws:
@@ -102,6 +107,9 @@ def test_on_disconnect_kill_keeps_the_seed_behaviour(gateway: GatewayProcess) ->
 def test_gateway_sigkill_and_restart_during_a_background_command_loses_no_byte(
     make_gateway: Any,
 ) -> None:
+    """The gateway SIGKILLed during a background loop and restarted with the same instance: the
+    process is still listed, and attaching from ``since`` 0 gives lines 1 to 100 in order and
+    exit 0."""
     first: GatewayProcess = make_gateway()
     sandbox_id = first.create()
     with connect(f"{first.ws_url}/ws/{sandbox_id}") as ws:
@@ -122,6 +130,8 @@ def test_gateway_sigkill_and_restart_during_a_background_command_loses_no_byte(
 def test_yield_after_returns_the_partial_output_and_a_later_attach_completes_it(
     gateway: GatewayProcess,
 ) -> None:
+    """With ``yield_after`` 0.7 s, ``echo one; sleep 1.5; echo two`` answers ``yielded`` with
+    ``one`` and offset 4; attaching from that offset gives only ``two`` and exit 0."""
     sandbox_id = gateway.create()
     with connect(f"{gateway.ws_url}/ws/{sandbox_id}") as ws:
         command = "echo one; sleep 1.5; echo two"
@@ -179,6 +189,9 @@ class EventReader:
 def test_the_event_stream_delivers_exited_for_a_background_command_and_resumes(
     gateway: GatewayProcess,
 ) -> None:
+    """The SSE stream gets ``started`` and ``exited`` (pid, return code 7, request id) with ids
+    for a background command; reconnecting with ``Last-Event-ID`` of ``started`` replays
+    only ``exited``."""
     sandbox_id = gateway.create()
     events_url = f"{gateway.url}/sandboxes/{sandbox_id}/events"
     reader = EventReader(events_url)

@@ -39,6 +39,9 @@ def type_line(ws: Any, rid: str, line: str) -> None:
 def test_a_python_on_a_pty_sees_a_terminal_and_its_new_size_after_a_resize(
     gateway: GatewayProcess,
 ) -> None:
+    """In a 100x30 PTY, Python sees a terminal of that size, the user is ``sandbox`` and
+    ``TERM`` is ``xterm-256color``; after a resize (acknowledged as ``resized``) it sees
+    120x40; ``exit 7`` gives a result with return code 7."""
     sandbox_id = gateway.create()
     with connect(ws_url(gateway, sandbox_id), max_size=None) as ws:
         send(ws, {"type": "pty", "request_id": "sh", "cols": 100, "rows": 30})
@@ -58,6 +61,9 @@ def test_a_python_on_a_pty_sees_a_terminal_and_its_new_size_after_a_resize(
 
 
 def test_cat_echoes_typed_input_and_ctrl_c_interrupts_sleep(gateway: GatewayProcess) -> None:
+    """A line typed to ``cat`` in a PTY shows twice (the terminal's echo and cat's); Ctrl-C
+    interrupts ``sleep 100`` (``^C`` shown, the command after it never runs) and the shell
+    takes a new command within 10 s; a HUP ends it with a result."""
     sandbox_id = gateway.create()
     with connect(ws_url(gateway, sandbox_id), max_size=None) as ws:
         screen, pid = start_pty(ws, "sh")
@@ -83,6 +89,9 @@ def test_cat_echoes_typed_input_and_ctrl_c_interrupts_sleep(gateway: GatewayProc
 def test_a_dropped_client_reattaches_and_sees_the_whole_history_from_offset_0(
     gateway: GatewayProcess,
 ) -> None:
+    """After the first connection closes, a second attaches to the still-running PTY shell from
+    ``since`` 0 (``attached``: ``pty`` 0, ``running``), gets the same bytes the first saw,
+    can type into it, and ``exit`` gives return code 0."""
     sandbox_id = gateway.create()
     url = ws_url(gateway, sandbox_id)
     with connect(url, max_size=None) as first:
@@ -108,6 +117,9 @@ def test_a_dropped_client_reattaches_and_sees_the_whole_history_from_offset_0(
 def test_takeover_and_a_second_watcher_with_binary_frames_through_the_gateway(
     gateway: GatewayProcess,
 ) -> None:
+    """A takeover attach with binary frames makes the owner ``taken_over`` and its input refused
+    (``not_writer``, never shown); the taker's binary input shows on all three connections, in
+    binary frames only for the taker; a KILL gives each the result."""
     sandbox_id = gateway.create()
     url = ws_url(gateway, sandbox_id)
     with (
@@ -141,6 +153,10 @@ def test_takeover_and_a_second_watcher_with_binary_frames_through_the_gateway(
 
 
 def test_invalid_pty_messages_are_answered_by_the_gateway(gateway: GatewayProcess) -> None:
+    """Error replies on ``/ws/{id}``: ``invalid_size`` for a 0-column ``pty`` and a 99999-row
+    ``resize``, ``unknown_field`` for a ``pty`` with ``tty``, ``unknown_process`` for a
+    ``resize`` of no process, ``binary_message`` for a binary frame that is not terminal
+    input."""
     sandbox_id = gateway.create()
     with connect(ws_url(gateway, sandbox_id)) as ws:
         for message, code in (
