@@ -54,7 +54,9 @@ RESULT = {
 def test_result_reads_every_field_of_a_result_message() -> None:
     """A full ``result`` message parses to the expected ``CommandResult``: ``returncode``,
     ``output`` and ``error`` become ``exit_code``, ``stdout``, ``stderr``; ``command``,
-    ``request_id``, ``success``, ``duration_ms`` and ``pid`` are kept."""
+    ``request_id``, ``success``, ``duration_ms`` and ``pid`` are kept; the flags
+    (``timed_out``, ``cancelled``, ``truncated``, ``oom_killed``), ``session`` and ``dropped``
+    are read when set (``timestamp`` has no field)."""
     result = CommandResult.from_message(RESULT)
     assert result == CommandResult(
         command="echo hi; exit 3",
@@ -66,6 +68,24 @@ def test_result_reads_every_field_of_a_result_message() -> None:
         duration_ms=9.5,
         pid=42,
     )
+    flagged = CommandResult.from_message(
+        {
+            **RESULT,
+            "timed_out": True,
+            "cancelled": True,
+            "truncated": True,
+            "oom_killed": True,
+            "session": "s1",
+            "dropped": {"stdout": 5, "stderr": 0},
+        }
+    )
+    assert (flagged.timed_out, flagged.cancelled, flagged.truncated, flagged.oom_killed) == (
+        True,
+        True,
+        True,
+        True,
+    )
+    assert flagged.session == "s1" and flagged.dropped == {"stdout": 5, "stderr": 0}
 
 
 def test_streamed_output_replaces_the_empty_fields_of_a_streamed_result() -> None:

@@ -169,7 +169,7 @@ def test_errors_are_one_line_without_a_traceback(
     assert right.returncode == 0, right.stderr
 
 
-def test_serve_runs_the_gateway_plugin_with_the_given_options(
+def test_serve_runs_the_gateway_plugin_on_the_given_port_and_instance(
     docker_client: Any, tmp_path: Path
 ) -> None:
     """``twistedgw serve`` starts a gateway that becomes ready on the given ``--port``; a sandbox

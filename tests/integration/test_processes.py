@@ -82,7 +82,9 @@ def test_a_killed_connection_s_command_result_is_collected_by_a_new_connection(
     assert result["returncode"] == 0 and result["request_id"] == "cut"
 
 
-def test_on_disconnect_kill_keeps_the_seed_behaviour(gateway: GatewayProcess) -> None:
+def test_on_disconnect_kill_ends_the_command_when_its_connection_closes(
+    gateway: GatewayProcess,
+) -> None:
     """A command sent with ``on_disconnect: kill`` is listed as ``exited`` (within 10 s) by
     ``processes`` on a new connection once its own connection has closed."""
     sandbox_id = gateway.create()

@@ -86,7 +86,7 @@ def test_cat_echoes_typed_input_and_ctrl_c_interrupts_sleep(gateway: GatewayProc
         screen.message("result")
 
 
-def test_a_dropped_client_reattaches_and_sees_the_whole_history_from_offset_0(
+def test_a_closed_client_reattaches_and_sees_the_whole_history_from_offset_0(
     gateway: GatewayProcess,
 ) -> None:
     """After the first connection closes, a second attaches to the still-running PTY shell from
@@ -152,7 +152,7 @@ def test_takeover_and_a_second_watcher_with_binary_frames_through_the_gateway(
         assert isinstance(recv(seed), dict)
 
 
-def test_invalid_pty_messages_are_answered_by_the_gateway(gateway: GatewayProcess) -> None:
+def test_invalid_pty_messages_are_answered_with_their_error_codes(gateway: GatewayProcess) -> None:
     """Error replies on ``/ws/{id}``: ``invalid_size`` for a 0-column ``pty`` and a 99999-row
     ``resize``, ``unknown_field`` for a ``pty`` with ``tty``, ``unknown_process`` for a
     ``resize`` of no process, ``binary_message`` for a binary frame that is not terminal
