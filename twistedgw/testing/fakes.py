@@ -86,13 +86,18 @@ class FakeRuntime:
         if self.images is not None and spec.image is not None and spec.image not in self.images:
             return fail(ImageMissing(f"the image {spec.image!r} is not present"))
         self.specs.append(spec)
-        info = self._new_info(spec, "container", running=True)
+        info = self._started(spec, self._new_info(spec, "container", running=True))
         self.creates += 1
         self.containers[info.container_id] = info
         self.labels[info.container_id] = labels_for(spec, self.instance)
         if self.agent is not None:
             self.agent.secrets.add(spec.agent_secret)
         return succeed(info)
+
+    def _started(self, spec: ContainerSpec, info: ContainerInfo) -> ContainerInfo:
+        """What ``create`` reports for a container just made (a subclass may start something
+        real for it, as ``HostAgentRuntime`` does)."""
+        return info
 
     def _new_info(self, spec: ContainerSpec, prefix: str, running: bool) -> ContainerInfo:
         """What the engine would report for a container just made from ``spec``."""

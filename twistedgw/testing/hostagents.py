@@ -32,10 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from twisted.internet.defer import Deferred, fail, succeed
+import attrs
+from twisted.internet.defer import Deferred
 
-from twistedgw.runtime.interface import ContainerInfo, ContainerSpec, ImageMissing
-from twistedgw.runtime.labels import labels_for
+from twistedgw.runtime.interface import ContainerInfo, ContainerSpec
 from twistedgw.testing.fakes import FakeRuntime
 
 #: The repository this module is part of (it holds ``sandbox-image/agent``).
@@ -144,32 +144,17 @@ class HostAgentRuntime(FakeRuntime):
         self.agent_env = dict(agent_env or {})
         self.agents: dict[str, HostAgent] = {}
 
-    def create(self, spec: ContainerSpec) -> Deferred[ContainerInfo]:
-        if not self.available:
-            return self._unavailable()
-        if self.images is not None and spec.image is not None and spec.image not in self.images:
-            return fail(ImageMissing(f"the image {spec.image!r} is not present"))
-        self.specs.append(spec)
+    def _started(self, spec: ContainerSpec, info: ContainerInfo) -> ContainerInfo:
+        """Start the sandbox's agent; its container is reached on the agent's socket."""
         agent = HostAgent(spec, self.agent_env)
-        self._next += 1
-        info = ContainerInfo(
-            sandbox_id=spec.sandbox_id,
-            container_id=f"hostagent{self._next:04d}",
-            created_at=spec.created_at,
+        self.agents[info.container_id] = agent
+        return attrs.evolve(
+            info,
             ip_address="127.0.0.1",
             agent_host="127.0.0.1",
             agent_port=0,
-            agent_secret=spec.agent_secret,
-            running=True,
-            settings=spec.settings,
-            for_pool=spec.for_pool,
             agent_socket=agent.socket,
         )
-        self.creates += 1
-        self.agents[info.container_id] = agent
-        self.containers[info.container_id] = info
-        self.labels[info.container_id] = labels_for(spec, self.instance)
-        return succeed(info)
 
     def remove(self, container_id: str, sandbox_id: str = "") -> Deferred[None]:
         agent = self.agents.pop(container_id, None)
