@@ -237,13 +237,11 @@ class EgressProxy(Protocol):
             return
         self.head += data
         end = self.head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.head) > MAX_HEAD:
-                self._answer(431, "Request Header Fields Too Large", "request head too large")
-            return
-        if end + 4 > MAX_HEAD:
-            # A whole head in one read is held to the same limit.
+        # The head so far, or the whole head when it is complete (even in one read).
+        if (len(self.head) if end < 0 else end + 4) > MAX_HEAD:
             self._answer(431, "Request Header Fields Too Large", "request head too large")
+            return
+        if end < 0:
             return
         head, rest = bytes(self.head[: end + 4]), bytes(self.head[end + 4 :])
         self.head = bytearray()
